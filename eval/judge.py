@@ -1,0 +1,224 @@
+"""Grade a model's answers with an LLM judge, MT-Bench style.
+
+    python -m eval.judge RUN_DIR --judge openai:gpt-4o@https://api.openai.com/v1 --samples 3 --judge-temperature 0.7
+    python -m eval.judge RUN_DIR --judge serve:/models/Qwen2.5-72B-Instruct --references reference_answer/gpt-4.jsonl
+    python -m eval.judge RUN_DIR --judge local:smollm2            # in-process judge, output constrained to a rating
+    python -m eval.judge RUN_DIR --judge ... --against RUN_DIR/baseline/answers/demo-baseline.jsonl   # pairwise
+
+Single-answer grading 1–10 of every answered (question, turn); reference-guided for math/reasoning/coding;
+turn 2 graded given turn 1. Judgments go to RUN_DIR/judgments/<judge>_single.jsonl (or _pair.jsonl); a rerun
+repeats only calls that are missing or failed transiently. Exit status: 0 when every call was attempted and the
+failed share is at most --max-failure-rate; 1 otherwise; 2 for bad input (nothing called); 130 if interrupted.
+The API key is read from --api-key-env (needed only for non-loopback URLs) and never written anywhere.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+from pathlib import Path
+from typing import Optional
+
+from eval.client import (EndpointBackend, JudgeSpec, OpenAIJudge, RetrySettings, api_key_for, parse_judge_spec,
+                         probe_models)
+from eval.common import EvalError
+from eval.judging import JudgmentStore, Summary, build_items, run_judging
+from eval.prompts import load_prompt_set
+from eval.questions import DEFAULT_QUESTIONS, load_answers, load_questions, load_references
+from eval.target import Target, resolve_judge_model, resolve_target
+
+EXIT_OK, EXIT_FAILURES, EXIT_BAD_INPUT, EXIT_INTERRUPTED = 0, 1, 2, 130
+DEFAULT_JUDGE = "local:smollm2"
+"""The embedded default: SmolLM2-135M-Instruct in-process, constrained to a rating (exercises the pipeline; a
+135M judge is no quality measure)."""
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="python -m eval.judge", description=__doc__.split("\n\n")[0],
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("target", help="run directory, or an --out folder that holds answers/")
+    p.add_argument("--judge", help="openai:MODEL@BASE_URL | local:PATH | serve:PATH (default: the recipe's, "
+                                   "else local:smollm2)")
+    p.add_argument("--samples", type=int, help="judgments per item; their median is the score (default 1)")
+    p.add_argument("--judge-temperature", type=float, help="judge sampling temperature (default 0; >0 for K>1)")
+    p.add_argument("--judge-max-tokens", type=int, help="new tokens per judgment (default 2048)")
+    p.add_argument("--references", help="reference answers in model-answer format (default: inline 'reference')")
+    p.add_argument("--judge-prompts", help="FastChat judge_prompts.jsonl to use instead of this project's prompts")
+    p.add_argument("--against", help="answers file of another model: grade pairwise, in both orders")
+    p.add_argument("--max-failure-rate", type=float, help="largest failed share of calls for exit status 0")
+    p.add_argument("--api-key-env", default="OPENAI_API_KEY", help="variable holding the API key")
+    p.add_argument("--concurrency", type=int, default=8, help="requests in flight at once (endpoints)")
+    p.add_argument("--request-timeout", type=float, default=120.0, help="seconds per request")
+    p.add_argument("--max-attempts", type=int, default=4, help="attempts per request (retryable errors only)")
+    p.add_argument("--backoff", type=float, default=1.0, help="first wait between attempts, doubling")
+    p.add_argument("--strict-categories", action="store_true", help="an unknown category is an error")
+    p.add_argument("--questions", help="question file the answers were generated from")
+    p.add_argument("--limit", type=int, help="judge only answers to the first N questions (default: the recipe's)")
+    p.add_argument("--model-id", help="which answers/<model_id>.jsonl to grade (default: the run's)")
+    p.add_argument("--out", help="output folder when TARGET is not a run directory")
+    p.add_argument("--judge-id", help="name of the judgments file (default: from the judge spec)")
+    p.add_argument("--constrain", choices=["auto", "rating", "none"], default="auto",
+                   help="force the judge's output to a bare rating (auto: for local:/serve: judges)")
+    p.add_argument("--local-backend", choices=["auto", "vllm", "hf"],
+                   help="engine for local: judges (default: the recipe's eval.backend, else auto)")
+    p.add_argument("--dtype", choices=["auto", "bf16", "fp32"], default="auto", help="local/serve judge dtype")
+    p.add_argument("--max-model-len", type=int, help="context window of a local/serve judge (default ≤ 4096)")
+    p.add_argument("--serve-timeout", type=float, default=600.0, help="seconds to wait for vllm serve")
+    p.add_argument("--seed", type=int, help="base seed of judge sampling")
+    return p
+
+
+def _answers_path(target: Target) -> Path:
+    path = target.out.answers_file(target.model_id)
+    if not path.is_file():
+        others = sorted(p.stem for p in target.out.answers.glob("*.jsonl")) if target.out.answers.is_dir() else []
+        hint = f" (answers there: {others}; pick one with --model-id)" if others else \
+            f"; make it with `python -m eval.generate {target.run.root if target.run else 'MODEL --out DIR'}`"
+        raise EvalError(f"answers file {path} does not exist{hint}")
+    return path
+
+
+def _choose(value, default):
+    return default if value is None else value
+
+
+def main(argv: Optional[list[str]] = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return _run(args)
+    except EvalError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return EXIT_BAD_INPUT
+    except KeyboardInterrupt:
+        print("interrupted: judgments so far are saved; rerun the same command to continue", file=sys.stderr)
+        return EXIT_INTERRUPTED
+
+
+def _run(args: argparse.Namespace) -> int:
+    target = resolve_target(args.target, args.out, args.model_id)
+    d = target.defaults
+    spec = parse_judge_spec(args.judge or d.judge or DEFAULT_JUDGE)
+    samples = _choose(args.samples, d.samples)
+    temperature = _choose(args.judge_temperature, 0.0)
+    max_rate = _choose(args.max_failure_rate, d.max_failure_rate)
+    seed = _choose(args.seed, d.seed)
+    _check_settings(samples, temperature, max_rate, args)
+    api_key = api_key_for(spec, args.api_key_env, dict(os.environ))
+    questions = load_questions(_choose(args.questions, d.questions) or DEFAULT_QUESTIONS,
+                               limit=_choose(args.limit, d.limit), strict_categories=args.strict_categories)
+    ref_path = _choose(args.references, d.references)
+    references = load_references(ref_path) if ref_path else {}
+    prompts = load_prompt_set(args.judge_prompts)
+    answers_path = _answers_path(target)
+    if args.against and not Path(args.against).is_file():
+        raise EvalError(f"--against file {args.against!r} does not exist")
+    constrained = args.constrain == "rating" or (args.constrain == "auto" and spec.kind != "openai")
+    retry = RetrySettings(timeout=args.request_timeout, max_attempts=args.max_attempts, backoff=args.backoff)
+
+    if spec.kind == "openai":
+        # probe first: a dead endpoint or a misspelt model fails before any answer is read
+        _probe(spec, api_key, args.request_timeout)
+    items = _items(target, answers_path, questions, references, prompts, args.against)
+    judge_id = args.judge_id or spec.judge_id
+    kind = "pair" if args.against else "single"
+    store = JudgmentStore(target.out.judgments_file(judge_id, kind))
+    meta = {"judge": judge_id, "judge_spec": str(spec), "prompts_source": prompts.source, "samples": samples,
+            "judge_temperature": temperature, "seed": seed}
+    run = dict(samples=samples, temperature=temperature, max_tokens=_choose(args.judge_max_tokens,
+               target.defaults.judge_max_new_tokens), seed=seed, meta=meta)
+
+    if spec.kind == "openai":
+        backend = EndpointBackend(OpenAIJudge(spec, api_key, retry), args.concurrency, constrained)
+        summary = run_judging(items, store, backend, **run)
+    elif spec.kind == "serve":
+        summary = _judge_served(spec, target, items, store, retry, args, constrained, run)
+    else:
+        summary = _judge_local(spec, target, items, store, args, constrained, run)
+    return _report(summary, store.path, max_rate)
+
+
+def _check_settings(samples: int, temperature: float, max_rate: float, args: argparse.Namespace) -> None:
+    if samples < 1:
+        raise EvalError(f"--samples is {samples}; expected a positive integer")
+    if temperature < 0:
+        raise EvalError(f"--judge-temperature is {temperature}; expected a number >= 0")
+    if samples > 1 and temperature == 0:
+        raise EvalError(f"--samples {samples} needs --judge-temperature above 0: at temperature 0 every sample "
+                        f"repeats the first")
+    if not 0.0 <= max_rate <= 1.0:
+        raise EvalError(f"--max-failure-rate is {max_rate}; expected a fraction between 0 and 1")
+    if args.concurrency < 1 or args.max_attempts < 1 or args.request_timeout <= 0 or args.backoff < 0:
+        raise EvalError("--concurrency and --max-attempts must be >= 1, --request-timeout > 0, --backoff >= 0 "
+                        f"(got {args.concurrency}, {args.max_attempts}, {args.request_timeout}, {args.backoff})")
+
+
+def _probe(spec: JudgeSpec, api_key: Optional[str], timeout: float) -> None:
+    served = probe_models(spec.base_url or "", api_key, min(timeout, 30.0))
+    if served and spec.model not in served:
+        raise EvalError(f"judge endpoint {spec.base_url} does not serve model {spec.model!r}; it serves "
+                        f"{served[:20]}")
+
+
+def _items(target: Target, answers_path: Path, questions, references, prompts, against: Optional[str]):
+    answers = load_answers(answers_path)
+    unanswered = [q.question_id for q in questions if q.question_id not in answers]
+    if unanswered:
+        print(f"note: {len(unanswered)} of {len(questions)} questions have no answer in {answers_path} and are not "
+              f"judged (first: {unanswered[:5]})", file=sys.stderr)
+    other = None
+    if against:
+        other_answers = load_answers(against)
+        other = (_model_id_of(Path(against)), other_answers)
+    return build_items(questions, answers, target.model_id, prompts, references, other)
+
+
+def _model_id_of(path: Path) -> str:
+    from eval.common import read_jsonl
+
+    rows = read_jsonl(path, "answers")
+    return str(rows[0][1].get("model_id") or path.stem) if rows else path.stem
+
+
+def _judge_served(spec, target, items, store, retry, args, constrained, run) -> Summary:
+    from eval.server_utils import VllmServer
+
+    model_dir = resolve_judge_model(spec.model, target)
+    log = target.out.logs / f"vllm_serve_{spec.judge_id}.log"
+    with VllmServer(model_dir, served_name=spec.judge_id, log_path=log, dtype=args.dtype,
+                    max_model_len=args.max_model_len, startup_timeout=args.serve_timeout) as server:
+        served = JudgeSpec("openai", spec.judge_id, server.base_url)
+        _probe(served, None, args.request_timeout)
+        backend = EndpointBackend(OpenAIJudge(served, None, retry), args.concurrency, constrained)
+        return run_judging(items, store, backend, **run)
+
+
+def _judge_local(spec, target, items, store, args, constrained, run) -> Summary:
+    from eval.local_judge import LocalBackend
+
+    model_dir = resolve_judge_model(spec.model, target)
+    backend = LocalBackend(model_dir, args.local_backend or target.defaults.backend, args.dtype, constrained,
+                           run["seed"],
+                           max_model_len=args.max_model_len)
+    try:
+        return run_judging(items, store, backend, **run)
+    finally:
+        backend.close()
+
+
+def _report(summary: Summary, path: Path, max_rate: float) -> int:
+    reasons = ", ".join(f"{k}: {v}" for k, v in sorted(summary.by_reason.items())) or "none"
+    print(f"judged {summary.items} items: {summary.calls} calls ({summary.new_calls} made now), "
+          f"{summary.failed_calls} failed ({summary.failure_share:.1%}; {reasons}); judgments in {path}")
+    if summary.unattempted:
+        print(f"{summary.unattempted} calls were not attempted; rerun to finish", file=sys.stderr)
+        return EXIT_FAILURES
+    if summary.failure_share > max_rate:
+        print(f"failure share {summary.failure_share:.1%} is above --max-failure-rate {max_rate:.1%}",
+              file=sys.stderr)
+        return EXIT_FAILURES
+    return EXIT_OK
+
+
+if __name__ == "__main__":
+    sys.exit(main())

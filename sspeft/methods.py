@@ -1,0 +1,163 @@
+"""The five methods: how many positions a layer gets, where they are, how coefficients start, and the reference ΔW.
+
+Everything here runs in fp32 on a dense (dequantized, gathered) copy of the base weight, once per layer at injection;
+`delta_weight` is the reference definition that every execution path must reproduce.
+"""
+
+from __future__ import annotations
+
+import math
+import zlib
+
+import torch
+
+from .config import SpectralConfig
+from .transforms import dht2, idht2, scatter_dense
+from .wavelets import idwt2_sparse, padded_shape
+
+
+def generator_for(cfg: SpectralConfig, module_name: str, shape: tuple[int, int]) -> torch.Generator:
+    """Seeded generator for one layer: per module name, or per shape when positions are shared across layers."""
+    key = f"{shape[0]}x{shape[1]}" if cfg.shared_positions else module_name
+    g = torch.Generator()
+    g.manual_seed((int(cfg.seed) * 1_000_003 + zlib.crc32(key.encode())) % (2**63))
+    return g
+
+
+def coefficient_grid(cfg: SpectralConfig, shape: tuple[int, int]) -> tuple[int, int]:
+    """Shape of the coefficient matrix S in which positions live."""
+    m, n = shape
+    if cfg.method == "waveft":
+        return padded_shape(shape)
+    if cfg.method == "lfma" and cfg.half_spectrum:
+        return m, n // 2 + 1
+    return m, n
+
+
+def num_positions(cfg: SpectralConfig, shape: tuple[int, int], module_name: str = "") -> int:
+    """Trainable positions for a layer of ``shape`` (validated against the grid size)."""
+    m, n = shape
+    rows, cols = coefficient_grid(cfg, shape)
+    if cfg.method == "shira" and cfg.r is not None:
+        count = cfg.r * (m + n)
+    elif cfg.method == "lfma" and cfg.top_k_ratio is not None:
+        count = max(1, int(math.floor(cfg.top_k_ratio * m * n)))
+    else:
+        count = int(cfg.n)
+    if count > rows * cols:
+        where = f" for module {module_name!r}" if module_name else ""
+        raise ValueError(
+            f"SpectralConfig.n={count} is larger than the {rows}×{cols}={rows * cols} coefficient positions "
+            f"available{where} (weight {m}×{n}); choose n ≤ {rows * cols}"
+        )
+    return count
+
+
+def parameters_per_position(cfg: SpectralConfig) -> int:
+    """Trainable real scalars per position (an LFMA coefficient is complex: 2)."""
+    return 2 if cfg.method == "lfma" else 1
+
+
+def _sample_excluding(total: int, count: int, exclude: torch.Tensor | None, g: torch.Generator) -> torch.Tensor:
+    """``count`` distinct flat indices in [0, total), none in ``exclude``, seeded; memory O(count) for big grids."""
+    if count == 0:
+        return torch.empty(0, dtype=torch.long)
+    excluded = set() if exclude is None else set(exclude.tolist())
+    if total <= 4_000_000 or count > total // 4:
+        perm = torch.randperm(total, generator=g)
+        if excluded:
+            keep = torch.ones(total, dtype=torch.bool)
+            keep[torch.tensor(sorted(excluded), dtype=torch.long)] = False
+            perm = perm[keep[perm]]
+        return perm[:count].clone()
+    chosen: list[int] = []
+    seen = set(excluded)
+    while len(chosen) < count:
+        for v in torch.randint(total, (2 * (count - len(chosen)) + 16,), generator=g).tolist():
+            if v not in seen:
+                seen.add(v)
+                chosen.append(v)
+                if len(chosen) == count:
+                    break
+    return torch.tensor(chosen, dtype=torch.long)
+
+
+def _to_positions(flat: torch.Tensor, cols: int) -> torch.Tensor:
+    return torch.stack([flat // cols, flat % cols]).long()
+
+
+def ssh_energy(weight: torch.Tensor, cfg: SpectralConfig) -> torch.Tensor:
+    """Energy of the Hartley spectrum of the pretrained weight, E = H(W0)², fp32."""
+    return dht2(weight.float(), cfg.dht, "ortho").pow(2)
+
+
+def select_positions(
+    cfg: SpectralConfig, weight: torch.Tensor, module_name: str, count: int | None = None
+) -> torch.Tensor:
+    """(2, n) LongTensor of (row, col) positions in the coefficient matrix, for the layer with base ``weight``."""
+    shape = tuple(weight.shape)
+    rows, cols = coefficient_grid(cfg, shape)
+    count = num_positions(cfg, shape, module_name) if count is None else count
+    g = generator_for(cfg, module_name, shape)
+    if cfg.method == "ssh":
+        top = int(round(cfg.delta * count))
+        energy = ssh_energy(weight, cfg).flatten()
+        by_energy = torch.topk(energy, top, sorted=True).indices if top else torch.empty(0, dtype=torch.long)
+        rest = _sample_excluding(rows * cols, count - top, by_energy, g)
+        return _to_positions(torch.cat([by_energy, rest]), cols)
+    if cfg.method == "lfma":
+        spectrum = lfma_init_spectrum(cfg, weight, g)
+        flat = torch.topk(spectrum.abs().flatten(), count, sorted=True).indices
+        return _to_positions(flat, cols)
+    if cfg.method == "fourierft" and cfg.shared_positions:
+        # PEFT's FourierFT draws randperm(m·n) from a generator seeded with the seed alone.
+        perm = torch.randperm(rows * cols, generator=torch.Generator().manual_seed(int(cfg.seed)))
+        return _to_positions(perm[:count], cols)
+    return _to_positions(_sample_excluding(rows * cols, count, None, g), cols)
+
+
+def lfma_init_spectrum(cfg: SpectralConfig, weight: torch.Tensor, g: torch.Generator) -> torch.Tensor:
+    """F = FFT(ΔW_init): ΔW_init = init_scale·W0 ('weight') or a seeded Gaussian of std init_scale ('gaussian')."""
+    if cfg.init == "weight":
+        delta_init = cfg.init_scale * weight.float()
+    else:
+        delta_init = torch.randn(weight.shape, generator=g) * cfg.init_scale
+    if cfg.half_spectrum:
+        return torch.fft.rfft2(delta_init, norm=cfg.normalization)
+    return torch.fft.fft2(delta_init, norm=cfg.normalization)
+
+
+def init_coefficients(
+    cfg: SpectralConfig, weight: torch.Tensor, positions: torch.Tensor, module_name: str
+) -> torch.Tensor:
+    """Initial coefficient values, fp32: (n,) real, or (n, 2) (real, imag) for LFMA."""
+    count = positions.shape[1]
+    g = generator_for(cfg, module_name + "#init", tuple(weight.shape))
+    if cfg.method == "lfma":
+        # the paper's init: the selected coefficients start at their values in FFT(ΔW_init)
+        spectrum = lfma_init_spectrum(cfg, weight, generator_for(cfg, module_name, tuple(weight.shape)))
+        picked = spectrum[positions[0], positions[1]]
+        return torch.view_as_real(picked.to(torch.complex64)).contiguous().float()
+    if cfg.init == "zeros":
+        return torch.zeros(count)
+    return torch.randn(count, generator=g) * cfg.init_scale
+
+
+def delta_weight(
+    cfg: SpectralConfig, coefficients: torch.Tensor, positions: torch.Tensor, shape: tuple[int, int]
+) -> torch.Tensor:
+    """Reference ΔW = scaling · T⁻¹(S) in the torch (out, in) layout, fp32, differentiable in ``coefficients``."""
+    c = coefficients.float()
+    grid = coefficient_grid(cfg, shape)
+    if cfg.method == "ssh":
+        return idht2(scatter_dense(c, positions, grid), cfg.dht, cfg.normalization) * cfg.scaling
+    if cfg.method == "fourierft":
+        return torch.fft.ifft2(scatter_dense(c, positions, grid), norm=cfg.normalization).real * cfg.scaling
+    if cfg.method == "lfma":
+        spectrum = scatter_dense(torch.view_as_complex(c.contiguous()), positions, grid)
+        if cfg.half_spectrum:
+            return torch.fft.irfft2(spectrum, s=shape, norm=cfg.normalization) * cfg.scaling
+        return torch.fft.ifft2(spectrum, norm=cfg.normalization).real * cfg.scaling
+    if cfg.method == "waveft":
+        return idwt2_sparse(c, positions, shape, cfg.wavelet) * cfg.scaling
+    return scatter_dense(c, positions, grid) * cfg.scaling  # shira: identity transform

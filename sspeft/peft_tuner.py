@@ -1,0 +1,186 @@
+"""sspeft as a PEFT tuner (peft_type "SSPEFT"), so transformers' Trainer and TRL's SFTTrainer accept a model with
+sspeft adapters on a 4-bit base, and `get_peft_model`, `save_pretrained`, `PeftModel.from_pretrained` and
+`merge_and_unload` work. One PEFT type serves all five methods (the method is a config field), under a name of our
+own that never collides with PEFT's FOURIERFT/SHIRA/WAVEFT.
+
+PEFT's `register_peft_method` accepts only names in its closed `PeftType` enum; `_extend_peft_type` adds ours. That
+relies on PEFT internals: the supported PEFT range is pinned below and tests/test_sspeft_peft.py fails loudly if it
+stops working. Loading a saved adapter with PEFT needs `import sspeft` first.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import warnings
+from dataclasses import field
+from typing import Any
+
+import peft
+from peft import PeftConfig
+from peft.tuners.tuners_utils import BaseTuner, BaseTunerLayer
+from peft.utils import PeftType
+
+from . import methods, quant
+from .config import SpectralConfig
+from .layer import SpectralLinear
+from .model import find_targets, plan_positions, record_layer
+
+PEFT_TYPE_NAME = "SSPEFT"
+SUPPORTED_PEFT = ((0, 21), (0, 22))  # [lower, upper)
+
+
+def _extend_peft_type() -> None:
+    if PEFT_TYPE_NAME in PeftType.__members__:
+        return
+    member = str.__new__(PeftType, PEFT_TYPE_NAME)
+    member._name_ = PEFT_TYPE_NAME
+    member._value_ = PEFT_TYPE_NAME
+    member.__objclass__ = PeftType
+    type.__setattr__(PeftType, PEFT_TYPE_NAME, member)
+    PeftType._member_map_[PEFT_TYPE_NAME] = member
+    PeftType._value2member_map_[PEFT_TYPE_NAME] = member
+    PeftType._member_names_.append(PEFT_TYPE_NAME)
+
+
+_SPECTRAL_FIELDS = [f for f in dataclasses.fields(SpectralConfig)]
+
+
+def _peft_field(f: dataclasses.Field) -> tuple[str, Any, dataclasses.Field]:
+    if f.name == "method":
+        return (f.name, str, field(default="ssh"))
+    if f.default is not dataclasses.MISSING:
+        return (f.name, f.type, field(default=f.default))
+    return (f.name, f.type, field(default_factory=f.default_factory))
+
+
+SspeftPeftConfig = dataclasses.make_dataclass(
+    "SspeftPeftConfig", [_peft_field(f) for f in _SPECTRAL_FIELDS], bases=(PeftConfig,), namespace={}
+)
+
+
+def _post_init(self) -> None:
+    PeftConfig.__post_init__(self)
+    self.peft_type = PeftType.SSPEFT
+    spectral = self.spectral(resolve=False)  # validates every field with SpectralConfig's messages
+    self.target_modules = spectral.target_modules
+
+
+def _spectral(self, resolve: bool = True) -> SpectralConfig:
+    values = {f.name: getattr(self, f.name) for f in _SPECTRAL_FIELDS}
+    if isinstance(values["target_modules"], (set, tuple)):
+        values["target_modules"] = sorted(values["target_modules"])
+    cfg = SpectralConfig(**values)
+    return cfg.resolved() if resolve else cfg
+
+
+SspeftPeftConfig.__post_init__ = _post_init
+SspeftPeftConfig.spectral = _spectral
+SspeftPeftConfig.__doc__ = "PEFT config for sspeft adapters: SpectralConfig's fields plus PEFT's own."
+SspeftPeftConfig.__module__ = __name__
+
+
+class PeftSpectralLinear(SpectralLinear, BaseTunerLayer):
+    """SpectralLinear as a PEFT tuner layer (same attributes; PEFT's adapter switching applies)."""
+
+
+class SspeftTuner(BaseTuner):
+    prefix: str = "sspeft_"
+    tuner_layer_cls = PeftSpectralLinear
+    target_module_mapping: dict = {}
+
+    def _prepare_adapter_config(self, peft_config, model_config):
+        if peft_config.target_modules is None:
+            raise ValueError("SspeftPeftConfig.target_modules is None; name the modules to adapt, e.g. ['q_proj', 'v_proj']")
+        return peft_config
+
+    def _prepare_model(self, peft_config, model):
+        # Before anything dequantizes or runs a forward: every Linear4bit of the model, adapted or not (gradients
+        # flow back through the frozen ones too), gets bitsandbytes' AVX512-BF16 CPU repack switched off.
+        quant.prepare_4bit(model)
+
+    def inject_adapter(self, model, adapter_name, *args, **kwargs):
+        # Per-adapter state for _create_and_replace: the resolved config, SSH's global-budget plan (it ranks all
+        # target layers together, so it cannot be made one layer at a time) and fingerprint mismatches (warned once).
+        peft_config = self.peft_config[adapter_name]
+        quant.prepare_4bit(model)
+        cfg = peft_config.spectral()
+        plan = {}
+        if cfg.budget == "global" and not peft_config.layers:
+            plan = plan_positions(model, cfg, find_targets(model, cfg))
+        state = {"cfg": cfg, "plan": plan, "mismatched": []}
+        self.__dict__.setdefault("_sspeft_state", {})[adapter_name] = state
+        super().inject_adapter(model, adapter_name, *args, **kwargs)
+        if state["mismatched"]:
+            warnings.warn(
+                f"sspeft: {len(state['mismatched'])} base weight(s) differ from those the adapter {adapter_name!r} "
+                f"was trained on (first: {state['mismatched'][0]!r}); its positions were chosen from the original "
+                "weights (the saved ones are loaded), so results will differ. Load the same base (same checkpoint "
+                "and quantization) to reproduce them.",
+                stacklevel=3,
+            )
+
+    def _create_and_replace(self, peft_config, adapter_name, target, target_name, parent, current_key, **kwargs):
+        state = self._sspeft_state[adapter_name]
+        cfg = state["cfg"]
+        base = target.get_base_layer() if isinstance(target, BaseTunerLayer) else target
+        if isinstance(target, BaseTunerLayer) and not isinstance(target, SpectralLinear):
+            raise ValueError(
+                f"module {current_key!r} already carries a PEFT adapter ({type(target).__name__}); sspeft adapters "
+                "and LoRA may sit on different modules of one model, not on the same one"
+            )
+        if not quant.is_supported_base(base):
+            raise TypeError(f"sspeft adapts nn.Linear and bitsandbytes Linear4bit, not {type(base).__name__} ({current_key})")
+        quant.prepare_4bit(base)
+        recorded = (peft_config.layers or {}).get(current_key)
+        if current_key in state["plan"]:
+            positions, coefficients, fp = state["plan"][current_key]
+        else:
+            # Loading (recorded layers): positions are re-derived here only to build the layer; PEFT then loads the
+            # saved positions and coefficients over them.
+            weight = quant.dense_weight(base)
+            positions = methods.select_positions(cfg, weight, current_key, recorded["n"] if recorded else None)
+            coefficients = methods.init_coefficients(cfg, weight, positions, current_key)
+            fp = quant.fingerprint(weight)
+        if recorded and recorded.get("fingerprint"):
+            if recorded["fingerprint"] != fp:
+                state["mismatched"].append(current_key)
+            fp = recorded["fingerprint"]  # the saved positions belong to the base they were chosen on
+        record_layer(cfg, current_key, base, positions, fp)
+        peft_config.layers = dict(cfg.layers)
+        for key in ("n", "scaling", "normalization", "init", "init_scale", "shared_positions", "version"):
+            setattr(peft_config, key, getattr(cfg, key))
+        if isinstance(target, SpectralLinear):
+            target.add_adapter(adapter_name, cfg, positions, coefficients)
+            return
+        new = PeftSpectralLinear(base, adapter_name, cfg, positions, coefficients)
+        if adapter_name not in self.active_adapters:
+            new.requires_grad_(False)
+        self._replace_module(parent, target_name, new, target)
+
+
+def peft_config(cfg: SpectralConfig, task_type: str | None = "CAUSAL_LM", **peft_kwargs) -> "SspeftPeftConfig":
+    """The PEFT config for ``cfg``: pass it to ``peft.get_peft_model`` or ``SFTTrainer(peft_config=...)``."""
+    values = {f.name: getattr(cfg, f.name) for f in _SPECTRAL_FIELDS}
+    return SspeftPeftConfig(task_type=task_type, **values, **peft_kwargs)
+
+
+def register() -> bool:
+    """Register the SSPEFT tuner with PEFT (idempotent). Returns False, with a warning, outside the tested range."""
+    from peft.mapping import PEFT_TYPE_TO_CONFIG_MAPPING
+
+    version = tuple(int(p) for p in peft.__version__.split(".")[:2])
+    if not SUPPORTED_PEFT[0] <= version < SUPPORTED_PEFT[1]:
+        warnings.warn(
+            f"sspeft: PEFT {peft.__version__} is outside the tested range "
+            f"{'.'.join(map(str, SUPPORTED_PEFT[0]))} ≤ v < {'.'.join(map(str, SUPPORTED_PEFT[1]))}; PEFT "
+            "registration skipped (sspeft.inject/save_adapter/load_adapter still work)",
+            stacklevel=2,
+        )
+        return False
+    _extend_peft_type()
+    if PeftType.SSPEFT in PEFT_TYPE_TO_CONFIG_MAPPING:
+        return True
+    from peft.utils import register_peft_method
+
+    register_peft_method(name="sspeft", config_cls=SspeftPeftConfig, model_cls=SspeftTuner, prefix="sspeft_")
+    return True
