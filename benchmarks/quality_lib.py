@@ -347,10 +347,19 @@ def target_spec(cfg: BenchConfig, n_layers: int) -> list[str] | str:
 
 
 def run_one(spec: RunSpec, cfg: BenchConfig, cache_dir: Path, progress=print) -> dict[str, Any]:
-    """Train one adapter on a fresh base model and return its result record (meant for a fresh process)."""
+    """Train one adapter on a fresh base model and return its result record (meant for a fresh process; the
+    caller's torch thread count is restored afterwards)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(cfg.threads)
+    try:
+        return _run_one(spec, cfg, cache_dir, progress)
+    finally:
+        torch.set_num_threads(threads)
+
+
+def _run_one(spec: RunSpec, cfg: BenchConfig, cache_dir: Path, progress) -> dict[str, Any]:
     from transformers import AutoModelForCausalLM
 
-    torch.set_num_threads(cfg.threads)
     torch.manual_seed(spec.seed)
     train_ex, held_ex, dropped = prepare(cfg)
     model = AutoModelForCausalLM.from_pretrained(cfg.model_dir, dtype=torch.float32)

@@ -55,6 +55,7 @@ class StepTimer(TrainerCallback):
         self.step_times: list[float] = []
         self.losses: list[dict] = []
         self.positions_digests: list[str] | None = None  # filled after training, one per rank
+        self.weights_digests: list[str] | None = None  # trained values, one per rank (not under ZeRO-3)
         self._start: float | None = None
 
     def on_step_begin(self, args, state, control, **kwargs):

@@ -73,8 +73,16 @@ def init(deepspeed: bool) -> Dist:
         os.environ.setdefault("MASTER_PORT", str(_free_port()))
     from accelerate import PartialState
 
-    # without a GPU accelerate picks no backend and believes world_size=1 (then gloo all-gathers fail at step 1)
-    state = PartialState() if torch.cuda.is_available() else PartialState(backend="gloo")
+    if torch.cuda.is_available():
+        state = PartialState()
+    elif deepspeed:
+        # without a GPU accelerate picks no backend and believes world_size=1 (then gloo all-gathers fail at step 1)
+        state = PartialState(backend="gloo")
+    else:
+        # plain torchrun on CPU: without cpu=True accelerate reports DistributedType.NO, the Trainer then skips DDP
+        # and every rank trains its own copy on its own data shard (measured: TrainingArguments.parallel_mode
+        # was NOT_PARALLEL with two gloo ranks)
+        state = PartialState(cpu=True, backend="gloo")
     return Dist(rank=state.process_index, world_size=state.num_processes, local_rank=state.local_process_index,
                 configured=True)
 

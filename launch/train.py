@@ -226,7 +226,7 @@ def write_final(trainer, plan: Plan, dist: distributed.Dist, counts: dict, timer
                "zero_stage": plan.zero_stage, "step_times_s": times,
                "mean_step_s": sum(steady) / len(steady) if steady else None, "log": timer.losses,
                "dropped_records": dropped, "wall_s": time.time() - started,
-               "positions_digests": timer.positions_digests}
+               "positions_digests": timer.positions_digests, "weights_digests": timer.weights_digests}
     atomic_write_json(run.logs / SUMMARY_FILE, summary)
     atomic_write_json(run.params, {"method": plan.recipe.adapter.method, **counts,
                                    "trainable_fraction": counts["trainable"] / max(counts["total"], 1)})
@@ -303,6 +303,12 @@ def train(plan: Plan, dist: distributed.Dist, flag: distributed.PreemptionFlag) 
         raise TrainError(f"adapter positions differ between ranks (digests {digests}); every rank must choose "
                          f"them from the same gathered weights")
     timer.positions_digests = digests
+    if not zero3:  # ZeRO-3 ranks hold different partitions; everywhere else the trained values must be replicas
+        weights = trainable_digests(trainer.model)
+        if len(set(weights)) != 1:
+            raise TrainError(f"trained adapter weights differ between ranks (digests {weights}): gradients were "
+                             f"not synchronised, so each rank trained its own adapter")
+        timer.weights_digests = weights
     if eval_dataset is not None and not recipe.train.eval_steps:
         trainer.evaluate()  # held-out loss at the end (logged through the callbacks)
     write_final(trainer, plan, dist, counts, timer, dropped, started)
@@ -315,14 +321,29 @@ def positions_digests(model) -> list[str]:
     """A digest of every adapter's positions on each rank, in rank order (identical ranks → identical digests)."""
     import hashlib
 
-    import torch
-
     digest = hashlib.sha256()
     for name, buffer in sorted(model.named_buffers()):
         if "positions" in name:  # sspeft_positions buffers; LoRA has none
             digest.update(name.encode())
             digest.update(buffer.detach().cpu().long().numpy().tobytes())
-    mine = digest.hexdigest()[:16]
+    return _all_ranks(digest.hexdigest()[:16])
+
+
+def trainable_digests(model) -> list[str]:
+    """A digest of every trainable parameter's values on each rank, in rank order (data parallel → identical)."""
+    import hashlib
+
+    digest = hashlib.sha256()
+    for name, param in sorted(model.named_parameters()):
+        if param.requires_grad:
+            digest.update(name.encode())
+            digest.update(param.detach().float().cpu().contiguous().numpy().tobytes())
+    return _all_ranks(digest.hexdigest()[:16])
+
+
+def _all_ranks(mine: str) -> list[str]:
+    import torch
+
     if not (torch.distributed.is_available() and torch.distributed.is_initialized()):
         return [mine]
     gathered: list = [None] * torch.distributed.get_world_size()

@@ -71,10 +71,18 @@ def _unpack_cpu_repack(module: nn.Module) -> bool:
 
 @contextlib.contextmanager
 def gathered(weight: torch.Tensor):
-    """Gather a ZeRO-3-partitioned parameter for the duration of the block (no-op otherwise)."""
+    """Gather a ZeRO-3-partitioned parameter for the duration of the block (no-op otherwise).
+
+    A parameter some module's ZeRO-3 hook has already fetched (status AVAILABLE) is used as it is: gathering it
+    again would re-partition it on exit while that module still holds it, which DeepSpeed refuses.
+    """
     if hasattr(weight, "ds_id") and "deepspeed" in sys.modules:
         import deepspeed
+        from deepspeed.runtime.zero.partition_parameters import ZeroParamStatus
 
+        if getattr(weight, "ds_status", None) == ZeroParamStatus.AVAILABLE:
+            yield weight
+            return
         with deepspeed.zero.GatheredParameters([weight], modifier_rank=None):
             yield weight
     else:

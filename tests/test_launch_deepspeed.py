@@ -1,5 +1,6 @@
 """Two ranks on CPU through the deepspeed launcher (gloo): ZeRO-2 and ZeRO-3 + NF4 for every spectral method,
-the same positions on both ranks, a non-empty adapter, finite loss; SIGUSR1 to one rank stops both at one step."""
+the same positions on both ranks, a non-empty adapter, finite loss; SIGUSR1 to one rank stops both at one step.
+Two ranks through torchrun without DeepSpeed: DDP synchronises them (identical trained weights)."""
 
 from __future__ import annotations
 
@@ -94,6 +95,24 @@ def test_two_ranks(tmp_path, tiny, stage, methods, quantize, dtype, record_prope
         summary = check_run(run, log, method)
         record_property(f"{stage}-{method}-mean_step_s", summary["mean_step_s"])
         print(f"{stage} {method}: mean step {summary['mean_step_s']:.3f}s over {summary['step_times_s']}")
+
+
+def test_torchrun_two_ranks_train_one_adapter_with_ddp(tmp_path, tiny):
+    model, data = tiny
+    run = RunDir(tmp_path / "run")
+    recipe = write_recipe(tmp_path / "r.yaml", model, data, run.root, method="lfma")
+    exe = shutil.which("torchrun", path=str(Path(__import__("sys").executable).parent))
+    require("the torchrun launcher", exe is not None)
+    log = tmp_path / "torchrun.log"
+    code = launch([exe, "--nproc_per_node", "2", "--master_port", str(free_port()), "-m", "launch.train",
+                   str(recipe)], log)
+    text = log.read_text()
+    assert code == 0, text[-8000:]
+    summary = check_run(run, log, "lfma")
+    # without DDP each rank would train on its own shard and end with different coefficients
+    weights = summary["weights_digests"]
+    assert len(weights) == 2 and weights[0] == weights[1], weights
+    assert "parallel_mode != ParallelMode.DISTRIBUTED" not in text, text[-4000:]
 
 
 def test_sigusr1_to_one_rank_stops_both_at_one_step(tmp_path, tiny):
