@@ -25,7 +25,8 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 os.environ.setdefault("OMP_NUM_THREADS", "2")
 
 REPO = Path(__file__).resolve().parents[1]
-SHARED = REPO.parent / "shared"
+# the MT-Bench and Alpaca sample files sit next to the checkout; SSPEFT_SHARED_DIR points elsewhere
+SHARED = Path(os.environ.get("SSPEFT_SHARED_DIR", REPO.parent / "shared"))
 
 
 def in_ci() -> bool:
@@ -59,7 +60,7 @@ def session_tmp() -> Path:
 
 @pytest.fixture(scope="session")
 def shared_dir() -> Path:
-    require("../shared data directory", SHARED.is_dir(), str(SHARED))
+    require("the shared data directory (../shared or $SSPEFT_SHARED_DIR)", SHARED.is_dir(), str(SHARED))
     return SHARED
 
 
