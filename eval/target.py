@@ -14,35 +14,8 @@ from pathlib import Path
 from typing import Any, Optional
 
 from eval.common import EvalError, safe_id
+from launch.recipe import EvalSection
 from launch.rundir import RunDir
-
-
-@dataclass
-class EvalDefaults:
-    """Eval settings used when a flag is not given (the recipe's `eval` section, else MT-Bench's)."""
-
-    questions: Optional[str] = None
-    """Question file; None: the embedded default set."""
-    references: Optional[str] = None
-    """Reference answers file; None: inline references."""
-    judge: Optional[str] = None
-    """Judge spec."""
-    backend: str = "auto"
-    """Generation backend."""
-    max_new_tokens: int = 1024
-    """New tokens per answer turn."""
-    judge_max_new_tokens: int = 2048
-    """New tokens per judgment."""
-    samples: int = 1
-    """Judgments per item."""
-    limit: Optional[int] = None
-    """First N questions."""
-    max_failure_rate: float = 0.2
-    """Largest failure share for exit status 0."""
-    seed: int = 0
-    """Sampling seed."""
-    source: str = "built-in defaults"
-    """Where these came from (for messages)."""
 
 
 @dataclass
@@ -59,7 +32,8 @@ class Target:
     """The run directory, when TARGET is one."""
     template: Optional[Path] = None
     """The chat template file to generate through (template.jinja), if the run recorded one."""
-    defaults: EvalDefaults = field(default_factory=EvalDefaults)
+    defaults: EvalSection = field(default_factory=EvalSection)
+    """Flag defaults: the run's recipe `eval` section, else the built-in ones."""
     base_model: Optional[tuple[str, Path]] = None
     """(the recipe's model.path, the run's base/ folder): where training already converted that model."""
 
@@ -93,7 +67,7 @@ def resolve_target(target: str, out: Optional[str], model_id: Optional[str]) -> 
     name = model_id or _run_model_id(run, outer, recipe.name if recipe else None)
     template = next((t.template for t in (run, outer) if t.template.is_file()), None)
     return Target(RunDir(out) if out else run, name, run=run, template=template,
-                  defaults=_defaults_from(recipe, outer) if recipe else EvalDefaults(),
+                  defaults=recipe.eval if recipe else EvalSection(),
                   base_model=(recipe.model.path, outer.base) if recipe else None)
 
 
@@ -114,15 +88,6 @@ def _load_recipe(run: RunDir) -> Any:
         return load_resolved(run.root)
     except RecipeError as e:
         raise EvalError(f"cannot read the run's recipe: {e}") from e
-
-
-def _defaults_from(recipe: Any, run: RunDir) -> EvalDefaults:
-    """The recipe's `eval` section as flag defaults."""
-    ev = recipe.eval
-    return EvalDefaults(questions=ev.questions, references=ev.references, judge=ev.judge, backend=ev.backend,
-                        max_new_tokens=ev.max_new_tokens, judge_max_new_tokens=ev.judge_max_new_tokens,
-                        samples=ev.samples, limit=ev.limit, max_failure_rate=ev.max_failure_rate, seed=ev.seed,
-                        source=str(run.recipe))
 
 
 def model_dir_of(target: Target, work_dir: Path) -> Path:
