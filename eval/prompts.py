@@ -2,7 +2,7 @@
 
 Eight kinds: single-answer grading (1–10, `[[rating]]`) and pairwise comparison (`[[A]]`/`[[B]]`/`[[C]]`), each
 general or reference-guided (math, reasoning, coding), each for turn 1 or for turn 2 given turn 1. Templates use
-FastChat's placeholder names, so `--judge-prompts question_judge_prompts.jsonl` drops in for scores comparable with
+FastChat's template field names, so `--judge-prompts question_judge_prompts.jsonl` drops in for scores comparable with
 published MT-Bench numbers.
 """
 
@@ -25,7 +25,7 @@ FASTCHAT_NAMES = {
     "pair-multi": "pair-v2-multi-turn", "pair-ref-multi": "pair-math-v1-multi-turn",
 }
 
-# placeholders each kind may use (FastChat's names)
+# template fields each kind may use (FastChat's names)
 _FIELDS = {
     "single": {"question", "answer"},
     "single-ref": {"question", "answer", "ref_answer_1"},
@@ -50,22 +50,22 @@ class JudgePrompt:
     system: str
     """System message."""
     template: str
-    """User message with {placeholders}."""
+    """User message with {template fields}."""
 
     @property
     def output(self) -> Output:
         return "verdict" if self.kind.startswith("pair") else "rating"
 
     def messages(self, **fields: str) -> list[dict[str, str]]:
-        """Chat messages for the judge; every placeholder of the template must be given."""
-        missing = self.placeholders() - fields.keys()
+        """Chat messages for the judge; every template field of the template must be given."""
+        missing = self.fields_used() - fields.keys()
         if missing:
             raise EvalError(f"judge prompt {self.name!r} needs {sorted(missing)}")
         user = self.template.format_map({k: v for k, v in fields.items()})
         return ([{"role": "system", "content": self.system}] if self.system else []) + [
             {"role": "user", "content": user}]
 
-    def placeholders(self) -> set[str]:
+    def fields_used(self) -> set[str]:
         return {f for _, f, _, _ in string.Formatter().parse(self.template) if f}
 
 
@@ -168,7 +168,7 @@ class PromptSet:
 def builtin_prompts() -> PromptSet:
     prompts = {kind: JudgePrompt(kind, f"sspeft-{kind}", _SYSTEM[kind], _TEMPLATE[kind]) for kind in _FIELDS}
     for p in prompts.values():
-        _check_placeholders(p, "built-in prompts")
+        _check_fields(p, "built-in prompts")
     return PromptSet(prompts, "builtin")
 
 
@@ -192,17 +192,17 @@ def load_prompt_set(path: str | Path | None) -> PromptSet:
                             f"it holds {sorted(by_name)}")
         record = by_name[name]
         prompt = JudgePrompt(kind, name, record["system_prompt"], record["prompt_template"])
-        _check_placeholders(prompt, f"judge prompts file {path}")
+        _check_fields(prompt, f"judge prompts file {path}")
         prompts[kind] = prompt
     return PromptSet(prompts, str(path.resolve()))
 
 
-def _check_placeholders(prompt: JudgePrompt, where: str) -> None:
+def _check_fields(prompt: JudgePrompt, where: str) -> None:
     try:
-        used = prompt.placeholders()
+        used = prompt.fields_used()
     except ValueError as e:
         raise EvalError(f"{where}: prompt {prompt.name!r} has a malformed template ({e})") from e
     unknown = used - _FIELDS[prompt.kind]
     if unknown:
-        raise EvalError(f"{where}: prompt {prompt.name!r} uses placeholders {sorted(unknown)}; a {prompt.kind} "
+        raise EvalError(f"{where}: prompt {prompt.name!r} uses template fields {sorted(unknown)}; a {prompt.kind} "
                         f"prompt may use {sorted(_FIELDS[prompt.kind])}")

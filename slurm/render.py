@@ -185,7 +185,7 @@ def _fill(template: str, values: dict[str, str]) -> str:
         text = text.replace(f"@@{key}@@", value)
     leftover = re.findall(r"@@[A-Z_]+@@", text)
     if leftover:
-        raise RenderError(f"template placeholders left unrendered: {sorted(set(leftover))}")
+        raise RenderError(f"template fields left unrendered: {sorted(set(leftover))}")
     return text
 
 

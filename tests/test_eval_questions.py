@@ -103,7 +103,7 @@ def test_judge_prompt_sets(shared_dir, tmp_path):
         if rec["name"] == "single-v1":
             rec["prompt_template"] += " {secret}"
     broken.write_text("".join(json.dumps(r) + "\n" for r in lines))
-    with pytest.raises(EvalError, match=r"'single-v1' uses placeholders \['secret'\]"):
+    with pytest.raises(EvalError, match=r"'single-v1' uses template fields \['secret'\]"):
         load_prompt_set(broken)
     lines = [json.loads(l) for l in (shared_dir / "data/mt_bench/judge_prompts.jsonl").read_text().splitlines()]
     broken.write_text("".join(json.dumps(r) + "\n" for r in lines if r["name"] != "pair-v2"))
