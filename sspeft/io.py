@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
 import os
 import sys
 import tempfile
@@ -97,28 +98,126 @@ def _user_name(name: str) -> str:
     return name.removeprefix(KEY_PREFIX)
 
 
+class AdapterFileError(ValueError):
+    """An adapter directory that cannot be loaded as it is; the message names the file and the entry."""
+
+
+class AdapterNotFoundError(AdapterFileError, FileNotFoundError):
+    """The adapter directory lacks one of its two files."""
+
+
 def read_adapter(path: str | os.PathLike) -> tuple[SpectralConfig, dict[str, torch.Tensor]]:
     """Read and validate an adapter directory: (config, {module name: tensor}) without touching any model."""
     path = Path(path)
     cfg_file, weights_file = path / CONFIG_NAME, path / WEIGHTS_NAME
     for f, what in ((cfg_file, "adapter config"), (weights_file, "adapter weights")):
         if not f.is_file():
-            raise FileNotFoundError(
+            raise AdapterNotFoundError(
                 f"{what} {f} does not exist; an sspeft adapter directory holds {CONFIG_NAME} and {WEIGHTS_NAME} "
                 f"(written by sspeft.save_adapter or PeftModel.save_pretrained)"
             )
     try:
-        data = json.loads(cfg_file.read_text())
+        data = json.loads(cfg_file.read_text(encoding="utf-8"))
     except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-        raise ValueError(f"{cfg_file} is not valid JSON ({exc}); the adapter directory is corrupt") from exc
-    if data.get("peft_type") != PEFT_TYPE:
-        raise ValueError(f"{cfg_file}: peft_type={data.get('peft_type')!r}, expected {PEFT_TYPE!r} (an sspeft adapter)")
-    cfg = SpectralConfig.from_dict({k: v for k, v in data.items() if k not in _PEFT_FIELDS}, source=str(cfg_file))
+        raise AdapterFileError(f"{cfg_file} is not valid JSON ({exc}); the adapter directory is corrupt") from exc
+    cfg = config_from_json(data, cfg_file)
     try:
         tensors = load_file(str(weights_file))
     except (SafetensorError, OSError, ValueError) as exc:
-        raise ValueError(f"{weights_file} is not a readable safetensors file ({exc}); the adapter is corrupt") from exc
+        raise AdapterFileError(
+            f"{weights_file} is not a readable safetensors file ({exc}); the adapter is corrupt"
+        ) from exc
+    check_adapter(cfg, tensors, weights_file)
     return cfg, tensors
+
+
+def config_from_json(data: object, source: str | os.PathLike) -> SpectralConfig:
+    """The SpectralConfig of an adapter_config.json's content; every entry the loader uses checked for its type."""
+    if not isinstance(data, dict):
+        raise AdapterFileError(f"{source}: holds a JSON {type(data).__name__}; expected an object")
+    if data.get("peft_type") != PEFT_TYPE:
+        raise AdapterFileError(
+            f"{source}: peft_type={data.get('peft_type')!r}, expected {PEFT_TYPE!r} (an sspeft adapter)"
+        )
+    values = {k: v for k, v in data.items() if k not in _PEFT_FIELDS}
+    for f in dataclasses.fields(SpectralConfig):
+        if f.name in values and f.name != "layers":
+            _check_json_type(source, f.name, values[f.name], str(f.type))
+    _check_layer_entries(source, values.get("layers", {}))
+    try:
+        return SpectralConfig.from_dict(values, source=str(source))
+    except (TypeError, ValueError) as exc:
+        message = str(exc)
+        raise AdapterFileError(message if message.startswith(str(source)) else f"{source}: {message}") from exc
+
+
+_JSON_TYPES = {
+    "int": lambda v: isinstance(v, int) and not isinstance(v, bool),
+    "float": lambda v: isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v),
+    "bool": lambda v: isinstance(v, bool),
+    "str": lambda v: isinstance(v, str),
+    "None": lambda v: v is None,
+    "list[str]": lambda v: isinstance(v, list) and all(isinstance(x, str) for x in v),
+}
+
+
+def _check_json_type(source, name: str, value, annotation: str) -> None:
+    """A field's JSON value against its annotation (`int | None`, `list[str] | str`, ...); others pass unchecked."""
+    options = [a.strip() for a in annotation.split("|")]
+    if not all(o in _JSON_TYPES for o in options):
+        return
+    if not any(_JSON_TYPES[o](value) for o in options):
+        expected = " or ".join("null" if o == "None" else ("a finite number" if o == "float" else o) for o in options)
+        raise AdapterFileError(f"{source}: field {name!r} is {value!r}; expected {expected}")
+
+
+def _check_layer_entries(source, layers) -> None:
+    """`layers` maps module names to {"shape": [out, in], "n": count, "fingerprint": str, ...}."""
+    if not isinstance(layers, dict):
+        raise AdapterFileError(
+            f"{source}: field 'layers' is a {type(layers).__name__}; expected an object mapping each adapted "
+            'module name to {"shape": [out, in], "n": ...}'
+        )
+    for name, info in layers.items():
+        where = f"{source}: layers[{name!r}]"
+        if not isinstance(info, dict):
+            raise AdapterFileError(f"{where} is {info!r}; expected an object with 'shape' and 'n'")
+        shape = info.get("shape")
+        if not (isinstance(shape, list) and len(shape) == 2 and all(_JSON_TYPES["int"](d) and d > 0 for d in shape)):
+            raise AdapterFileError(f"{where}.shape is {shape!r}; expected [out_features, in_features], two "
+                                   "positive integers")
+        n = info.get("n")
+        if not (_JSON_TYPES["int"](n) and n >= 0):
+            raise AdapterFileError(f"{where}.n is {n!r}; expected a non-negative integer (positions in the layer)")
+        fp = info.get("fingerprint")
+        if fp is not None and not isinstance(fp, str):
+            raise AdapterFileError(f"{where}.fingerprint is {fp!r}; expected a string")
+
+
+def check_adapter(cfg: SpectralConfig, tensors: dict[str, torch.Tensor], source: str | os.PathLike) -> None:
+    """Every recorded layer has both tensors with their recorded shapes, valid positions and finite coefficients,
+    and no tensor belongs to an unrecorded layer. The one check every load route runs (sspeft.load_adapter,
+    sspeft.read_adapter, PeftModel.from_pretrained/load_adapter, Trainer resumes)."""
+    _check_layer_entries(source, cfg.layers)
+    if not cfg.layers:
+        raise AdapterFileError(f"{source}: the adapter config records no adapted layer")
+    suffixes = (".sspeft_coefficients", ".sspeft_positions")
+    recorded = {f"{KEY_PREFIX}{name}{s}" for name in cfg.layers for s in suffixes}
+    stray = sorted(k for k in tensors if k not in recorded)
+    if stray:
+        raise AdapterFileError(
+            f"{source}: holds tensor {stray[0]!r} that the adapter config's layers do not record "
+            f"({len(stray)} such tensor(s)); expected only <module>.sspeft_coefficients and "
+            "<module>.sspeft_positions of the recorded layers"
+        )
+    for name, info in cfg.layers.items():
+        missing = [KEY_PREFIX + name + s for s in suffixes if KEY_PREFIX + name + s not in tensors]
+        if missing:
+            raise AdapterFileError(f"{source}: lacks tensor {missing[0]!r} of recorded layer {name!r}; the "
+                                   "adapter file is incomplete")
+        check_layer_tensors(source, name, cfg, tuple(info["shape"]), info["n"],
+                            tensors[f"{KEY_PREFIX}{name}.sspeft_positions"],
+                            tensors[f"{KEY_PREFIX}{name}.sspeft_coefficients"])
 
 
 def load_adapter(base_model: nn.Module, path: str | os.PathLike, adapter_name: str = "default") -> nn.Module:
@@ -129,8 +228,6 @@ def load_adapter(base_model: nn.Module, path: str | os.PathLike, adapter_name: s
     """
     cfg, tensors = read_adapter(path)
     layers = cfg.layers
-    if not layers:
-        raise ValueError(f"{path}: adapter config records no adapted layer")
     quant.prepare_4bit(base_model)  # before anything dequantizes or runs a forward
     modules = dict(base_model.named_modules())
     targets, plan, mismatched = {}, {}, []
@@ -154,12 +251,8 @@ def load_adapter(base_model: nn.Module, path: str | os.PathLike, adapter_name: s
                 f"{path}: layer {name!r} was trained on a {info['shape'][0]}×{info['shape'][1]} weight, the base "
                 f"model's is {shape[0]}×{shape[1]}; load the adapter onto the base it was trained on"
             )
-        try:
-            coeff = tensors[f"{KEY_PREFIX}{name}.sspeft_coefficients"]
-            positions = tensors[f"{KEY_PREFIX}{name}.sspeft_positions"].long()
-        except KeyError as exc:
-            raise ValueError(f"{path}: adapter weights lack {exc.args[0]!r}; the adapter file is incomplete") from exc
-        _check_layer_tensors(path, name, cfg, shape, info["n"], positions, coeff)
+        coeff = tensors[f"{KEY_PREFIX}{name}.sspeft_coefficients"]
+        positions = tensors[f"{KEY_PREFIX}{name}.sspeft_positions"].long()
         fp = quant.fingerprint(quant.dense_weight(module))
         if info.get("fingerprint") and fp != info["fingerprint"]:
             mismatched.append(name)
@@ -176,23 +269,35 @@ def load_adapter(base_model: nn.Module, path: str | os.PathLike, adapter_name: s
     return _apply_plan(base_model, cfg, targets, plan, adapter_name)
 
 
-def _check_layer_tensors(path, name, cfg, shape, n, positions, coeff) -> None:
-    """Shapes, dtypes and position ranges of one saved layer, checked before anything is injected."""
+def check_layer_tensors(source, name, cfg, shape, n, positions, coeff) -> None:
+    """One layer's saved tensors: (2, n) integral positions, in range and unique; finite float coefficients."""
     want = (n, 2) if cfg.method == "lfma" else (n,)
+    where = f"{source}: layer {name!r}"
     if tuple(positions.shape) != (2, n) or tuple(coeff.shape) != want:
-        raise ValueError(
-            f"{path}: layer {name!r} holds {tuple(coeff.shape)} coefficients at {tuple(positions.shape)} positions; "
-            f"config says n={n}, so expected {want} coefficients at (2, {n}) positions"
+        raise AdapterFileError(
+            f"{where} holds {tuple(coeff.shape)} coefficients at {tuple(positions.shape)} positions; the config "
+            f"records n={n}, so expected {want} coefficients at (2, {n}) positions"
         )
+    if positions.is_floating_point() or positions.is_complex() or positions.dtype == torch.bool:
+        raise AdapterFileError(f"{where} positions have dtype {positions.dtype}; expected an integer dtype (int64)")
     if not coeff.is_floating_point():
-        raise ValueError(f"{path}: layer {name!r} coefficients have dtype {coeff.dtype}; expected a float dtype")
+        raise AdapterFileError(f"{where} coefficients have dtype {coeff.dtype}; expected a float dtype (float32)")
+    bad = (~torch.isfinite(coeff)).sum()
+    if bad:
+        raise AdapterFileError(f"{where} holds {int(bad)} non-finite coefficient(s) (NaN or inf); expected finite "
+                               "values: the training run diverged or the file is corrupt")
     rows, cols = methods.coefficient_grid(cfg, tuple(shape))
+    positions = positions.long()
     if n and (positions.min() < 0 or positions[0].max() >= rows or positions[1].max() >= cols):
-        raise ValueError(
-            f"{path}: layer {name!r} has positions outside its {rows}×{cols} coefficient matrix "
-            f"(rows {int(positions[0].min())}..{int(positions[0].max())}, cols {int(positions[1].min())}.."
-            f"{int(positions[1].max())}); the adapter file is corrupt"
+        raise AdapterFileError(
+            f"{where} has positions outside its {rows}×{cols} coefficient matrix (rows "
+            f"{int(positions[0].min())}..{int(positions[0].max())}, cols {int(positions[1].min())}.."
+            f"{int(positions[1].max())}); expected rows in 0..{rows - 1} and cols in 0..{cols - 1}"
         )
+    flat = positions[0] * cols + positions[1]
+    if flat.unique().numel() != n:
+        raise AdapterFileError(f"{where} lists {n - flat.unique().numel()} position(s) twice; expected {n} "
+                               "distinct positions")
 
 
 def _is_wrapped(module: nn.Module) -> bool:

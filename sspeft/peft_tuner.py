@@ -11,6 +11,7 @@ stops working. Loading a saved adapter with PEFT needs `import sspeft` first.
 from __future__ import annotations
 
 import dataclasses
+import os
 import warnings
 from dataclasses import field
 from typing import Any
@@ -22,6 +23,7 @@ from peft.utils import PeftType
 
 from . import methods, quant
 from .config import SpectralConfig
+from .io import CONFIG_NAME, KEY_PREFIX, WEIGHTS_NAME, check_adapter, config_from_json, read_adapter
 from .layer import SpectralLinear
 from .model import find_targets, plan_positions, record_layer
 
@@ -73,8 +75,25 @@ def _spectral(self, resolve: bool = True) -> SpectralConfig:
     return cfg.resolved() if resolve else cfg
 
 
+def _from_pretrained(cls, pretrained_model_name_or_path, subfolder=None, **kwargs):
+    # A local adapter directory is validated as a whole (config entries and every tensor) before PEFT builds
+    # anything from it; a Hub download is checked by `_check_kwargs` and, tensor by tensor, by the tuner's
+    # load_state_dict hook.
+    path = os.path.join(pretrained_model_name_or_path, subfolder) if subfolder else pretrained_model_name_or_path
+    if os.path.isfile(os.path.join(path, CONFIG_NAME)) and os.path.isfile(os.path.join(path, WEIGHTS_NAME)):
+        read_adapter(path)
+    return PeftConfig.from_pretrained.__func__(cls, pretrained_model_name_or_path, subfolder=subfolder, **kwargs)
+
+
+def _check_kwargs(cls, **kwargs):
+    config_from_json(kwargs, CONFIG_NAME)
+    return kwargs
+
+
 SspeftPeftConfig.__post_init__ = _post_init
 SspeftPeftConfig.spectral = _spectral
+SspeftPeftConfig.from_pretrained = classmethod(_from_pretrained)
+SspeftPeftConfig.check_kwargs = classmethod(_check_kwargs)
 SspeftPeftConfig.__doc__ = "PEFT config for sspeft adapters: SpectralConfig's fields plus PEFT's own."
 SspeftPeftConfig.__module__ = __name__
 
@@ -109,6 +128,9 @@ class SspeftTuner(BaseTuner):
             plan = plan_positions(model, cfg, find_targets(model, cfg))
         state = {"cfg": cfg, "plan": plan, "mismatched": []}
         self.__dict__.setdefault("_sspeft_state", {})[adapter_name] = state
+        if not self.__dict__.get("_sspeft_load_check"):
+            self.register_load_state_dict_pre_hook(_check_loaded_state)
+            self.__dict__["_sspeft_load_check"] = True
         super().inject_adapter(model, adapter_name, *args, **kwargs)
         if state["mismatched"]:
             warnings.warn(
@@ -156,6 +178,26 @@ class SspeftTuner(BaseTuner):
         if adapter_name not in self.active_adapters:
             new.requires_grad_(False)
         self._replace_module(parent, target_name, new, target)
+
+
+def _check_loaded_state(tuner, state_dict, prefix, *_args) -> None:
+    """load_state_dict pre-hook: the sspeft tensors of every adapter being loaded pass `check_adapter` (all present,
+    recorded shapes, valid positions, finite coefficients) before PEFT copies any of them into the model."""
+    names = ("sspeft_coefficients", "sspeft_positions")
+    loading = {k.rsplit(".", 1)[1] for k in state_dict if k.startswith(prefix) and k.rsplit(".", 2)[-2] in names}
+    for adapter in sorted(loading & set(tuner.peft_config)):
+        cfg = tuner.peft_config[adapter].spectral(resolve=False)
+        layers = {name: m for name, m in tuner.model.named_modules()
+                  if isinstance(m, SpectralLinear) and adapter in m.sspeft_coefficients}
+        cfg.layers = {name: {"shape": [m.out_features, m.in_features], "n": int(m.sspeft_positions[adapter].shape[1])}
+                      for name, m in layers.items()}
+        tensors = {}
+        for key, value in state_dict.items():
+            for what in names:
+                head, tail = f"{prefix}model.", f".{what}.{adapter}"
+                if key.startswith(head) and key.endswith(tail):
+                    tensors[f"{KEY_PREFIX}{key[len(head):-len(tail)]}.{what}"] = value
+        check_adapter(cfg, tensors, f"adapter weights of {adapter!r}")
 
 
 def peft_config(cfg: SpectralConfig, task_type: str | None = "CAUSAL_LM", **peft_kwargs) -> "SspeftPeftConfig":
