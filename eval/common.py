@@ -2,40 +2,93 @@
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import re
+import signal
+import threading
 from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
 
 from launch.rundir import atomic_write_json, atomic_write_text
 
-__all__ = ["EvalError", "read_jsonl", "write_jsonl", "atomic_write_json", "atomic_write_text", "digest", "safe_id"]
+__all__ = ["EvalError", "Terminated", "terminate_on_signals", "read_jsonl", "read_jsonl_lines", "write_jsonl",
+           "atomic_write_json", "atomic_write_text", "digest", "safe_id"]
 
 
 class EvalError(ValueError):
     """Bad input or a failed precondition; the message names the file/field, the value and what was expected."""
 
 
+class Terminated(KeyboardInterrupt):
+    """SIGTERM or SIGHUP (timeout, kill, scancel, a closed terminal) raised in the main thread, so every `finally`
+    and context manager runs: servers we started stop, stored results stay. A KeyboardInterrupt, so the paths that
+    handle Ctrl-C handle these too."""
+
+    def __init__(self, signum: int) -> None:
+        super().__init__(signal.Signals(signum).name)
+        self.signum = signum
+
+    @property
+    def exit_status(self) -> int:
+        return 128 + self.signum
+
+
+@contextlib.contextmanager
+def terminate_on_signals():
+    """Turn SIGTERM and SIGHUP into `Terminated` for the length of the block (main thread only)."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+
+    def handler(signum, _frame):
+        raise Terminated(signum)
+
+    previous = {s: signal.signal(s, handler) for s in (signal.SIGTERM, signal.SIGHUP)}
+    try:
+        yield
+    finally:
+        for s, h in previous.items():
+            signal.signal(s, h)
+
+
 def read_jsonl(path: Path, what: str) -> list[tuple[int, dict[str, Any]]]:
-    """(line number, record) for every non-blank line; a missing file or a non-object line is an EvalError."""
+    """(line number, record) for every non-blank line; a missing file, bytes that are not UTF-8 or a non-object line
+    is an EvalError naming the file and line."""
+    return [(lineno, record) for lineno, record, _ in read_jsonl_lines(path, what)]
+
+
+def read_jsonl_lines(path: Path, what: str, torn_tail_ok: bool = False) -> list[tuple[int, dict[str, Any], bool]]:
+    """(line number, record, ends with a newline) per non-blank line. With `torn_tail_ok`, a last line that is not
+    valid JSON and lacks its newline (a write cut short by a kill) is dropped instead of being an error."""
     path = Path(path)
+    if path.is_dir():
+        raise EvalError(f"{what} file {str(path)!r} is a directory; expected a JSONL file")
     if not path.is_file():
         raise EvalError(f"{what} file {str(path)!r} does not exist")
     records = []
-    with path.open(encoding="utf-8") as f:
-        for lineno, line in enumerate(f, start=1):
+    with path.open("rb") as f:
+        for lineno, raw in enumerate(f, start=1):
+            try:
+                line = raw.decode("utf-8")
+            except UnicodeDecodeError as e:
+                raise EvalError(f"{what} file {path} line {lineno}: byte {raw[e.start]:#04x} (byte {e.start + 1} of "
+                                f"the line) is not UTF-8; expected UTF-8 text (convert it, e.g. iconv -f latin1 -t "
+                                f"utf-8)") from e
             if not line.strip():
                 continue
             try:
                 record = json.loads(line)
             except json.JSONDecodeError as e:
+                if torn_tail_ok and not line.endswith("\n") and not f.read(1):
+                    break
                 raise EvalError(f"{what} file {path} line {lineno}: not valid JSON ({e.msg})") from e
             if not isinstance(record, dict):
                 raise EvalError(f"{what} file {path} line {lineno}: expected a JSON object, got "
                                 f"{type(record).__name__}")
-            records.append((lineno, record))
+            records.append((lineno, record, line.endswith("\n")))
     return records
 
 

@@ -8,7 +8,8 @@
 Single-answer grading 1–10 of every answered (question, turn); reference-guided for math/reasoning/coding;
 turn 2 graded given turn 1. Judgments go to RUN_DIR/judgments/<judge>_single.jsonl (or _pair.jsonl); a rerun
 repeats only calls that are missing or failed transiently. Exit status: 0 when every call was attempted and the
-failed share is at most --max-failure-rate; 1 otherwise; 2 for bad input (nothing called); 130 if interrupted.
+failed share is at most --max-failure-rate; 1 otherwise; 2 for bad input (nothing called); 130 if interrupted;
+143 on SIGTERM, 129 on SIGHUP (a judge server started for the run is stopped in every case).
 The API key is read from --api-key-env (needed only for non-loopback URLs) and never written anywhere.
 """
 
@@ -22,10 +23,10 @@ from typing import Optional
 
 from eval.client import (EndpointBackend, JudgeSpec, OpenAIJudge, RetrySettings, api_key_for, parse_judge_spec,
                          probe_models)
-from eval.common import EvalError
+from eval.common import EvalError, Terminated, terminate_on_signals
 from eval.judging import JudgmentStore, Summary, build_items, run_judging
 from eval.prompts import load_prompt_set
-from eval.questions import DEFAULT_QUESTIONS, load_answers, load_questions, load_references
+from eval.questions import DEFAULT_QUESTIONS, check_limit, load_answers, load_questions, load_references
 from eval.target import Target, resolve_judge_model, resolve_target
 
 EXIT_OK, EXIT_FAILURES, EXIT_BAD_INPUT, EXIT_INTERRUPTED = 0, 1, 2, 130
@@ -86,13 +87,15 @@ def _choose(value, default):
 def main(argv: Optional[list[str]] = None) -> int:
     args = build_parser().parse_args(argv)
     try:
-        return _run(args)
+        with terminate_on_signals():
+            return _run(args)
     except EvalError as e:
         print(f"error: {e}", file=sys.stderr)
         return EXIT_BAD_INPUT
-    except KeyboardInterrupt:
-        print("interrupted: judgments so far are saved; rerun the same command to continue", file=sys.stderr)
-        return EXIT_INTERRUPTED
+    except KeyboardInterrupt as e:
+        what = f"stopped by {e}" if isinstance(e, Terminated) else "interrupted"
+        print(f"{what}: judgments so far are saved; rerun the same command to continue", file=sys.stderr)
+        return e.exit_status if isinstance(e, Terminated) else EXIT_INTERRUPTED
 
 
 def _run(args: argparse.Namespace) -> int:
@@ -105,8 +108,11 @@ def _run(args: argparse.Namespace) -> int:
     seed = _choose(args.seed, d.seed)
     _check_settings(samples, temperature, max_rate, args)
     api_key = api_key_for(spec, args.api_key_env, dict(os.environ))
-    questions = load_questions(_choose(args.questions, d.questions) or DEFAULT_QUESTIONS,
-                               limit=_choose(args.limit, d.limit), strict_categories=args.strict_categories)
+    limit = _choose(args.limit, d.limit)
+    check_limit(limit)
+    all_questions = load_questions(_choose(args.questions, d.questions) or DEFAULT_QUESTIONS,
+                                   strict_categories=args.strict_categories)
+    questions = all_questions[:limit] if limit else all_questions
     ref_path = _choose(args.references, d.references)
     references = load_references(ref_path) if ref_path else {}
     prompts = load_prompt_set(args.judge_prompts)
@@ -119,7 +125,8 @@ def _run(args: argparse.Namespace) -> int:
     if spec.kind == "openai":
         # probe first: a dead endpoint or a misspelt model fails before any answer is read
         _probe(spec, api_key, args.request_timeout)
-    items = _items(target, answers_path, questions, references, prompts, args.against)
+    selection = (all_questions, "--limit" if args.limit is not None else "the recipe's eval.limit")
+    items = _items(target, answers_path, questions, references, prompts, args.against, selection)
     judge_id = args.judge_id or spec.judge_id
     kind = "pair" if args.against else "single"
     store = JudgmentStore(target.out.judgments_file(judge_id, kind))
@@ -160,17 +167,35 @@ def _probe(spec: JudgeSpec, api_key: Optional[str], timeout: float) -> None:
                         f"{served[:20]}")
 
 
-def _items(target: Target, answers_path: Path, questions, references, prompts, against: Optional[str]):
+def _items(target: Target, answers_path: Path, questions, references, prompts, against: Optional[str],
+           selection: tuple[list, str]):
     answers = load_answers(answers_path)
+    _check_outside_limit(answers, answers_path, questions, *selection)
+    if against:
+        _check_outside_limit(load_answers(against), Path(against), questions, *selection)
     unanswered = [q.question_id for q in questions if q.question_id not in answers]
     if unanswered:
         print(f"note: {len(unanswered)} of {len(questions)} questions have no answer in {answers_path} and are not "
               f"judged (first: {unanswered[:5]})", file=sys.stderr)
     other = None
     if against:
-        other_answers = load_answers(against)
-        other = (_model_id_of(Path(against)), other_answers)
+        other = (_model_id_of(Path(against)), load_answers(against))
     return build_items(questions, answers, target.model_id, prompts, references, other)
+
+
+def _check_outside_limit(answers, answers_path: Path, questions, all_questions, limit_source: str) -> None:
+    """Answers to questions the file holds but the limit leaves out: generated with a larger limit than judged."""
+    if len(questions) == len(all_questions):
+        return
+    position = {q.question_id: i for i, q in enumerate(all_questions)}
+    outside = [qid for qid in answers if position.get(qid, -1) >= len(questions)]
+    if outside:
+        needed = max(position[qid] for qid in outside) + 1
+        raise EvalError(
+            f"answers file {answers_path} holds answers to {len(outside)} question(s) {outside[:10]} beyond the "
+            f"first {len(questions)} that {limit_source} selects: the answers were generated with a larger limit. "
+            f"Judge them all with --limit {needed} (or the limit they were generated with), or regenerate the "
+            f"answers with limit {len(questions)}")
 
 
 def _model_id_of(path: Path) -> str:

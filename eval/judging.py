@@ -8,6 +8,7 @@ are missing or ended in a transient failure, so no item is judged twice.
 
 from __future__ import annotations
 
+import json
 import statistics
 import threading
 import time
@@ -18,7 +19,7 @@ from pathlib import Path
 from typing import Any, Optional, Protocol
 
 from eval.client import CallResult
-from eval.common import EvalError, digest, read_jsonl, write_jsonl
+from eval.common import EvalError, digest, read_jsonl_lines, write_jsonl
 from eval.prompts import JudgePrompt, PromptSet, kind_for
 from eval.questions import Question, QuestionId
 from eval.rating import extract_rating, extract_verdict
@@ -178,25 +179,33 @@ def combine(item: Item, samples: dict[str, list[Optional[Sample]]]) -> dict[str,
 
 
 class JudgmentStore:
-    """The judgments file: rows keyed by (model, model_b, question, turn), rewritten atomically on each update."""
+    """The judgments file: rows keyed by (model, model_b, question, turn). Each finished call appends its item's row
+    (a later row of a key supersedes earlier ones); `compact` rewrites the file atomically, one row per key in item
+    order. A last line cut short by a kill is dropped on reading (its calls are repeated)."""
 
     def __init__(self, path: Path) -> None:
         self.path = Path(path)
         self.rows: dict[tuple, dict[str, Any]] = {}
+        self.compacted = True
         if self.path.exists():
-            for lineno, row in read_jsonl(self.path, "judgments"):
+            lines = read_jsonl_lines(self.path, "judgments", torn_tail_ok=True)
+            for lineno, row, _ in lines:
                 try:
                     key = (row["model"], row.get("model_b"), row["question_id"], row["turn"])
                 except KeyError as e:
                     raise EvalError(f"judgments file {self.path} line {lineno}: missing field {e}; delete the "
                                     f"file to judge again from scratch") from e
+                self.compacted &= key not in self.rows
                 self.rows[key] = row
+            self.compacted &= all(ends for _, _, ends in lines) and self.path.read_bytes().endswith(b"\n")
         self._lock = threading.Lock()
         self._order: dict[tuple, int] = {}
 
     def order_like(self, items: list[Item]) -> None:
         """Write rows of these items in this order (others after them), whatever order calls finish in."""
         self._order = {item.key: i for i, item in enumerate(items)}
+        last = len(self._order)
+        self.compacted &= list(self.rows) == sorted(self.rows, key=lambda k: self._order.get(k, last))
 
     def reusable(self, item: Item, samples: int) -> dict[str, list[Optional[Sample]]]:
         """Stored calls for this item that need no repeat (same input; success or a non-transient failure)."""
@@ -220,11 +229,31 @@ class JudgmentStore:
                **combine(item, samples),
                "calls": {v: [s.to_dict() if s else None for s in ss] for v, ss in samples.items()},
                "tstamp": time.time()}
+        line = (json.dumps(row, ensure_ascii=False) + "\n").encode("utf-8")
         with self._lock:
+            if not self.compacted:
+                self._compact_locked()
             self.rows[item.key] = row
-            last = len(self._order)
-            ordered = sorted(self.rows.items(), key=lambda kv: self._order.get(kv[0], last))
-            write_jsonl(self.path, (r for _, r in ordered))
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+            # one write of the whole line, flushed before the next call is stored: a kill leaves at most one
+            # torn last line, which reading drops
+            with self.path.open("ab") as f:
+                f.write(line)
+            self.compacted = False
+
+    def compact(self) -> None:
+        """Rewrite the file atomically: one row per key (the latest), in item order."""
+        with self._lock:
+            self._compact_locked()
+
+    def _compact_locked(self) -> None:
+        if not self.rows and not self.path.exists():
+            return
+        last = len(self._order)
+        ordered = sorted(self.rows.items(), key=lambda kv: self._order.get(kv[0], last))
+        self.rows = dict(ordered)
+        write_jsonl(self.path, (r for _, r in ordered))
+        self.compacted = True
 
 
 @dataclass
@@ -262,8 +291,11 @@ def run_judging(items: list[Item], store: JudgmentStore, backend: Backend, sampl
         state[item.key][variant][i] = sample_from_call(result, item.prompt.output)
         store.put(item, state[item.key], meta)
 
-    if requests:
-        backend.run(requests, done)
+    try:
+        if requests:
+            backend.run(requests, done)
+    finally:
+        store.compact()  # also on Ctrl-C or a termination signal: every stored call stays, once
     outcomes = [s for item in items for ss in state[item.key].values() for s in ss]
     failed = [s for s in outcomes if s is not None and not s.ok]
     return Summary(items=len(items), calls=len(outcomes), failed_calls=len(failed),

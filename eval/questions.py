@@ -89,8 +89,7 @@ def parse_question(record: dict[str, Any], where: str) -> Question:
 def load_questions(path: str | Path, limit: int | None = None, strict_categories: bool = False) -> list[Question]:
     """The first `limit` questions of a FastChat question file, validated as a whole before any is used."""
     path = Path(path)
-    if limit is not None and limit <= 0:
-        raise EvalError(f"--limit is {limit}; expected a positive number of questions")
+    check_limit(limit)
     questions: list[Question] = []
     seen: dict[QuestionId, int] = {}
     for lineno, record in read_jsonl(path, "questions"):
@@ -107,6 +106,11 @@ def load_questions(path: str | Path, limit: int | None = None, strict_categories
     if not questions:
         raise EvalError(f"questions file {path} holds no questions")
     return questions[:limit] if limit else questions
+
+
+def check_limit(limit: int | None) -> None:
+    if limit is not None and (not isinstance(limit, int) or isinstance(limit, bool) or limit <= 0):
+        raise EvalError(f"--limit is {limit!r}; expected a positive number of questions")
 
 
 def answer_temperature(category: str) -> float:

@@ -4,7 +4,9 @@
         client_url = server.base_url      # http://127.0.0.1:<free port>/v1
 
 The server listens on a free loopback port, the caller waits (with a timeout) until /v1/models answers, and on
-exit the whole process group is stopped. A server that dies or never comes up raises with the end of its log.
+exit the whole process group is stopped. Callers turn SIGTERM/SIGHUP into an exception (eval.common.
+terminate_on_signals) so that exit runs on those too; if the caller is killed outright, the kernel sends the server
+SIGTERM (PR_SET_PDEATHSIG). A server that dies or never comes up raises with the end of its log.
 """
 
 from __future__ import annotations
@@ -34,6 +36,18 @@ def tail(path: Path, lines: int = 60) -> str:
         return "\n".join(Path(path).read_text(errors="replace").splitlines()[-lines:])
     except OSError:
         return "(no log)"
+
+
+_PR_SET_PDEATHSIG = 1
+
+
+def _die_with_parent() -> None:
+    """In the child before exec: the kernel sends it SIGTERM when the process that started it dies, even by
+    SIGKILL (no handler of ours runs then), and it stops its own engine processes on SIGTERM."""
+    if sys.platform.startswith("linux"):
+        import ctypes
+
+        ctypes.CDLL(None, use_errno=True).prctl(_PR_SET_PDEATHSIG, signal.SIGTERM, 0, 0, 0)
 
 
 class VllmServer:
@@ -84,7 +98,7 @@ class VllmServer:
         with self.log_path.open("w") as log:
             # a session of its own: stopping the group also stops vLLM's engine-core children
             self.process = subprocess.Popen(self.command(), stdout=log, stderr=subprocess.STDOUT, env=env,
-                                            start_new_session=True)
+                                            start_new_session=True, preexec_fn=_die_with_parent)
 
     def wait_ready(self) -> None:
         """Poll /v1/models until it answers; raise with the log when the process exits or time runs out."""

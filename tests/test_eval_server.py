@@ -3,6 +3,7 @@ test_eval_vllm.py): a server that dies shows its log, one that never answers is 
 
 import sys
 import time
+from pathlib import Path
 
 import pytest
 
@@ -48,3 +49,80 @@ def test_vllm_command_line(tmp_path):
     assert cmd[cmd.index("--model") + 1] == str(tmp_path / "m")
     assert cmd[cmd.index("--host") + 1] == "127.0.0.1" and cmd[cmd.index("--port") + 1] == str(server.port)
     assert cmd[cmd.index("--dtype") + 1] == "float32" and cmd[cmd.index("--max-model-len") + 1] == "1024"
+
+
+# ---------------------------------------------------------------- a server we start stops when we do
+_DRIVER = r"""
+import sys, time
+from pathlib import Path
+from eval.common import terminate_on_signals
+from eval.server_utils import VllmServer
+
+class Static(VllmServer):
+    # a real HTTP server answering /v1/models, in place of vLLM
+    def command(self):
+        return [sys.executable, "-m", "http.server", str(self.port), "--bind", "127.0.0.1",
+                "--directory", sys.argv[1]]
+
+try:
+    with terminate_on_signals():
+        with Static("unused", "x", log_path=Path(sys.argv[1]) / "serve.log", startup_timeout=60) as server:
+            print(server.process.pid, server.port, flush=True)
+            time.sleep(300)
+except KeyboardInterrupt as e:
+    sys.exit(getattr(e, "exit_status", 130))
+"""
+
+
+def _alive(pid: int) -> bool:
+    import psutil
+
+    try:
+        return psutil.Process(pid).status() != psutil.STATUS_ZOMBIE
+    except psutil.NoSuchProcess:
+        return False
+
+
+def _port_open(port: int) -> bool:
+    import socket
+
+    with socket.socket() as s:
+        s.settimeout(1)
+        return s.connect_ex(("127.0.0.1", port)) == 0
+
+
+def _wait(condition, timeout: float) -> bool:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if condition():
+            return True
+        time.sleep(0.1)
+    return condition()
+
+
+@pytest.mark.parametrize("sig", ["SIGTERM", "SIGHUP", "SIGINT", "SIGKILL"])
+def test_server_stops_when_its_starter_is_signalled(tmp_path, sig):
+    """SIGTERM/SIGHUP/SIGINT unwind the starter (the server's group is stopped); SIGKILL runs no code of ours and
+    the kernel's parent-death signal stops the server."""
+    import os
+    import signal
+    import subprocess
+
+    (tmp_path / "v1").mkdir()
+    (tmp_path / "v1" / "models").write_text('{"data": []}')
+    env = dict(os.environ, PYTHONPATH=str(Path(__file__).resolve().parents[1]))
+    driver = subprocess.Popen([sys.executable, "-c", _DRIVER, str(tmp_path)], stdout=subprocess.PIPE,
+                              stderr=subprocess.PIPE, text=True, env=env)
+    try:
+        line = driver.stdout.readline()
+        assert line, driver.stderr.read()
+        pid, port = map(int, line.split())
+        assert _alive(pid) and _port_open(port)
+        driver.send_signal(getattr(signal, sig))
+        rc = driver.wait(timeout=30)
+        assert rc == {"SIGTERM": 143, "SIGHUP": 129, "SIGINT": 130, "SIGKILL": -9}[sig]
+        assert _wait(lambda: not _alive(pid), 30), f"server {pid} still running after {sig} to its starter"
+        assert not _port_open(port)
+    finally:
+        if driver.poll() is None:
+            driver.kill()
