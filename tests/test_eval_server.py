@@ -126,3 +126,55 @@ def test_server_stops_when_its_starter_is_signalled(tmp_path, sig):
     finally:
         if driver.poll() is None:
             driver.kill()
+
+
+@pytest.mark.slow
+def test_sigterm_to_serve_judge_stops_vllm(tmp_path):
+    """`timeout`/`kill`/`scancel` send SIGTERM: eval.judge exits 143 and no process of the vLLM server it started is
+    left, its port closed."""
+    import os
+    import signal
+    import subprocess
+
+    import psutil
+
+    from conftest import require_module
+    from eval_helpers import make_questions, make_run, make_tiny_llama
+
+    require_module("vllm")
+    model = make_tiny_llama(tmp_path / "judge-model")
+    root = make_run(tmp_path / "run", questions=make_questions(n_per_category=10, categories=("writing", "stem")))
+    env = dict(os.environ, PYTHONPATH=str(Path(__file__).resolve().parents[1]))
+    judge = subprocess.Popen([sys.executable, "-m", "eval.judge", str(root), "--judge", f"serve:{model}",
+                              "--questions", str(root / "questions.jsonl"), "--dtype", "fp32",
+                              "--serve-timeout", "400", "--concurrency", "1"],
+                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env)
+    log = root / "logs" / "vllm_serve_judge-model.log"
+    seen: dict[int, psutil.Process] = {}
+    port = None
+    try:
+        def serving() -> bool:
+            nonlocal port
+            for p in psutil.Process(judge.pid).children(recursive=True):
+                seen.setdefault(p.pid, p)
+                cmd = p.cmdline() if p.is_running() else []
+                if "--port" in cmd:
+                    port = int(cmd[cmd.index("--port") + 1])
+            return judge.poll() is not None or (port is not None and _port_open(port))
+
+        assert _wait(serving, 400) and judge.poll() is None, \
+            f"judge exited early ({judge.poll()}):\n{log.read_text()[-3000:] if log.exists() else 'no log'}"
+        serving()  # the engine processes vLLM has started by now
+        judge.send_signal(signal.SIGTERM)
+        out, _ = judge.communicate(timeout=120)
+        assert judge.returncode == 143, out[-3000:]
+        assert "stopped by SIGTERM" in out
+        assert _wait(lambda: not any(_alive(pid) for pid in seen), 60), \
+            [p.cmdline() for pid, p in seen.items() if _alive(pid)]
+        assert len(seen) >= 1 and not _port_open(port)
+    finally:
+        if judge.poll() is None:
+            judge.kill()
+        for p in seen.values():
+            if _alive(p.pid):
+                p.kill()
