@@ -184,13 +184,14 @@ def _check_loaded_state(tuner, state_dict, prefix, *_args) -> None:
     """load_state_dict pre-hook: the sspeft tensors of every adapter being loaded pass `check_adapter` (all present,
     recorded shapes, valid positions, finite coefficients) before PEFT copies any of them into the model."""
     names = ("sspeft_coefficients", "sspeft_positions")
-    loading = {k.rsplit(".", 1)[1] for k in state_dict if k.startswith(prefix) and k.rsplit(".", 2)[-2] in names}
+    parts = [k.rsplit(".", 2) for k in state_dict if k.startswith(prefix)]
+    loading = {p[2] for p in parts if len(p) == 3 and p[1] in names}
     for adapter in sorted(loading & set(tuner.peft_config)):
         cfg = tuner.peft_config[adapter].spectral(resolve=False)
         layers = {name: m for name, m in tuner.model.named_modules()
                   if isinstance(m, SpectralLinear) and adapter in m.sspeft_coefficients}
-        cfg.layers = {name: {"shape": [m.out_features, m.in_features], "n": int(m.sspeft_positions[adapter].shape[1])}
-                      for name, m in layers.items()}
+        cfg.layers = {name: {"shape": [m.out_features, m.in_features],
+                             "n": int(m.sspeft_positions[adapter].shape[1])} for name, m in layers.items()}
         tensors = {}
         for key, value in state_dict.items():
             for what in names:
