@@ -354,3 +354,28 @@ def test_ctrl_c_stores_calls_that_returned(tmp_path):
         answered = {r.prompt for r in server.chat_requests()}
     stored = [json.loads(l)["user_prompt"] for l in path.read_text().splitlines()]
     assert len(stored) == len(answered) and all(any(s in p for p in answered) for s in stored)
+
+
+def test_sigterm_exits_143_with_a_compact_judgments_file(tmp_path):
+    """What timeout/kill/scancel send: the judge unwinds like on Ctrl-C (status 143) and the rerun finishes."""
+    import signal
+
+    root = make_run(tmp_path / "run", questions=make_questions(n_per_category=3))
+    path = root / "judgments" / "fake-judge_single.jsonl"
+    with FakeJudgeServer(delay_s=0.2) as server:
+        cmd = [sys.executable, "-m", "eval.judge", str(root), "--judge", f"openai:fake-judge@{server.base_url}",
+               "--questions", str(root / "questions.jsonl"), "--concurrency", "1", *FAST]
+        proc = subprocess.Popen(cmd, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+        deadline = time.monotonic() + 60
+        while time.monotonic() < deadline and (not path.exists() or len(path.read_text().splitlines()) < 3):
+            assert proc.poll() is None, proc.communicate()[0]
+            time.sleep(0.05)
+        proc.send_signal(signal.SIGTERM)
+        out, _ = proc.communicate(timeout=30)
+        assert proc.returncode == 143 and "stopped by SIGTERM" in out, out
+        rows = [json.loads(l) for l in path.read_text().splitlines()]
+        keys = [(r["question_id"], r["turn"]) for r in rows]
+        assert len(keys) == len(set(keys)) >= 3 and keys == sorted(keys)  # compacted on the way out
+        server.delay_s = 0.0
+        assert _judge(root, server) == 0
+        assert len(_rows(root)) == 24
