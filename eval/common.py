@@ -72,7 +72,8 @@ def read_jsonl_lines(path: Path, what: str, torn_tail_ok: bool = False) -> list[
     with path.open("rb") as f:
         for lineno, raw in enumerate(f, start=1):
             try:
-                line = raw.decode("utf-8")
+                # a byte-order mark (Windows editors write one) is not part of the first record
+                line = raw.decode("utf-8-sig" if lineno == 1 else "utf-8")
             except UnicodeDecodeError as e:
                 raise EvalError(f"{what} file {path} line {lineno}: byte {raw[e.start]:#04x} (byte {e.start + 1} of "
                                 f"the line) is not UTF-8; expected UTF-8 text (convert it, e.g. iconv -f latin1 -t "

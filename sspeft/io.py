@@ -121,6 +121,9 @@ def read_adapter(path: str | os.PathLike) -> tuple[SpectralConfig, dict[str, tor
     except (json.JSONDecodeError, UnicodeDecodeError) as exc:
         raise AdapterFileError(f"{cfg_file} is not valid JSON ({exc}); the adapter directory is corrupt") from exc
     cfg = config_from_json(data, cfg_file)
+    if not cfg.layers:
+        raise AdapterFileError(f"{cfg_file}: field 'layers' is empty; expected the adapted modules with their "
+                               "shapes (written when the adapter is saved)")
     try:
         tensors = load_file(str(weights_file))
     except (SafetensorError, OSError, ValueError) as exc:

@@ -109,3 +109,19 @@ def test_judge_prompt_sets(shared_dir, tmp_path):
     broken.write_text("".join(json.dumps(r) + "\n" for r in lines if r["name"] != "pair-v2"))
     with pytest.raises(EvalError, match="no prompt named 'pair-v2'"):
         load_prompt_set(broken)
+
+
+def test_encodings(tmp_path):
+    """A UTF-8 byte-order mark is read; Latin-1 bytes are an error naming file, line and byte."""
+    from eval.common import EvalError
+    from eval.questions import load_questions
+
+    record = '{"question_id": 1, "category": "writing", "turns": ["Caf\u00e9?"]}\n'
+    bom = tmp_path / "bom.jsonl"
+    bom.write_bytes(b"\xef\xbb\xbf" + record.encode("utf-8"))
+    assert load_questions(bom)[0].turns == ("Caf\u00e9?",)
+    latin = tmp_path / "latin.jsonl"
+    latin.write_bytes(record.encode("utf-8") + record.replace(": 1,", ": 2,").encode("latin-1"))
+    with pytest.raises(EvalError, match=r"questions file .*latin.jsonl line 2: byte 0xe9 \(byte 57 of the line\) "
+                                        r"is not UTF-8; expected UTF-8 text"):
+        load_questions(latin)

@@ -197,6 +197,10 @@ CORRUPTIONS = {
                              r"layers\['.*q_proj'\] is 3; expected an object with 'shape' and 'n'"),
     "three-dimensional shape": (_cfg_edit(lambda c: c["layers"][Q].__setitem__("shape", [64, 64, 1])),
                                 r"shape is \[64, 64, 1\]; expected \[out_features, in_features\]"),
+    "no layers": (_cfg_edit(lambda c: c.__setitem__("layers", {})),
+                  r"adapter_config.json: field 'layers' is empty; expected the adapted modules"),
+    "flat positions": (_w_edit(lambda w: _set(w, f"{KEY}.sspeft_positions", lambda t: t.flatten())),
+                       r"at \(12,\) positions; the config records n=6, so expected \(6,\) coefficients at \(2, 6\)"),
     "unknown method": (_cfg_edit(lambda c: c.__setitem__("method", "lora")),
                        r"adapter_config.json: SpectralConfig.method='lora' is not a spectral method"),
 }
