@@ -18,7 +18,7 @@ from typing import Callable
 import pytest
 import yaml
 
-from eval_helpers import FakeJudgeServer, make_answers, make_questions, make_run, write_jsonl
+from eval_helpers import FakeJudgeServer, make_answers, make_questions, make_run
 from launch_helpers import build_tiny_llama, write_recipe, write_records
 
 PREFLIGHT = "fixed in launch preflight"
@@ -34,7 +34,6 @@ class Row:
     args: Callable[["World", Path], list[str]]
     expect: tuple[str, ...]
     """Regexes that must all appear in the error output: the field or file, and the expected value."""
-    setup: Callable[["World", Path], None] = lambda w, d: None
     xfail: str = ""
 
 
@@ -112,7 +111,7 @@ def _merge_run(w: World, d: Path, corrupt: Callable[[Path], None] | None = None)
     recipe = load_recipe(_recipe(w, d, run_dir=run), [])
     run.mkdir()
     recipe.dump(run / "recipe.yaml")
-    (run / "template.jinja").write_text((w.model / "tokenizer_config.json").read_text() and "{{ messages }}")
+    (run / "template.jinja").write_text("{{ messages }}")
     shutil.copytree(w.adapter, run / "adapter")
     if corrupt:
         corrupt(run / "adapter")
@@ -203,9 +202,9 @@ LATIN1_QUESTION = ('{"question_id": 1, "category": "writing", "turns": ["Caf\u00
 GOOD_QUESTION = '{"question_id": 1, "category": "writing", "turns": ["Hello?"]}\n'
 
 
-def _submit(*extra: str, overrides: tuple[str, ...] = ()):
+def _submit(*extra: str, overrides: tuple[str, ...] = (), nodes: str = "1"):
     def args(w: World, d: Path) -> list[str]:
-        return [str(_recipe(w, d)), *overrides, "--nodes", "1", "--gpus-per-node", "0", "--dry-run", *extra]
+        return [str(_recipe(w, d)), *overrides, "--nodes", nodes, "--gpus-per-node", "0", "--dry-run", *extra]
     return args
 
 
@@ -246,8 +245,7 @@ ROWS: list[Row] = [
     Row("adapter.target_modules match nothing", "train", _train("adapter.target_modules=[k_projj]"),
         (r"target_modules", "k_projj"), xfail=PREFLIGHT),
     Row("model.quantize unknown", "train", _train("model.quantize=int3"), (r"model.quantize", "nf4")),
-    Row("model.path missing", "train", _train(), (r"model.path", "does not exist"),
-        setup=lambda w, d: None),
+    Row("model.path missing", "train", _train("model.path=/nonexistent/model"), (r"model.path", "does not exist")),
     Row("train.learning_rate negative", "train", _train("train.learning_rate=-1"),
         (r"train.learning_rate", "> 0")),
     Row("train.max_steps zero", "train", _train("train.max_steps=0"), (r"train.max_steps", "positive or -1")),
@@ -288,10 +286,8 @@ ROWS: list[Row] = [
         (r"adapter_model.safetensors", "non-finite", "expected finite"), xfail=MERGE_CATCH),
     Row("adapter missing coefficients", "merge", _merge(_tensors(lambda ts: ts.pop(f"{Q0}.sspeft_coefficients"))),
         (r"adapter_model.safetensors", r"lacks tensor .*q_proj.sspeft_coefficients"), xfail=MERGE_CATCH),
-    Row("adapter coefficients of another n", "merge", _merge(_coeff(lambda t: None) if False else
-                                                              _tensors(lambda ts: ts.__setitem__(
-                                                                  f"{Q0}.sspeft_coefficients",
-                                                                  ts[f"{Q0}.sspeft_coefficients"][:4].clone()))),
+    Row("adapter coefficients of another n", "merge", _merge(_tensors(lambda ts: ts.__setitem__(
+        f"{Q0}.sspeft_coefficients", ts[f"{Q0}.sspeft_coefficients"][:4].clone()))),
         (r"adapter_model.safetensors", r"expected \(8,\) coefficients"), xfail=MERGE_CATCH),
     Row("adapter layer without shape", "merge",
         _merge(_adapter_json(lambda c: next(iter(c["layers"].values())).pop("shape"))),
@@ -371,8 +367,7 @@ ROWS: list[Row] = [
         "judgments/fake-judge_single.jsonl", '{"model": "\u00e9"}\n'.encode("latin-1"))(r) else []),
         (r"judgments file .*fake-judge_single.jsonl line 1", "not UTF-8")),
     # Slurm arguments
-    Row("submit --nodes 0", "submit", _submit(), (r"--nodes", "positive integer"),
-        setup=lambda w, d: None),
+    Row("submit --nodes 0", "submit", _submit(nodes="0"), (r"--nodes", "positive integer")),
     Row("submit --gpus-per-node negative", "submit", _submit("--gpus-per-node", "-1"),
         (r"--gpus-per-node = -1", "0 \\(CPU ranks\\) or more")),
     Row("submit --procs-per-node above GPUs", "submit", _submit("--gpus-per-node", "2", "--procs-per-node", "4"),
@@ -391,10 +386,6 @@ ROWS: list[Row] = [
     Row("submit recipe override invalid", "submit", _submit(overrides=("train.max_steps=0",)),
         (r"train.max_steps", "positive or -1")),
 ]
-# "--nodes 0" needs its own argument list (the helper passes --nodes 1)
-ROWS[[r.id for r in ROWS].index("submit --nodes 0")].args = lambda w, d: [
-    str(_recipe(w, d)), "--nodes", "0", "--gpus-per-node", "0", "--dry-run"]
-ROWS[[r.id for r in ROWS].index("model.path missing")].args = _train("model.path=/nonexistent/model")
 
 
 def _main(cli: str):
