@@ -17,7 +17,7 @@ from pathlib import Path
 from transformers import TrainerCallback
 
 from launch import distributed
-from launch.rundir import COMPLETE_MARKER, RunDir, atomic_write_json
+from launch.rundir import COMPLETE_MARKER, RunDir, apply_umask, atomic_write_json
 
 PROGRESS_FILE = "train_progress.json"
 """Written into each checkpoint before its marker: the step times and logs of every attempt up to that step."""
@@ -34,6 +34,7 @@ class CompleteMarker(TrainerCallback):
         if self.dist.is_main:
             ckpt = self.run.checkpoints / f"checkpoint-{state.global_step}"
             if ckpt.is_dir():
+                apply_umask(ckpt)  # safetensors writes 0600 whatever the umask says
                 atomic_write_json(ckpt / PROGRESS_FILE, {"attempts": self.timer.attempts()})
                 atomic_write_json(ckpt / COMPLETE_MARKER, {"step": state.global_step, "time": time.time()})
                 rotate_checkpoints(self.run, self.keep)

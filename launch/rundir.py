@@ -181,6 +181,21 @@ def current_umask() -> int:
     return mask
 
 
+def apply_umask(root: str | os.PathLike[str]) -> None:
+    """Give `root` and everything under it the permissions the umask allows (executables keep their x bits).
+
+    Some writers ignore the umask (safetensors writes 0600, mkdtemp makes 0700); outputs that another account
+    serves or reads (merged/, answers) must not stay private by accident."""
+    mask = current_umask()
+    for path in [Path(root), *Path(root).rglob("*")]:
+        if path.is_symlink():
+            continue
+        mode = path.lstat().st_mode
+        full = 0o777 if path.is_dir() or mode & 0o111 else 0o666
+        if mode & 0o777 != full & ~mask:
+            path.chmod(full & ~mask)
+
+
 def atomic_write_text(path: str | os.PathLike[str], text: str) -> Path:
     """Write text to path via a temporary file in the same directory and a rename."""
     path = Path(path)
@@ -210,14 +225,14 @@ def atomic_directory(path: str | os.PathLike[str]) -> Iterator[Path]:
     """Yield a temporary sibling directory; on success it replaces `path`, on error it is removed.
 
     Used for outputs that are whole directories (adapter/, merged/, baseline/): readers see either the old
-    directory or the complete new one.
+    directory or the complete new one, with the permissions the umask allows whatever wrote the files.
     """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent))
     try:
-        tmp.chmod(0o777 & ~current_umask())  # mkdtemp creates 0700 whatever the umask says
         yield tmp
+        apply_umask(tmp)  # mkdtemp made it 0700, safetensors writes 0600: whatever the umask says
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
