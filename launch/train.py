@@ -433,10 +433,12 @@ def _remove_if_empty(root: Path, created: Path | None) -> None:
     if created is None:
         return
     for directory in [root, *root.parents]:
-        with contextlib.suppress(OSError):
+        try:
             directory.rmdir()  # only succeeds while empty
+        except OSError:
+            return
         if directory == created:
-            break
+            return
 
 
 def train_or_clean(plan: Plan, dist: distributed.Dist, flag: distributed.PreemptionFlag) -> int:
