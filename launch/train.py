@@ -35,7 +35,6 @@ from launch.rundir import RunDir, RunDirError, RunDirLock, atomic_directory, ato
 
 log = logging.getLogger("launch.train")
 SUMMARY_FILE = "train_summary.json"
-__all__ = ["TrainError", "main", "preflight", "train", "zero_stage_of"]
 
 
 @dataclass
