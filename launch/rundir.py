@@ -130,7 +130,9 @@ class RunDir:
     def holds_progress(self) -> bool:
         """True when something here is worth keeping: a complete checkpoint, a finished adapter, or any file
         that the training stage does not write (merged/, answers/, ...)."""
-        if not self.root.is_dir() or self.complete_checkpoints() or self.adapter.exists():
+        if not self.root.is_dir():
+            return False
+        if self.complete_checkpoints() or self.adapter.exists():
             return True
         return any(p.name not in TRAIN_OUTPUTS + ("slurm", LOCK_FILE) for p in self.root.iterdir())
 
