@@ -1,11 +1,15 @@
-"""Trainer callbacks: complete-marked checkpoints, agreed preemption stop, step timing.
+"""Trainer callbacks: complete-marked checkpoints and their rotation, agreed preemption stop, step timing.
 
 transformers' checkpoint save is not atomic: a kill while saving leaves a directory that looks whole. A checkpoint
-is trusted only once COMPLETE is written into it, after every rank has finished writing its part.
+is trusted only once COMPLETE is written into it, after every rank has finished writing its part. Old checkpoints
+are removed here, only after the new one is marked (the Trainer's own rotation deletes them before the marker is
+written, so a kill in between would leave no complete checkpoint): the newest complete checkpoint exists at
+every instant.
 """
 
 from __future__ import annotations
 
+import json
 import shutil
 import time
 from pathlib import Path
@@ -13,23 +17,51 @@ from pathlib import Path
 from transformers import TrainerCallback
 
 from launch import distributed
-from launch.rundir import COMPLETE_MARKER, RunDir, atomic_write_json
+from launch.rundir import COMPLETE_MARKER, RunDir, apply_umask, atomic_write_json
+
+PROGRESS_FILE = "train_progress.json"
+"""Written into each checkpoint before its marker: the step times and logs of every attempt up to that step."""
 
 
 class CompleteMarker(TrainerCallback):
-    """Marks each checkpoint complete after all ranks have saved it."""
+    """Marks each checkpoint complete after all ranks have saved it, then keeps the newest `keep` of them."""
 
-    def __init__(self, run: RunDir, dist: distributed.Dist) -> None:
-        self.run, self.dist = run, dist
+    def __init__(self, run: RunDir, dist: distributed.Dist, keep: int | None, timer: StepTimer) -> None:
+        self.run, self.dist, self.keep, self.timer = run, dist, keep, timer
 
     def on_save(self, args, state, control, **kwargs):
         distributed.barrier()  # every rank's shard is on disk before the marker
         if self.dist.is_main:
             ckpt = self.run.checkpoints / f"checkpoint-{state.global_step}"
             if ckpt.is_dir():
+                apply_umask(ckpt)  # safetensors writes 0600 whatever the umask says
+                atomic_write_json(ckpt / PROGRESS_FILE, {"attempts": self.timer.attempts()})
                 atomic_write_json(ckpt / COMPLETE_MARKER, {"step": state.global_step, "time": time.time()})
+                rotate_checkpoints(self.run, self.keep)
         distributed.barrier()
         return control
+
+
+def rotate_checkpoints(run: RunDir, keep: int | None) -> list[Path]:
+    """Remove complete checkpoints beyond the newest `keep` (None: keep all) and incomplete ones older than the
+    newest complete one; returns what was removed. Never removes the newest complete checkpoint."""
+    complete = run.complete_checkpoints()
+    if not complete:
+        return []
+    newest = _step(complete[-1])
+    doomed = complete[:-keep] if keep and keep > 0 else []
+    doomed += [p for p in run.checkpoints.glob("checkpoint-*")
+               if p.is_dir() and p not in complete and _step(p) < newest]
+    for path in sorted(doomed, key=_step):
+        shutil.rmtree(path, ignore_errors=True)
+    return doomed
+
+
+def _step(path: Path) -> int:
+    try:
+        return int(path.name.rsplit("-", 1)[1])
+    except (IndexError, ValueError):
+        return -1
 
 
 class PreemptionStop(TrainerCallback):
@@ -49,14 +81,29 @@ class PreemptionStop(TrainerCallback):
 
 
 class StepTimer(TrainerCallback):
-    """Wall time of each optimizer step and the logged losses, for logs/train_summary.json."""
+    """Wall time of each optimizer step and the logged losses, for logs/train_summary.json.
 
-    def __init__(self) -> None:
+    `previous` holds the attempts before a resume (from the checkpoint's train_progress.json), so the summary
+    covers every step that led to the adapter, not only those of the last process.
+    """
+
+    def __init__(self, previous: list[dict] | None = None, first_step: int = 0, world_size: int = 1,
+                 started: float | None = None) -> None:
+        self.previous = list(previous or [])
+        self.first_step, self.world_size = first_step, world_size
+        self.started = time.time() if started is None else started
         self.step_times: list[float] = []
         self.losses: list[dict] = []
         self.positions_digests: list[str] | None = None  # filled after training, one per rank
         self.weights_digests: list[str] | None = None  # trained values, one per rank (not under ZeRO-3)
         self._start: float | None = None
+
+    def attempts(self) -> list[dict]:
+        """Every attempt so far, this one last."""
+        current = {"first_step": self.first_step + 1, "last_step": self.first_step + len(self.step_times),
+                   "world_size": self.world_size, "step_times_s": list(self.step_times), "log": list(self.losses),
+                   "wall_s": time.time() - self.started}
+        return self.previous + [current]
 
     def on_step_begin(self, args, state, control, **kwargs):
         self._start = time.perf_counter()
@@ -84,3 +131,13 @@ def drop_incomplete_checkpoints(run: RunDir) -> list[Path]:
                 shutil.rmtree(path, ignore_errors=True)
                 removed.append(path)
     return removed
+
+
+def previous_attempts(checkpoint: Path | None) -> list[dict]:
+    """The attempts recorded in a checkpoint (none for a fresh start or a checkpoint written before they were)."""
+    if checkpoint is None:
+        return []
+    try:
+        return json.loads((checkpoint / PROGRESS_FILE).read_text())["attempts"]
+    except (OSError, ValueError, KeyError):
+        return []

@@ -196,6 +196,72 @@ def check_model_spec(spec: str) -> None:
                              f"file, a hub id (org/name) or {SMOLLM2!r}")
 
 
+def model_config(spec: str, work_dir: str | os.PathLike[str], revision: str | None = None,
+                 trust_remote_code: bool = False):
+    """The transformers config of a model spec, without loading any weight.
+
+    A GGUF already converted (into work_dir or the shared cache) answers from its config.json; otherwise the GGUF
+    header is read (slow for large vocabularies: ~20 s for SmolLM2 on a busy 2-core machine, once per machine).
+    A hub id fetches config.json only.
+    """
+    from transformers import AutoConfig
+
+    text = str(spec)
+    path = Path(text).expanduser()
+    gguf = smollm2_gguf() if text == SMOLLM2 else path if path.suffix == ".gguf" else None
+    try:
+        if gguf is not None:
+            converted = _converted_copy(gguf, work_dir)
+            if converted is not None:
+                return AutoConfig.from_pretrained(str(converted))
+            return AutoConfig.from_pretrained(str(gguf.parent), gguf_file=gguf.name)
+        source = str(path) if path.is_dir() else text
+        return AutoConfig.from_pretrained(source, revision=revision, trust_remote_code=trust_remote_code)
+    except Exception as e:  # a damaged config, an unknown model type, the hub unreachable: one clear message
+        raise ModelSpecError(f"model.path = {text!r}: cannot read the model's config ({type(e).__name__}: {e})") from e
+
+
+def _converted_copy(gguf: Path, work_dir: str | os.PathLike[str]) -> Path | None:
+    name = gguf.name.removesuffix(".gguf")
+    candidates = [Path(work_dir) / name, shared_cache() / name]
+    if not any((c / SOURCE_FILE).is_file() for c in candidates):
+        return None  # skip hashing the GGUF when nothing was converted yet
+    source = _fingerprint(gguf)
+    return next((c for c in candidates if _matches(c, source)), None)
+
+
+def meta_model(config, trust_remote_code: bool = False):
+    """The model built from `config` on the meta device: module names and shapes, no memory, no weights."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    with torch.device("meta"):
+        return AutoModelForCausalLM.from_config(config, trust_remote_code=trust_remote_code)
+
+
+def context_length(config) -> int | None:
+    """The longest sequence the model's position embeddings cover (None when its config does not say)."""
+    for key in ("max_position_embeddings", "n_positions", "max_sequence_length", "seq_length"):
+        value = getattr(config, key, None)
+        if isinstance(value, int) and not isinstance(value, bool) and value > 0:
+            return value
+    return None
+
+
+def logical_numel(param) -> int:
+    """Elements a parameter stands for: a packed 4-bit weight (bitsandbytes Params4bit) holds two values per byte,
+    so its own numel is half (uint8 storage) or a quarter (bf16 storage) of the weight's; ZeRO-3 leaves an empty
+    local tensor and records the full size in ds_numel."""
+    quant_state = getattr(param, "quant_state", None)
+    shape = getattr(quant_state, "shape", None)
+    if shape is not None:
+        count = 1
+        for size in shape:
+            count *= int(size)
+        return count
+    return int(getattr(param, "ds_numel", param.numel()))
+
+
 def torch_dtype(name: str):
     import torch
 

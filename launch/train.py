@@ -6,15 +6,17 @@
     accelerate launch --config_file launch/accelerate_zero3.yaml -m launch.train RECIPE.yaml
 
 Everything is checked before anything is written (recipe, data records, base model path, DeepSpeed config, the run
-directory's own recipe). Rerunning the same command resumes from the newest complete checkpoint; a finished run
-is a no-op. On SIGTERM or SIGUSR1 all ranks stop after the same step, write a complete checkpoint and exit with
-status 75 (rerun to resume). Outputs: see launch/rundir.py.
+directory, the adapter and data.max_length against the model's config). One process at a time owns a run
+directory (a lock naming its holder); a failure before the first complete checkpoint leaves the directory as it
+was found. Rerunning the same command resumes from the newest complete checkpoint; a finished run is a no-op. On
+SIGTERM or SIGUSR1 all ranks stop after the same step, write a complete checkpoint and exit with status 75 (rerun
+to resume). Outputs: see launch/rundir.py.
 """
 
 from __future__ import annotations
 
 import argparse
-import json
+import contextlib
 import logging
 import os
 import sys
@@ -25,16 +27,14 @@ from typing import Any
 
 from launch import distributed
 from launch.data import DataError, Example, build_template, load_records, tokenize_records
-from launch.models import ModelSpecError, check_model_spec, load_causal_lm, resolve_model_path
-from launch.recipe import Recipe, RecipeError, load_recipe, load_resolved
-from launch.rundir import RunDir, atomic_directory, atomic_write_json, atomic_write_text
+from launch.models import ModelSpecError, check_model_spec, load_causal_lm, logical_numel, resolve_model_path
+from launch.preflight import (TrainError, adopt_launcher_deepspeed, check_against_model, check_run_dir,
+                              zero_stage_of)
+from launch.recipe import Recipe, RecipeError, load_recipe
+from launch.rundir import RunDir, RunDirError, RunDirLock, atomic_directory, atomic_write_json, atomic_write_text
 
 log = logging.getLogger("launch.train")
 SUMMARY_FILE = "train_summary.json"
-
-
-class TrainError(RuntimeError):
-    """The training stage cannot start; the message says what to change."""
 
 
 @dataclass
@@ -47,6 +47,8 @@ class Plan:
     zero_stage: int | None
     resume_from: Path | None
     finished: bool
+    discard: bool = False
+    """The directory holds only an attempt of another recipe that never completed a checkpoint: start over."""
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
@@ -59,24 +61,6 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     if args.local_rank is not None:
         os.environ.setdefault("LOCAL_RANK", str(args.local_rank))
     return args
-
-
-def zero_stage_of(path: str | None) -> int | None:
-    """The ZeRO stage of a DeepSpeed config file (None without DeepSpeed)."""
-    if not path:
-        return None
-    file = Path(path)
-    if not file.is_file():
-        raise TrainError(f"train.deepspeed = {path!r} does not exist; use one of launch/ds_zero2.json, "
-                         f"launch/ds_zero3.json or null")
-    try:
-        config = json.loads(file.read_text())
-    except json.JSONDecodeError as e:
-        raise TrainError(f"train.deepspeed = {path!r} is not valid JSON: {e}") from e
-    stage = config.get("zero_optimization", {}).get("stage", 0)
-    if stage not in (0, 1, 2, 3):
-        raise TrainError(f"{path}: zero_optimization.stage = {stage!r}; expected 0, 1, 2 or 3")
-    return int(stage)
 
 
 def adapter_peft_config(recipe: Recipe):
@@ -94,28 +78,37 @@ def adapter_peft_config(recipe: Recipe):
 
 def preflight(recipe: Recipe, run: RunDir) -> Plan:
     """Validate everything cheap, in order, before a single file is written."""
-    if recipe.run_dir and run.recipe.is_file():
-        previous = load_resolved(run.root)
-        changed = recipe.differences(previous)
-        if changed:
-            old, new = previous.flat(), recipe.flat()
-            details = "; ".join(f"{k}: {old.get(k)!r} -> {new.get(k)!r}" for k in changed)
-            raise TrainError(f"{run.root} was made by a different recipe ({details}). Use another run_dir, or "
-                             f"remove the directory to start over")
-    if recipe.train.resume == "never" and not run.is_fresh():
-        raise TrainError(f"train.resume = 'never' but {run.root} is not empty")
-    finished = run.params.is_file() and (run.adapter / "adapter_config.json").is_file()
+    discard = check_run_dir(recipe, run)
+    finished = not discard and _finished(run)
     stage = zero_stage_of(recipe.train.deepspeed)
     if stage == 3 and recipe.model.device_map:
         raise TrainError(f"model.device_map = {recipe.model.device_map!r} is incompatible with ZeRO-3 "
                          f"({recipe.train.deepspeed}); set model.device_map to null")
     check_model_spec(recipe.model.path)
-    records = [] if finished else load_records(recipe.data.path, recipe.data.split, recipe.data.limit)
     adapter_peft_config(recipe)  # validates every adapter field with the library's own messages
-    complete = run.complete_checkpoints()
+    if not finished:
+        check_against_model(recipe, run)
+    records = [] if finished else load_records(recipe.data.path, recipe.data.split, recipe.data.limit)
     return Plan(recipe=recipe, run=run, records=records, zero_stage=stage,
-                resume_from=complete[-1] if complete and recipe.train.resume == "auto" else None,
-                finished=finished)
+                resume_from=None if discard else _resume_point(recipe, run), finished=finished, discard=discard)
+
+
+def _finished(run: RunDir) -> bool:
+    return run.params.is_file() and (run.adapter / "adapter_config.json").is_file()
+
+
+def _resume_point(recipe: Recipe, run: RunDir) -> Path | None:
+    complete = run.complete_checkpoints()
+    return complete[-1] if complete and recipe.train.resume == "auto" else None
+
+
+def refresh(plan: Plan) -> Plan:
+    """Preflight's view of the run directory again, now that this job holds its lock (another process may have
+    finished or checkpointed since)."""
+    plan.discard = check_run_dir(plan.recipe, plan.run)
+    plan.finished = not plan.discard and _finished(plan.run)
+    plan.resume_from = None if plan.discard else _resume_point(plan.recipe, plan.run)
+    return plan
 
 
 def sft_config(recipe: Recipe, run: RunDir, dist: distributed.Dist, has_eval: bool):
@@ -192,15 +185,14 @@ def prepare_base(plan: Plan, dist: distributed.Dist) -> Path:
 def count_params(model) -> dict[str, int]:
     trainable = total = 0
     for p in model.parameters():
-        n = getattr(p, "ds_numel", p.numel())  # ZeRO-3 leaves an empty local tensor
+        n = logical_numel(p)  # packed 4-bit weights and ZeRO-3 partitions count what they stand for
         total += n
         if p.requires_grad:
             trainable += n
     return {"trainable": trainable, "total": total}
 
 
-def write_final(trainer, plan: Plan, dist: distributed.Dist, counts: dict, timer, dropped: int,
-                started: float) -> None:
+def write_final(trainer, plan: Plan, dist: distributed.Dist, counts: dict, timer, dropped: int) -> None:
     """adapter/ (atomic, non-empty), params.json and logs/train_summary.json."""
     run = plan.run
     tmp = run.root / ".adapter.saving"
@@ -220,16 +212,22 @@ def write_final(trainer, plan: Plan, dist: distributed.Dist, counts: dict, timer
         for item in tmp.iterdir():
             item.rename(out / item.name)
     tmp.rmdir()
-    times = timer.step_times
-    steady = times[1:] if len(times) > 1 else times
-    summary = {"global_step": trainer.state.global_step, "world_size": dist.world_size,
-               "zero_stage": plan.zero_stage, "step_times_s": times,
-               "mean_step_s": sum(steady) / len(steady) if steady else None, "log": timer.losses,
-               "dropped_records": dropped, "wall_s": time.time() - started,
-               "positions_digests": timer.positions_digests, "weights_digests": timer.weights_digests}
-    atomic_write_json(run.logs / SUMMARY_FILE, summary)
+    atomic_write_json(run.logs / SUMMARY_FILE, summary_of(trainer, plan, dist, timer, dropped))
     atomic_write_json(run.params, {"method": plan.recipe.adapter.method, **counts,
                                    "trainable_fraction": counts["trainable"] / max(counts["total"], 1)})
+
+
+def summary_of(trainer, plan: Plan, dist: distributed.Dist, timer, dropped: int) -> dict:
+    """logs/train_summary.json: every attempt (a resumed run has several), and their steps joined."""
+    attempts = timer.attempts()
+    times = [t for a in attempts for t in a["step_times_s"]]
+    steady = [t for a in attempts for t in a["step_times_s"][1:]] or times  # each attempt's first step warms up
+    return {"global_step": trainer.state.global_step, "world_size": dist.world_size, "zero_stage": plan.zero_stage,
+            "attempts": attempts, "step_times_s": times,
+            "mean_step_s": sum(steady) / len(steady) if steady else None,
+            "log": [entry for a in attempts for entry in a["log"]], "dropped_records": dropped,
+            "wall_s": sum(a["wall_s"] for a in attempts),
+            "positions_digests": timer.positions_digests, "weights_digests": timer.weights_digests}
 
 
 def _check_not_empty(adapter_dir: Path) -> None:
@@ -250,21 +248,16 @@ def train(plan: Plan, dist: distributed.Dist, flag: distributed.PreemptionFlag) 
     from transformers import AutoTokenizer
     from trl import SFTTrainer
 
-    from launch.callbacks import CompleteMarker, PreemptionStop, StepTimer, drop_incomplete_checkpoints
+    from launch.callbacks import (CompleteMarker, PreemptionStop, StepTimer, drop_incomplete_checkpoints,
+                                  previous_attempts)
 
     started = time.time()
     recipe, run = plan.recipe, plan.run
-    was_fresh = run.is_fresh()
-    try:
-        base = prepare_base(plan, dist)
-        tokenizer = AutoTokenizer.from_pretrained(str(base), trust_remote_code=recipe.model.trust_remote_code)
-        if tokenizer.pad_token is None:
-            tokenizer.pad_token = tokenizer.eos_token
-        template, dataset, eval_dataset, dropped = prepare_data(plan, tokenizer)
-    except BaseException:
-        if dist.is_main and was_fresh:
-            _clean_fresh(run)  # a failed first start leaves the directory as it found it
-        raise
+    base = prepare_base(plan, dist)
+    tokenizer = AutoTokenizer.from_pretrained(str(base), trust_remote_code=recipe.model.trust_remote_code)
+    if tokenizer.pad_token is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    template, dataset, eval_dataset, dropped = prepare_data(plan, tokenizer)
     tokenizer.chat_template = template
     if dist.is_main:
         run.root.mkdir(parents=True, exist_ok=True)
@@ -281,10 +274,14 @@ def train(plan: Plan, dist: distributed.Dist, flag: distributed.PreemptionFlag) 
     if distributed.any_rank(flag.set, dist.device):
         return distributed.PREEMPTED_EXIT_CODE  # preempted before the first step: nothing new to save
     args = sft_config(recipe, run, dist, has_eval=eval_dataset is not None)
-    timer, stop = StepTimer(), PreemptionStop(flag, dist)
+    resumed_at = int(plan.resume_from.name.rsplit("-", 1)[1]) if plan.resume_from else 0
+    timer = StepTimer(previous_attempts(plan.resume_from), resumed_at, dist.world_size, started)
+    stop = PreemptionStop(flag, dist)
+    # rotation happens in CompleteMarker, after the new checkpoint is marked complete
+    args.save_total_limit = None
     trainer = SFTTrainer(model=model, args=args, train_dataset=dataset, eval_dataset=eval_dataset,
                          processing_class=tokenizer, peft_config=adapter_peft_config(recipe),
-                         callbacks=[CompleteMarker(run, dist), stop, timer])
+                         callbacks=[CompleteMarker(run, dist, recipe.train.save_total_limit, timer), stop, timer])
     _keep_adapters_fp32(trainer.model)
     counts = count_params(trainer.model)
     if dist.is_main:
@@ -311,7 +308,7 @@ def train(plan: Plan, dist: distributed.Dist, flag: distributed.PreemptionFlag) 
         timer.weights_digests = weights
     if eval_dataset is not None and not recipe.train.eval_steps:
         trainer.evaluate()  # held-out loss at the end (logged through the callbacks)
-    write_final(trainer, plan, dist, counts, timer, dropped, started)
+    write_final(trainer, plan, dist, counts, timer, dropped)
     if dist.is_main:
         print(f"training finished: adapter in {run.adapter}; next: python -m launch.merge {run.root}")
     return 0
@@ -351,15 +348,6 @@ def _all_ranks(mine: str) -> list[str]:
     return gathered
 
 
-def _clean_fresh(run: RunDir) -> None:
-    import shutil
-
-    if run.root.is_dir():
-        for item in run.root.iterdir():
-            if item.name != "slurm":
-                shutil.rmtree(item) if item.is_dir() else item.unlink()
-
-
 def _keep_adapters_fp32(model) -> None:
     """TRL casts trainable parameters of 4-bit models to bf16; tiny updates to coefficients then vanish."""
     import torch
@@ -386,6 +374,7 @@ def main(argv: list[str] | None = None) -> int:
 def _main(args: argparse.Namespace, flag: distributed.PreemptionFlag) -> int:
     try:
         recipe = load_recipe(args.recipe, args.overrides)
+        adopt_launcher_deepspeed(recipe)
         run = recipe.run
         plan = preflight(recipe, run)
     except (RecipeError, DataError, ModelSpecError, TrainError, ValueError, TypeError) as e:
@@ -396,10 +385,77 @@ def _main(args: argparse.Namespace, flag: distributed.PreemptionFlag) -> int:
         return 0
     dist = distributed.init(deepspeed=bool(recipe.train.deepspeed))
     try:
-        return train(plan, dist, flag)
-    except (DataError, ModelSpecError, TrainError) as e:
+        with owned(run, dist):
+            plan = refresh(plan)
+            distributed.barrier()  # every rank has read the directory before rank 0 writes into it
+            if plan.finished:
+                print(f"{run.root} already holds a finished run (adapter/ and params.json); nothing to do")
+                return 0
+            return train_or_clean(plan, dist, flag)
+    except (DataError, ModelSpecError, TrainError, RunDirError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
+
+
+@contextlib.contextmanager
+def owned(run: RunDir, dist: distributed.Dist):
+    """Hold the run directory's lock (rank 0 takes it for the whole job); every rank fails if it is taken. A run
+    directory this job created is removed again if it is left empty."""
+    lock, error, created = None, None, _first_missing(run.root)
+    if dist.is_main:
+        try:
+            lock = RunDirLock(run.root).acquire()
+        except (RunDirError, OSError) as e:
+            error = str(e)
+    error = distributed.broadcast_error(error)
+    if error:
+        raise TrainError(error)
+    try:
+        yield
+    finally:
+        if lock is not None:
+            lock.release()
+            _remove_if_empty(run.root, created)
+
+
+def _first_missing(path: Path) -> Path | None:
+    """The outermost directory that does not exist yet on the way to `path` (None if `path` exists)."""
+    missing = None
+    for candidate in [path, *path.parents]:
+        if candidate.exists():
+            break
+        missing = candidate
+    return missing
+
+
+def _remove_if_empty(root: Path, created: Path | None) -> None:
+    if created is None:
+        return
+    for directory in [root, *root.parents]:
+        try:
+            directory.rmdir()  # only succeeds while empty
+        except OSError:
+            return
+        if directory == created:
+            return
+
+
+def train_or_clean(plan: Plan, dist: distributed.Dist, flag: distributed.PreemptionFlag) -> int:
+    """Train; a failure (or stop) before the first complete checkpoint removes what this attempt wrote, so the
+    corrected rerun starts from a clean directory instead of one 'made by a different recipe'."""
+    run = plan.run
+    if dist.is_main and plan.discard:
+        log.warning("%s holds only an attempt of another recipe that never completed a checkpoint; starting over",
+                    run.root)
+        run.discard_train_outputs()
+    distributed.barrier()
+    code = 1
+    try:
+        code = train(plan, dist, flag)
+        return code
+    finally:
+        if code != 0 and dist.is_main and not run.complete_checkpoints() and not run.adapter.exists():
+            run.discard_train_outputs()
 
 
 if __name__ == "__main__":

@@ -1,6 +1,8 @@
 """Two ranks on CPU through the deepspeed launcher (gloo): ZeRO-2 and ZeRO-3 + NF4 for every spectral method,
 the same positions on both ranks, a non-empty adapter, finite loss; SIGUSR1 to one rank stops both at one step.
-Two ranks through torchrun without DeepSpeed: DDP synchronises them (identical trained weights)."""
+Two ranks through torchrun without DeepSpeed: DDP synchronises them (identical trained weights). accelerate launch
+with launch/accelerate_zero2.yaml runs ZeRO-2 and records that config in recipe.yaml. Only rank 0 takes the run
+directory's lock, so every multi-rank run here also checks that ranks do not lock each other out."""
 
 from __future__ import annotations
 
@@ -14,6 +16,7 @@ from pathlib import Path
 
 import psutil
 import pytest
+import yaml
 from safetensors.torch import load_file
 
 from conftest import require
@@ -21,6 +24,7 @@ from launch.distributed import PREEMPTED_EXIT_CODE
 from launch.rundir import COMPLETE_MARKER, RunDir
 from launch.train import SUMMARY_FILE
 from launch_helpers import REPO, build_tiny_llama, child_env, write_recipe, write_records
+from test_launch_train import stored_numel
 
 pytestmark = pytest.mark.slow
 DRIVER = Path(__file__).with_name("launch_ds_driver.py")
@@ -59,8 +63,11 @@ def launch(cmd: list[str], log: Path, timeout: float = 900) -> int:
             pytest.fail(f"deepspeed run timed out after {timeout}s:\n{log.read_text()[-6000:]}")
 
 
-def check_run(run: RunDir, log: Path, method: str = "ssh") -> dict:
+def check_run(run: RunDir, log: Path, method: str = "ssh", model: Path | None = None) -> dict:
     summary = json.loads((run.logs / SUMMARY_FILE).read_text())
+    if model is not None:  # packed 4-bit and ZeRO-3-partitioned weights count what they stand for
+        params = json.loads(run.params.read_text())
+        assert params["total"] == stored_numel(model) + params["trainable"], params
     assert summary["world_size"] == 2, log.read_text()[-3000:]
     digests = summary["positions_digests"]
     assert len(digests) == 2 and digests[0] == digests[1]  # both ranks hold the same positions
@@ -92,7 +99,7 @@ def test_two_ranks(tmp_path, tiny, stage, methods, quantize, dtype, record_prope
     code = launch(deepspeed_cmd(str(DRIVER), *recipes), log)
     assert code == 0, log.read_text()[-8000:]
     for method, run in runs.items():
-        summary = check_run(run, log, method)
+        summary = check_run(run, log, method, model)
         record_property(f"{stage}-{method}-mean_step_s", summary["mean_step_s"])
         print(f"{stage} {method}: mean step {summary['mean_step_s']:.3f}s over {summary['step_times_s']}")
 
@@ -153,3 +160,19 @@ def test_sigusr1_to_one_rank_stops_both_at_one_step(tmp_path, tiny):
     assert f"resuming from {done[0]}" in log2.read_text()
     summary = check_run(run, log2)
     assert summary["global_step"] == 30
+
+
+def test_accelerate_launch_records_its_deepspeed_config(tmp_path, tiny):
+    model, data = tiny
+    run = RunDir(tmp_path / "run")
+    recipe = write_recipe(tmp_path / "r.yaml", model, data, run.root, method="ssh", train={"max_steps": 2})
+    exe = shutil.which("accelerate", path=str(Path(__import__("sys").executable).parent))
+    require("the accelerate launcher", exe is not None)
+    log = tmp_path / "accelerate.log"
+    # the recipe says train.deepspeed: null; accelerate's config names launch/ds_zero2.json (relative to the cwd)
+    code = launch([exe, "launch", "--config_file", "launch/accelerate_zero2.yaml", "--main_process_port",
+                   str(free_port()), "-m", "launch.train", str(recipe)], log)
+    assert code == 0, log.read_text()[-8000:]
+    summary = check_run(run, log, "ssh", model)
+    assert summary["zero_stage"] == 2
+    assert yaml.safe_load(run.recipe.read_text())["train"]["deepspeed"] == str(REPO / "launch" / "ds_zero2.json")

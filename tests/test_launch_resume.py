@@ -84,7 +84,11 @@ def test_kill_9_then_rerun_resumes_from_last_complete_checkpoint(tmp_path, tiny)
     assert f"resuming from {run.checkpoints}" in text and "removed incomplete checkpoint" in text
     summary = json.loads((run.logs / SUMMARY_FILE).read_text())
     assert summary["global_step"] == 12
-    assert len(summary["step_times_s"]) == 12 - max(int(p.name.split("-")[1]) for p in done)
+    # every attempt's steps: the killed one up to its newest complete checkpoint, then the resumed one
+    resumed = max(int(p.name.split("-")[1]) for p in done)
+    spans = [(a["first_step"], a["last_step"], len(a["step_times_s"])) for a in summary["attempts"]]
+    assert spans == [(1, resumed, resumed), (resumed + 1, 12, 12 - resumed)]
+    assert len(summary["step_times_s"]) == 12
     final_positions = read_positions(run.adapter)
     assert saved_positions.keys() == final_positions.keys() and len(final_positions) == 4
     for key, value in saved_positions.items():

@@ -35,6 +35,18 @@ def run_train(recipe: Path, *overrides: str) -> int:
     return train_stage.main([str(recipe), *overrides])
 
 
+def stored_numel(model_dir: Path) -> int:
+    """Parameters of a checkpoint, read from its safetensors headers (no model built, no 4-bit packing)."""
+    from safetensors import safe_open
+
+    total = 0
+    for file in model_dir.glob("*.safetensors"):
+        with safe_open(str(file), "pt") as f:
+            for key in f.keys():
+                total += torch.Size(f.get_slice(key).get_shape()).numel()
+    return total
+
+
 def adapter_tensors(run: RunDir) -> dict[str, torch.Tensor]:
     return load_file(str(run.adapter / "adapter_model.safetensors"))
 
@@ -58,6 +70,8 @@ def test_method_trains(tmp_path, tiny_model, tiny_data, method, variant):
     coeffs = {k: v for k, v in tensors.items() if "positions" not in k}
     assert all(v.dtype == torch.float32 for v in coeffs.values())  # adapters stay fp32 even on bf16/4-bit bases
     params = json.loads(run.params.read_text())
+    # packed 4-bit weights count the values they stand for: the same total as the fp32 checkpoint on disk
+    assert params["total"] == stored_numel(tiny_model) + params["trainable"]
     if method == "lora":
         assert params["trainable"] == sum(v.numel() for v in coeffs.values())
     else:
