@@ -94,7 +94,7 @@ PROFILES = {
         layers={"q_proj": (4096, 4096), "v_proj": (1024, 4096)}, tokens=1024,
         model=dict(hidden_size=4096, intermediate_size=14336, num_attention_heads=32, num_key_value_heads=8,
                    vocab_size=2048, num_hidden_layers=2),
-        loads={2048: (4, 512), 8192: (8, 1024)}, warmup=3, rounds=10, sweep_rounds=5, infer_rounds=10),
+        loads={2048: (4, 512), 8192: (8, 1024)}, warmup=3, rounds=20, sweep_rounds=8, infer_rounds=20),
     # the same structure at small sizes (kv heads ¼ of the heads, v 4× narrower than q), for CPUs and tests
     "small": Profile(
         layers={"q_proj": (128, 128), "v_proj": (32, 128)}, tokens=16,
@@ -514,8 +514,10 @@ def warm(ctx, trainees: list[Trainee], ids: torch.Tensor, table: dict, section: 
             table["failures"][t.name] = NOT_RUN
             continue
         try:
+            before = ctx.device.allocated()
             for _ in range(ctx.profile.warmup):
                 t.step(ids)
+            t.resident += max(ctx.device.allocated() - before, 0)  # what stays: AdamW state, plans
             live.append(t)
         except Exception as exc:
             table["failures"][t.name] = _one_line(exc)
@@ -606,7 +608,6 @@ def merged_inference(ctx) -> None:
         out["merge_checks"].append(row)
         forwards.append(Forward(t.name, merged.eval(), ctx.device))
         t.model = None
-    ctx.trainees = [t for t in ctx.trainees if t.model is not None]
     for tokens, (batch, seq) in ctx.profile.loads.items():
         if ctx.budget.left(section) <= 0:
             out["loads"][str(tokens)] = dict(tokens=tokens, status=NOT_RUN)
@@ -623,6 +624,7 @@ def merged_inference(ctx) -> None:
         out["loads"][str(tokens)] = dict(tokens=tokens, batch=batch, sequence=seq, rows=rows)
         ctx.write()
     del forwards, base
+    ctx.trainees = []  # the PEFT models too: the path sweep builds its own
     ctx.device_cleanup()
 
 
@@ -645,6 +647,7 @@ def path_sweep(ctx) -> None:
             continue
         out["loads"][str(tokens)] = time_load(ctx, sweep, tokens, ctx.profile.sweep_rounds, section)
         ctx.write()
+    out["auto_vs_best"] = auto_vs_best(ctx.results.get("speed", {}).get("loads", {}), out["loads"])
     del built, sweep
     ctx.device_cleanup()
 
@@ -700,14 +703,9 @@ def nf4_linear(dense: nn.Linear, device: str) -> nn.Module:
 
 # ---------------------------------------------------------------------------------------------------- report
 def machine(device: Device) -> dict:
-    import numpy
-    import peft
-    import safetensors
-    import transformers
-
     info = {"python": platform.python_version(), "platform": platform.platform(), "torch": torch.__version__,
-            "transformers": transformers.__version__, "peft": peft.__version__, "numpy": numpy.__version__,
-            "safetensors": safetensors.__version__, "sspeft": sspeft.__version__,
+            **{name: _version(name) for name in ("transformers", "peft", "safetensors", "numpy", "bitsandbytes")},
+            "sspeft": sspeft.__version__,
             "sspeft_peft_registered": sspeft.PEFT_REGISTERED, "cpu_threads": torch.get_num_threads(),
             "load_average": list(os.getloadavg()), "device": device.name,
             "float32_matmul_precision": torch.get_float32_matmul_precision(),
@@ -717,6 +715,15 @@ def machine(device: Device) -> dict:
         info.update(gpu=torch.cuda.get_device_name(0), gpu_memory_gib=props.total_memory / 2**30,
                     cuda=torch.version.cuda, cudnn=torch.backends.cudnn.version())
     return info
+
+
+def _version(module: str) -> str:
+    from importlib import metadata
+
+    try:
+        return metadata.version(module)
+    except metadata.PackageNotFoundError:
+        return "not installed"
 
 
 def _fmt(value, spec: str = ".2e") -> str:
@@ -789,6 +796,7 @@ def markdown(results: dict) -> str:
         lines += ["## 4. Every sspeft method on every forced path", ""]
         for tokens, table in sweep["loads"].items():
             lines += md_speed(table, f"{tokens} tokens/step", LORA, lambda n, r: "")
+        lines += md_auto_vs_best(speed.get("loads", {}), sweep["loads"])
     q4 = results.get("quant4", {})
     if "skipped" in q4:
         lines += ["## 5. NF4 4-bit bases", "", q4["skipped"], ""]
@@ -797,6 +805,35 @@ def markdown(results: dict) -> str:
     if results.get("failures"):
         lines += ["## Failures", ""] + [f"- {f}" for f in results["failures"]] + [""]
     return "\n".join(lines)
+
+
+def auto_vs_best(speed_loads: dict, sweep_loads: dict) -> list[dict]:
+    """Per load and method: the path the cost model chose (speed section) and the fastest forced path (sweep)."""
+    rows = []
+    for tokens, table in sweep_loads.items():
+        sweep = table.get("rows", {})
+        auto = speed_loads.get(tokens, {}).get("rows", {})
+        for method in METHODS:
+            timed = {n.partition(":")[2]: r["ratio"] for n, r in sweep.items() if n.partition(":")[0] == method
+                     and "ratio" in r}
+            if not timed:
+                continue
+            best = min(timed, key=timed.get)
+            chosen = auto.get(method, {}).get("path")
+            rows.append(dict(tokens=int(tokens), method=method, auto=chosen, auto_ratio=timed.get(chosen),
+                             best=best, best_ratio=timed[best]))
+    return rows
+
+
+def md_auto_vs_best(speed_loads: dict, sweep_loads: dict) -> list[str]:
+    rows = auto_vs_best(speed_loads, sweep_loads)
+    if not rows:
+        return []
+    lines = ["### The cost model's choice against the fastest forced path (× LoRA-r8, sweep rounds)", "",
+             "| tokens | method | auto chose | its ratio | fastest | its ratio |", "|---|---|---|---|---|---|"]
+    lines += [f"| {r['tokens']} | {r['method']} | {r['auto'] or '–'} | {_fmt(r['auto_ratio'], '.3f')} | {r['best']} | "
+              f"{r['best_ratio']:.3f} |" for r in rows]
+    return lines + [""]
 
 
 def md_inference(inf: dict) -> list[str]:
