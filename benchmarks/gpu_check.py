@@ -112,10 +112,6 @@ class Device:
         self.name = name
         self.cuda = name == "cuda"
 
-    def sync(self) -> None:
-        if self.cuda:
-            torch.cuda.synchronize()
-
     def timed(self, fn) -> float:
         """Seconds ``fn()`` takes on the device (CUDA events around it, after draining earlier work)."""
         if not self.cuda:
@@ -132,7 +128,6 @@ class Device:
 
     def allocated(self) -> int:
         if self.cuda:
-            torch.cuda.synchronize()
             return torch.cuda.memory_allocated()
         return _proc_status_kib("VmRSS") * 1024
 
@@ -144,7 +139,6 @@ class Device:
 
     def peak(self) -> int:
         if self.cuda:
-            torch.cuda.synchronize()
             return torch.cuda.max_memory_allocated()
         return _proc_status_kib("VmHWM") * 1024
 
@@ -160,7 +154,7 @@ class Budget:
     """Cumulative section deadlines: section i must end by start + (share₀ + … + shareᵢ) × total."""
 
     def __init__(self, total_s: float) -> None:
-        self.start, self.total = time.monotonic(), total_s
+        self.start = time.monotonic()
         self.ends, acc = {}, 0.0
         for name, share in SHARES.items():
             acc += share
@@ -326,15 +320,16 @@ def inject_on_device(ctx, name: str, shape, method: str, cpu_layer) -> dict:
         _, layer = adapted_layer(name, shape, method, ctx.seed, device=ctx.device.name)
     except Exception as exc:  # the failure is the finding: recorded as FAIL with its message
         return dict(row, status="FAIL", error=_one_line(exc))
-    same = (layer.positions.cpu() == cpu_layer.positions).all(0).float().mean().item()
-    # SSH and LFMA rank spectral energies: a device FFT may order near-ties differently, so a few positions may
-    # differ; all positions of the seeded random methods must be equal.
+    on_device, on_cpu = (set(map(tuple, p.t().tolist())) for p in (layer.positions.cpu(), cpu_layer.positions))
+    same = len(on_device & on_cpu) / max(len(on_cpu), 1)
+    # SSH and LFMA rank spectral energies: a device FFT may break near-ties differently, so a few positions may
+    # differ; the seeded random methods must pick the very same set.
     random_only = method in ("fourierft", "waveft", "shira")
     status = "PASS" if same == 1.0 or (not random_only and same >= 0.99) else "FAIL"
     return dict(row, status=status, same_positions=same)
 
 
-def merge_check(ctx, model, method: str, ids: torch.Tensor) -> dict:
+def merge_check(ctx, model, method: str, ids: torch.Tensor) -> tuple[dict, nn.Module]:
     """Logits of ``model`` (adapted, reference path) against the same model after sspeft.merge_and_unload."""
     for layer in sspeft.adapted_layers(model).values():
         randomize(layer, ctx.seed)
@@ -375,7 +370,8 @@ def peers() -> dict[str, object]:
 
 
 def adapt(name: str, model: nn.Module, peer_classes: dict) -> nn.Module:
-    """Attach config ``name`` to ``model`` (on CPU: positions are chosen there, as the CPU tests pin them)."""
+    """Attach config ``name`` to the CPU ``model`` (moved to the device afterwards: every machine then times
+    adapters at the very same positions; injecting on the device is a check of the correctness section)."""
     import peft
 
     if name in METHODS:
@@ -604,9 +600,12 @@ def merged_inference(ctx) -> None:
             out["merge_checks"].append(dict(method=t.name, status=NOT_RUN))
             continue
         t.opt = None  # AdamW state is not part of an inference model
-        row, merged = merge_check(ctx, t.model, t.name, check_ids.to(ctx.device.name))
+        try:
+            row, merged = merge_check(ctx, t.model, t.name, check_ids.to(ctx.device.name))
+            forwards.append(Forward(t.name, merged.eval(), ctx.device))
+        except Exception as exc:  # a merge that raises is a failed check; the other methods still run
+            row = dict(method=t.name, status="FAIL", error=_one_line(exc))
         out["merge_checks"].append(row)
-        forwards.append(Forward(t.name, merged.eval(), ctx.device))
         t.model = None
     for tokens, (batch, seq) in ctx.profile.loads.items():
         if ctx.budget.left(section) <= 0:
@@ -842,7 +841,7 @@ def md_inference(inf: dict) -> list[str]:
     lines = ["## 3. Merged inference against the base model", "",
              "Logits of sspeft.merge_and_unload(model) against the adapted model (reference path):", ""]
     lines += [f"- {r['method']}: {r['status']}" + (f" (error {r['logits_error']:.2e}, bound {r['bound']:.0e})"
-              if "logits_error" in r else "") for r in inf["merge_checks"]] + [""]
+              if "logits_error" in r else f" — {r.get('error', '')}") for r in inf["merge_checks"]] + [""]
     for tokens, table in inf["loads"].items():
         lines += md_speed(table, f"forward, {tokens} tokens", "base",
                           lambda n, r: "" if n == "base" else f"≤ {INFERENCE_TARGET:.2f}× {r.get('status', '')}")
