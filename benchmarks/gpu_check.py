@@ -292,6 +292,7 @@ def correctness(ctx) -> None:
                 continue
             if layer_name == "v_proj":
                 out["inject_on_device"].append(inject_on_device(ctx, layer_name, shape, method, cpu_layer))
+            ctx.write()
 
 
 def check_method(ctx, layer_name: str, shape, method: str, rows: list[dict]):
@@ -434,7 +435,6 @@ def build_trainees(ctx, names: list[str], section: str) -> tuple[list[Trainee], 
         if ctx.budget.left(section) <= 0:
             skipped[name] = NOT_RUN
             continue
-        before = ctx.device.allocated()
         try:
             model = adapt(name, copy.deepcopy(ctx.base_cpu), peer_classes).to(ctx.device.name)
             model.train()
@@ -444,9 +444,15 @@ def build_trainees(ctx, names: list[str], section: str) -> tuple[list[Trainee], 
             if name in METHODS:  # sspeft's own methods must build: a failure of the run
                 ctx.failures.append(f"{section}: building {name}: {_one_line(exc)}")
             continue
-        trainee.resident = ctx.device.allocated() - before
+        trainee.resident = tensor_bytes(model)
         built.append(trainee)
     return built, skipped
+
+
+def tensor_bytes(model: nn.Module) -> int:
+    """Bytes of the model's parameters and buffers (exact on any device, unlike a process's RSS)."""
+    tensors = {id(t): t for t in (*model.parameters(), *model.buffers())}
+    return sum(t.numel() * t.element_size() for t in tensors.values())
 
 
 # ---------------------------------------------------------------------------------------------------- 2. timing
@@ -457,17 +463,23 @@ def quartiles(values: list[float]) -> tuple[float, float]:
     return q[0], q[2]
 
 
-def interleaved(trainees: list, run, rounds: int, deadline) -> dict[str, list[float]]:
+def interleaved(trainees: list, run, rounds: int, deadline, failures: dict[str, str]) -> dict[str, list[float]]:
     """``rounds`` rounds of one ``run(trainee)`` each, order rotated per round; stops early when ``deadline()`` ≤ 0
-    (the rounds done so far are kept). Returns {name: [seconds per round]}."""
+    (the rounds done so far are kept). A config that raises leaves the rounds, its reason in ``failures``.
+    Returns {name: [seconds per round]}: entry i of every list belongs to round i."""
     times: dict[str, list[float]] = {t.name: [] for t in trainees}
+    active = list(trainees)
     for round_ in range(rounds):
-        if round_ and deadline() <= 0:
+        if not active or (round_ and deadline() <= 0):
             break
-        shift = round_ % len(trainees)
-        for t in trainees[shift:] + trainees[:shift]:
-            times[t.name].append(run(t))
-    return times
+        shift = round_ % len(active)
+        for t in active[shift:] + active[:shift]:
+            try:
+                times[t.name].append(run(t))
+            except Exception as exc:  # e.g. out of memory at the larger load: the others go on
+                failures[t.name] = _one_line(exc)
+                active.remove(t)
+    return {name: t for name, t in times.items() if t}
 
 
 def summarize(times: dict[str, list[float]], reference: str) -> dict[str, dict]:
@@ -531,13 +543,16 @@ def time_load(ctx, trainees: list[Trainee], tokens: int, rounds: int, section: s
         table["status"] = "no config ran"
         return table
     peaks: dict[str, list[int]] = {}
-    times = interleaved(live, lambda t: measured_step(t, ids, peaks), rounds, lambda: ctx.budget.left(section))
+    broke: dict[str, str] = {}
+    times = interleaved(live, lambda t: measured_step(t, ids, peaks), rounds, lambda: ctx.budget.left(section), broke)
+    table["failures"].update(broke)
+    ctx.failures += [f"{section} {tokens} tokens {n}: {why}" for n, why in broke.items()]
     table["rows"] = summarize(times, LORA)
-    for t in live:
+    for t in (t for t in live if t.name in times):
         row = table["rows"][t.name]
         row.update(trainable=t.trainable, path=t.used, memory=memory_row(t, peaks[t.name]))
-    done = min(r["rounds"] for r in table["rows"].values())
-    table["status"] = "done" if done == rounds else f"partial: {done} of {rounds} rounds (time budget)"
+    done = min((r["rounds"] for r in table["rows"].values()), default=0)
+    table["status"] = "done" if done == rounds and not broke else f"partial: {done} of {rounds} rounds"
     return table
 
 
@@ -615,12 +630,15 @@ def merged_inference(ctx) -> None:
                             generator=torch.Generator().manual_seed(tokens)).to(ctx.device.name)
         for f in forwards:
             f.run(ids)  # warm-up
-        times = interleaved(forwards, lambda f: f.run(ids), ctx.profile.infer_rounds, lambda: ctx.budget.left(section))
+        failures: dict[str, str] = {}
+        times = interleaved(forwards, lambda f: f.run(ids), ctx.profile.infer_rounds, lambda: ctx.budget.left(section),
+                            failures)
+        ctx.failures += [f"{section} {tokens} tokens {n}: {why}" for n, why in failures.items()]
         rows = summarize(times, "base")
         for name, row in rows.items():
-            if name != "base":
+            if name != "base" and "ratio" in row:
                 row["status"] = "PASS" if row["ratio"] <= INFERENCE_TARGET else "MISS"
-        out["loads"][str(tokens)] = dict(tokens=tokens, batch=batch, sequence=seq, rows=rows)
+        out["loads"][str(tokens)] = dict(tokens=tokens, batch=batch, sequence=seq, rows=rows, failures=failures)
         ctx.write()
     del forwards, base
     ctx.trainees = []  # the PEFT models too: the path sweep builds its own
@@ -746,8 +764,9 @@ def md_speed(table: dict, title: str, reference: str, target_col) -> list[str]:
     lines = [f"### {title}", ""]
     if "rows" not in table or not table["rows"]:
         return lines + [f"{table.get('status', 'not run')}", ""]
-    lines += [f"× {reference}: median of the per-round ratios (IQR; min–max), {table['rows'][reference]['rounds']} "
-              f"rounds. {table.get('status', '')}", "",
+    rounds = table["rows"].get(reference, {}).get("rounds", 0)
+    lines += [f"× {reference}: median of the per-round ratios (IQR; min–max), {rounds} rounds. "
+              f"{table.get('status', '')}", "",
               f"| config | path | time (median, min–max) | × {reference} | memory (resident + step peak) | target |",
               "|---|---|---|---|---|---|"]
     for name, r in table["rows"].items():

@@ -31,11 +31,12 @@ def expected_cases() -> set[tuple[str, str, str, str]]:
 def small_run(tmp_path_factory):
     out = tmp_path_factory.mktemp("gpu_check")
     env = dict(os.environ, PYTHONPATH=str(REPO), PYTHONUNBUFFERED="1")
-    cmd = [sys.executable, str(SCRIPT), "--device", "cpu", "--small", "--threads", "1", "--out", str(out)]
+    cmd = [sys.executable, str(SCRIPT), "--device", "cpu", "--small", "--threads", "1", "--time-budget", "800",
+           "--out", str(out)]
     try:
-        proc = subprocess.run(cmd, capture_output=True, text=True, timeout=600, env=env, cwd=REPO)
+        proc = subprocess.run(cmd, capture_output=True, text=True, timeout=900, env=env, cwd=REPO)
     except subprocess.TimeoutExpired as exc:
-        pytest.fail(f"gpu_check --small did not finish in 600 s; output so far:\n{exc.stdout}\n{exc.stderr}")
+        pytest.fail(f"gpu_check --small did not finish in 900 s; output so far:\n{exc.stdout}\n{exc.stderr}")
     assert proc.returncode == 0, f"exit {proc.returncode}\n{proc.stdout[-4000:]}\n{proc.stderr[-4000:]}"
     return json.loads((out / "gpu_check.json").read_text()), (out / "gpu_check.md").read_text()
 
@@ -113,7 +114,8 @@ def test_a_wrong_path_fails_the_run(tmp_path, monkeypatch):
         return out * 1.5 if path == "split" else out
 
     monkeypatch.setattr(sspeft.paths, "_branch", broken)
-    code = gpu_check.main(["--device", "cpu", "--small", "--sections", "correctness", "--out", str(tmp_path)])
+    code = gpu_check.main(["--device", "cpu", "--small", "--sections", "correctness", "--time-budget", "3000",
+                           "--out", str(tmp_path)])
     results = json.loads((tmp_path / "gpu_check.json").read_text())
     cases = results["correctness"]["cases"]
     assert code == 1 and len(cases) == len(expected_cases())
@@ -147,3 +149,30 @@ def test_bad_arguments_are_refused_before_any_output(tmp_path, capsys, argv, mes
         gpu_check.main([*argv, "--out", str(out)])
     assert exc.value.code == 2 and message in capsys.readouterr().err
     assert not out.exists()
+
+
+def test_interleaved_rounds_rotate_and_survive_a_failing_config():
+    class Fake:
+        def __init__(self, name):
+            self.name = name
+
+    a, b, c = Fake("a"), Fake("b"), Fake("c")
+    order, calls = [], {"b": 0}
+
+    def run(t):
+        order.append(t.name)
+        if t.name == "b":
+            calls["b"] += 1
+            if calls["b"] == 2:
+                raise torch.cuda.OutOfMemoryError("CUDA out of memory")
+        return {"a": 1.0, "b": 2.0, "c": 3.0}[t.name]
+
+    failures: dict[str, str] = {}
+    times = gpu_check.interleaved([a, b, c], run, 3, lambda: 1.0, failures)
+    assert order == ["a", "b", "c", "b", "c", "a", "a", "c"]  # rotated each round; b left after raising
+    assert times == {"a": [1.0] * 3, "b": [2.0], "c": [3.0] * 3}
+    assert failures == {"b": "OutOfMemoryError: CUDA out of memory"}
+    rows = gpu_check.summarize(times, "a")
+    assert rows["c"]["ratio"] == 3.0 and rows["b"]["rounds"] == 1
+    # the deadline stops after the first round
+    assert gpu_check.interleaved([a, c], run, 3, lambda: -1.0, {}) == {"a": [1.0], "c": [3.0]}
