@@ -1,9 +1,10 @@
 """One command that says whether sspeft works on a device and how fast it trains there.
 
-    python benchmarks/gpu_check.py --device cuda --out DIR     # LLaMA-8B-shaped layers, ~3 minutes on one H200
+    python benchmarks/gpu_check.py --device cuda --out DIR     # LLaMA-8B-shaped layers, within --time-budget 300 s
     python benchmarks/gpu_check.py --device cpu --small --out DIR   # the same code paths at small shapes (< 1 min)
 
-On a lent GPU machine (nothing but torch, transformers, peft, safetensors and this repository needed):
+On a lent GPU machine (nothing but torch, transformers, peft, safetensors and this repository needed; imports and
+start-up come on top of the budget, so allow the command about 7 minutes):
 
     PYTHONUNBUFFERED=1 python3 benchmarks/gpu_check.py --device cuda --out $OUT --time-budget 300
 
@@ -293,6 +294,9 @@ def correctness(ctx) -> None:
             if layer_name == "v_proj":
                 out["inject_on_device"].append(inject_on_device(ctx, layer_name, shape, method, cpu_layer))
             ctx.write()
+            mine = [c for c in out["cases"] if c["layer"] == layer_name and c["method"] == method]
+            print(f"  {layer_name} {method}: " + ", ".join(f"{c['dtype']} {c['path']} {c['status']}" for c in mine),
+                  flush=True)
 
 
 def check_method(ctx, layer_name: str, shape, method: str, rows: list[dict]):
@@ -551,6 +555,8 @@ def time_load(ctx, trainees: list[Trainee], tokens: int, rounds: int, section: s
     for t in (t for t in live if t.name in times):
         row = table["rows"][t.name]
         row.update(trainable=t.trainable, path=t.used, memory=memory_row(t, peaks[t.name]))
+    print(f"  {section} {tokens} tokens: " + ", ".join(f"{n} {r.get('ratio', math.nan):.3f}"
+                                                    for n, r in table["rows"].items()), flush=True)
     done = min((r["rounds"] for r in table["rows"].values()), default=0)
     table["status"] = "done" if done == rounds and not broke else f"partial: {done} of {rounds} rounds"
     return table
