@@ -176,3 +176,14 @@ def test_interleaved_rounds_rotate_and_survive_a_failing_config():
     assert rows["c"]["ratio"] == 3.0 and rows["b"]["rounds"] == 1
     # the deadline stops after the first round
     assert gpu_check.interleaved([a, c], run, 3, lambda: -1.0, {}) == {"a": [1.0], "c": [3.0]}
+
+
+def test_a_peft_without_a_peer_tuner_is_reported_not_hidden(monkeypatch):
+    import peft
+
+    monkeypatch.delattr(peft, "WaveFTConfig")
+    found = gpu_check.peers()
+    assert found["peft-waveft"] == f"peft {peft.__version__} has no WaveFTConfig"
+    assert found[gpu_check.LORA] is peft.LoraConfig
+    with pytest.raises(RuntimeError, match="has no WaveFTConfig"):
+        gpu_check.adapt("peft-waveft", torch.nn.Linear(4, 4), found)
