@@ -27,7 +27,7 @@ is recorded as "not run: time budget" and the run goes on):
 5. 4-bit: the correctness table on NF4 bitsandbytes bases (skipped, and said so, without bitsandbytes).
 
 Writes DIR/gpu_check.json (machine, versions, settings, every figure, every raw step time) and DIR/gpu_check.md
-(the tables) after every section, so an interrupted run still leaves its figures. Exit status: 1 when a correctness
+(the tables, benchmarks/gpu_check_report.py) after every section, so an interrupted run still leaves its figures. Exit status: 1 when a correctness
 check FAILs or a section raises, 3 when checks were left unrun by the time budget, 0 when every check ran and
 passed. Speed targets are reported as PASS/MISS and do not change the exit status.
 """
@@ -55,6 +55,7 @@ import torch  # noqa: E402
 from torch import nn  # noqa: E402
 
 import sspeft  # noqa: E402
+from benchmarks.gpu_check_report import markdown  # noqa: E402
 from launch.rundir import atomic_write_json, atomic_write_text  # noqa: E402
 from sspeft import paths as sspeft_paths  # noqa: E402
 from sspeft.config import METHOD_DEFAULTS, METHODS, PATHS  # noqa: E402
@@ -749,88 +750,6 @@ def _version(module: str) -> str:
         return "not installed"
 
 
-def _fmt(value, spec: str = ".2e") -> str:
-    return "–" if value is None else format(value, spec)
-
-
-def md_correctness(cases: list[dict], title: str) -> list[str]:
-    lines = [f"## {title}", "", "Max relative error against the reference path (max \\|a − b\\| / max \\|b\\|); bounds: "
-             + ", ".join(f"{k} {v:.0e}" for k, v in BOUNDS.items()) + ".", "",
-             "| layer | method | dtype | path | output | input grad | coeff grad | status |", "|---|---|---|---|---|---|---|---|"]
-    for c in cases:
-        shape = "×".join(map(str, c["shape"]))
-        path = c["path"] if c.get("path_used", c["path"]) == c["path"] else f"{c['path']} (ran {c['path_used']})"
-        lines.append(f"| {c['layer']} {shape} | {c['method']} | {c['dtype']} | {path} | {_fmt(c.get('output'))} | "
-                     f"{_fmt(c.get('input_grad'))} | {_fmt(c.get('coeff_grad'))} | {c['status']}"
-                     + (f": {c['error']} |" if "error" in c else " |"))
-    return lines + [""]
-
-
-def md_speed(table: dict, title: str, reference: str, target_col) -> list[str]:
-    lines = [f"### {title}", ""]
-    if "rows" not in table or not table["rows"]:
-        return lines + [f"{table.get('status', 'not run')}", ""]
-    rounds = table["rows"].get(reference, {}).get("rounds", 0)
-    lines += [f"× {reference}: median of the per-round ratios (IQR; min–max), {rounds} rounds. "
-              f"{table.get('status', '')}", "",
-              f"| config | path | time (median, min–max) | × {reference} | memory (resident + step peak) | target |",
-              "|---|---|---|---|---|---|"]
-    for name, r in table["rows"].items():
-        ratio = (f"{r['ratio']:.3f} ({r['ratio_q1']:.3f}–{r['ratio_q3']:.3f}; {r['ratio_min']:.3f}–"
-                 f"{r['ratio_max']:.3f})") if "ratio" in r else "–"
-        mem = r.get("memory")
-        mem_s = f"{mem['total_mib']:.0f} MiB ({mem['resident_mib']:.0f} + {mem['step_peak_mib']:.0f})" if mem else "–"
-        lines.append(f"| {name} | {r.get('path', '')} | {r['median_s'] * 1e3:.1f} ms ({r['min_s'] * 1e3:.1f}–"
-                     f"{r['max_s'] * 1e3:.1f}) | {ratio} | {mem_s} | {target_col(name, r)} |")
-    for name, why in table.get("failures", {}).items():
-        lines.append(f"| {name} | failed: {why} | | | | |")
-    return lines + [""]
-
-
-def markdown(results: dict) -> str:
-    m = results["machine"]
-    lines = ["# sspeft on " + (m.get("gpu") or f"CPU ({m['platform']})"), "",
-             f"`{results['command']}` — torch {m['torch']}, transformers {m['transformers']}, peft {m['peft']}, "
-             f"profile {results['settings']['profile']}, {results.get('elapsed_s', 0):.0f} s. "
-             f"Verdict: **{results.get('verdict', 'running')}**.", ""]
-    lines += [f"- {name}: {s}" for name, s in results["sections"].items()] + [""]
-    corr = results.get("correctness", {})
-    if corr:
-        lines += md_correctness(corr["cases"], "1. Correctness: every path against the reference")
-        lines += ["Injecting on the device (positions as on CPU):", ""]
-        lines += [f"- {r['method']}: {r['status']}" + (f" — {r['error']}" if "error" in r else
-                  f" ({r['same_positions']:.1%} same positions)") for r in corr["inject_on_device"]] + [""]
-    speed = results.get("speed", {})
-    if speed:
-        lines += [f"## 2. Training step, {results['settings']['speed_dtype']}, q_proj and v_proj adapted", "", results["settings"]["speed_model"], ""]
-        lines += [f"- {n}: {why}" for n, why in speed.get("skipped", {}).items()]
-        if m["device"] == "cpu":
-            lines += ["On CPU, memory is the process RSS (VmRSS, VmHWM): indicative only.", ""]
-
-        def target(name, row):
-            return "" if name not in TIME_TARGETS else f"≤ {TIME_TARGETS[name]:.2f}×"
-        for tokens, table in speed["loads"].items():
-            lines += md_speed(table, f"{tokens} tokens/step", LORA, target)
-        lines += ["### Targets", "", "| tokens | method | what | value | limit | result |", "|---|---|---|---|---|---|"]
-        lines += [f"| {t['tokens']} | {t['method']} | {t['what']} | {_fmt(t.get('value'), '.3f')} | "
-                  f"{_fmt(t.get('limit'), '.2f')} | {t['status']} |" for t in speed.get("targets", [])] + [""]
-    lines += md_inference(results.get("merged_inference", {}))
-    sweep = results.get("paths", {})
-    if sweep:
-        lines += ["## 4. Every sspeft method on every forced path", ""]
-        for tokens, table in sweep["loads"].items():
-            lines += md_speed(table, f"{tokens} tokens/step", LORA, lambda n, r: "")
-        lines += md_auto_vs_best(speed.get("loads", {}), sweep["loads"])
-    q4 = results.get("quant4", {})
-    if "skipped" in q4:
-        lines += ["## 5. NF4 4-bit bases", "", q4["skipped"], ""]
-    elif q4:
-        lines += md_correctness(q4["cases"], f"5. NF4 4-bit bases (bitsandbytes {q4['bitsandbytes']})")
-    if results.get("failures"):
-        lines += ["## Failures", ""] + [f"- {f}" for f in results["failures"]] + [""]
-    return "\n".join(lines)
-
-
 def auto_vs_best(speed_loads: dict, sweep_loads: dict) -> list[dict]:
     """Per load and method: the path the cost model chose (speed section) and the fastest forced path (sweep)."""
     rows = []
@@ -847,30 +766,6 @@ def auto_vs_best(speed_loads: dict, sweep_loads: dict) -> list[dict]:
             rows.append(dict(tokens=int(tokens), method=method, auto=chosen, auto_ratio=timed.get(chosen),
                              best=best, best_ratio=timed[best]))
     return rows
-
-
-def md_auto_vs_best(speed_loads: dict, sweep_loads: dict) -> list[str]:
-    rows = auto_vs_best(speed_loads, sweep_loads)
-    if not rows:
-        return []
-    lines = ["### The cost model's choice against the fastest forced path (× LoRA-r8, sweep rounds)", "",
-             "| tokens | method | auto chose | its ratio | fastest | its ratio |", "|---|---|---|---|---|---|"]
-    lines += [f"| {r['tokens']} | {r['method']} | {r['auto'] or '–'} | {_fmt(r['auto_ratio'], '.3f')} | {r['best']} | "
-              f"{r['best_ratio']:.3f} |" for r in rows]
-    return lines + [""]
-
-
-def md_inference(inf: dict) -> list[str]:
-    if not inf:
-        return []
-    lines = ["## 3. Merged inference against the base model", "",
-             "Logits of sspeft.merge_and_unload(model) against the adapted model (reference path):", ""]
-    lines += [f"- {r['method']}: {r['status']}" + (f" (error {r['logits_error']:.2e}, bound {r['bound']:.0e})"
-              if "logits_error" in r else f" — {r.get('error', '')}") for r in inf["merge_checks"]] + [""]
-    for tokens, table in inf["loads"].items():
-        lines += md_speed(table, f"forward, {tokens} tokens", "base",
-                          lambda n, r: "" if n == "base" else f"≤ {INFERENCE_TARGET:.2f}× {r.get('status', '')}")
-    return lines
 
 
 # ---------------------------------------------------------------------------------------------------- main
@@ -890,7 +785,8 @@ class Context:
         self.results = {
             "machine": machine(self.device), "command": " ".join(["python3", *sys.argv]),
             "settings": dict(profile="small" if args.small else "full", time_budget_s=args.time_budget,
-                             seed=args.seed, speed_dtype=args.speed_dtype, bounds=BOUNDS, merge_bounds=MERGE_BOUNDS, time_targets=TIME_TARGETS,
+                             seed=args.seed, speed_dtype=args.speed_dtype, reference=LORA, bounds=BOUNDS,
+                             merge_bounds=MERGE_BOUNDS, time_targets=TIME_TARGETS,
                              memory_target=MEMORY_TARGET, inference_target=INFERENCE_TARGET,
                              correctness_layers=self.profile.layers, correctness_tokens=self.profile.tokens,
                              loads={str(k): v for k, v in self.profile.loads.items()}, model=m,
