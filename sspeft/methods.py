@@ -87,8 +87,11 @@ def _to_positions(flat: torch.Tensor, cols: int) -> torch.Tensor:
 
 
 def ssh_energy(weight: torch.Tensor, cfg: SpectralConfig) -> torch.Tensor:
-    """Energy of the Hartley spectrum of the pretrained weight, E = H(W0)², fp32."""
-    return dht2(weight.float(), cfg.dht, "ortho").pow(2)
+    """Energy of the Hartley spectrum of the pretrained weight, E = H(W0)², fp32, on the CPU.
+
+    Computed on the weight's device; returned on the CPU because position selection mixes it with seeded CPU draws
+    (positions are moved to the layer's device when the adapter is built)."""
+    return dht2(weight.float(), cfg.dht, "ortho").pow(2).cpu()
 
 
 def select_positions(
