@@ -15,9 +15,9 @@ from launch.rundir import RunDir
 from launch_helpers import build_tiny_llama, write_recipe, write_records
 
 
-def train_runs(root, session_tmp, specs):
+def train_runs(root, session_tmp, specs, model=None):
     """{name: RunDir} of tiny runs trained hard enough that ΔW moves the logits; specs: (name, method, quantize)."""
-    model = session_tmp / "tiny-llama"
+    model = model or session_tmp / "tiny-llama"
     if not (model / "config.json").is_file():
         build_tiny_llama(model)
     data = write_records(session_tmp / "tiny-data" / "alpaca.json")
