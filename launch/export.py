@@ -89,7 +89,7 @@ def _logits(model, prompts: list[list[int]]) -> torch.Tensor:
 
 def probe(adapted: torch.Tensor, plain: torch.Tensor, lora: torch.Tensor, lora_plain: torch.Tensor) -> dict:
     """How the LoRA's logit shift compares with the runtime adapter's on the same prompts."""
-    shift, lora_shift = (adapted - plain).flatten(), (lora - lora_plain).flatten()
+    shift, lora_shift = (adapted - plain).double().flatten(), (lora - lora_plain).double().flatten()
     norm = float(shift.norm())
     return {
         "tokens": int(adapted.shape[0]),
