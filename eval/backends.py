@@ -201,7 +201,14 @@ class VLLMGenerator:
             vdtype = str(_torch_dtype("auto", model_dir)).removeprefix("torch.")
         self.max_model_len = max_model_len or _default_max_len(model_dir)
         self.llm = LLM(model=str(model_dir), dtype=vdtype, max_model_len=self.max_model_len, enforce_eager=True,
-                       seed=seed)
+                       seed=seed, **self.engine_options())
+
+    lora_request = None
+    """The vLLM LoRARequest every generate() call applies (None: the base model)."""
+
+    def engine_options(self) -> dict:
+        """Extra vllm.LLM arguments (subclasses enable LoRA)."""
+        return {}
 
     def close(self) -> None:
         """Stop vLLM's engine processes now rather than at interpreter exit."""
@@ -219,9 +226,54 @@ class VLLMGenerator:
                                  structured_outputs=StructuredOutputsParams(regex=r.regex) if r.regex else None)
                   for r in requests]
         prompts = [TokensPrompt(prompt_token_ids=r.prompt_ids) for r in requests]
-        results = self.llm.generate(prompts, params, use_tqdm=False)
+        results = self.llm.generate(prompts, params, use_tqdm=False, lora_request=self.lora_request)
         return [GenOutput(o.outputs[0].text, list(o.outputs[0].token_ids), o.outputs[0].finish_reason or "")
                 for o in results]
+
+
+class VLLMLoraGenerator(VLLMGenerator):
+    """One vLLM engine on a shared base with LoRA enabled; `adapter(name, path)` gives a Generator that applies one
+    exported LoRA (launch.export) to every request, so many runs are evaluated without a merge or engine start each."""
+
+    def __init__(self, model_dir: Path, dtype: DTypeName = "auto", max_model_len: Optional[int] = None,
+                 seed: int = 0, max_lora_rank: int = 16, max_loras: int = 1) -> None:
+        self._lora_options = {"enable_lora": True, "max_lora_rank": max_lora_rank, "max_loras": max_loras}
+        self._adapters: dict[str, object] = {}
+        super().__init__(model_dir, dtype, max_model_len, seed)
+
+    def engine_options(self) -> dict:
+        return dict(self._lora_options)
+
+    def adapter(self, name: Optional[str], path: Optional[Path] = None) -> "AdapterView":
+        """A Generator for the LoRA in `path` (registered under `name`); name None is the base model."""
+        if name is None:
+            return AdapterView(self, None)
+        if name not in self._adapters:
+            from vllm.lora.request import LoRARequest
+
+            self._adapters[name] = LoRARequest(lora_name=name, lora_int_id=len(self._adapters) + 1,
+                                               lora_path=str(path))
+        return AdapterView(self, self._adapters[name])
+
+
+class AdapterView:
+    """A Generator that runs a VLLMLoraGenerator's engine with one LoRA (or none); closing it leaves the engine."""
+
+    name = "vllm"
+
+    def __init__(self, engine: VLLMLoraGenerator, lora_request) -> None:
+        self.engine, self.lora_request = engine, lora_request
+        self.max_model_len = engine.max_model_len
+
+    def generate(self, requests: list[GenRequest]) -> list[GenOutput]:
+        self.engine.lora_request = self.lora_request
+        try:
+            return self.engine.generate(requests)
+        finally:
+            self.engine.lora_request = None
+
+    def close(self) -> None:
+        """The engine is shared: the caller closes it."""
 
 
 def _default_max_len(model_dir: Path) -> int:

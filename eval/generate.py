@@ -3,6 +3,7 @@
     python -m eval.generate RUN_DIR                                   # merged model, recorded template, recipe defaults
     python -m eval.generate RUN_DIR/baseline                          # the same base without ΔW
     python -m eval.generate /models/my-model --out runs/x --questions mt_bench/question.jsonl --backend vllm
+    python -m eval.generate RUN_A RUN_B ... --backend vllm --adapters lora   # one engine, each run's exported LoRA
 
 Every conversation is rendered through the run's template.jinja (the one training used). Turn 2 is answered with
 turn 1 and its answer in context. Temperatures follow MT-Bench per category (writing/roleplay 0.7, stem/humanities
@@ -45,12 +46,22 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--max-model-len", type=int, help="context window (default: the model's, at most 4096)")
     p.add_argument("--seed", type=int, help="sampling seed (default: the recipe's, else 0)")
     p.add_argument("--batch", type=int, help="questions per batch between saves (default 64 vLLM, 4 hf)")
+    p.add_argument("more", nargs="*", metavar="RUN", help="further run directories (with --adapters lora)")
+    p.add_argument("--adapters", choices=["merged", "lora"], default="merged",
+                   help="merged: TARGET's merged weights; lora: one vLLM engine on the shared base serves every "
+                        "run's exported LoRA (python -m launch.export RUN --to lora) and the baselines")
     return p
 
 
 def main(argv: Optional[list[str]] = None) -> int:
     args = build_parser().parse_args(argv)
     try:
+        if args.adapters == "lora":
+            from eval.sweep import run_sweep
+
+            return run_sweep(args)
+        if args.more:
+            raise EvalError(f"several TARGETs ({args.target}, {', '.join(args.more)}) need --adapters lora")
         return _run(args)
     except EvalError as e:
         print(f"error: {e}", file=sys.stderr)

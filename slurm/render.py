@@ -278,3 +278,31 @@ def render_chain(recipe: Any, opts: ClusterOptions, recipe_source: str = "",
             "COMMAND": shlex.join([opts.python, *args]),
         })
     return scripts
+
+
+def render_sweep_generate(recipes: list[Any], opts: ClusterOptions, sweep_dir: Path, max_rank: int | None = None,
+                          max_error: float | None = None) -> str:
+    """The one generation job of a sweep: export every run's LoRA (launch.export), then answer for all runs and
+    their baselines from one vLLM engine (eval.generate --adapters lora). It runs after every training job."""
+    from launch.rundir import RunDir
+
+    opts.validate()
+    sbatch_token("sweep dir", str(sweep_dir))
+    roots = [str(RunDir(r.run_dir).root) for r in recipes]
+    for root in roots:
+        sbatch_token("run_dir", root)
+    flags = [*(["--max-rank", str(max_rank)] if max_rank is not None else []),
+             *(["--max-error", repr(max_error)] if max_error is not None else [])]
+    commands = [shlex.join([opts.python, "-m", "launch.export", root, "--to", "lora", *flags]) for root in roots]
+    commands.append(shlex.join([opts.python, "-m", "eval.generate", *roots, "--backend", "vllm", "--adapters", "lora"]))
+    gpu_one = {"gpus-per-node": 1} if opts.gpus_per_node > 0 else {}
+    name = "sweep-" + "+".join(r.name for r in recipes)
+    return _fill(_template("stage_batch.sh"), {
+        "RECIPE_COMMENT": _comment(", ".join(str(RunDir(r.run_dir).recipe) for r in recipes)),
+        "STAGE": "sweep generate",
+        "SELF_COMMENT": _comment(str(sweep_dir / "generate.sbatch")),
+        "SBATCH": _sbatch_lines(opts, name, "generate", str(sweep_dir / "logs" / "generate-%j.out"),
+                                {"nodes": 1, "ntasks": 1, **gpu_one}),
+        "EXPORTS": "",
+        "COMMAND": " && \\\n    ".join(commands),
+    })

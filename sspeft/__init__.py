@@ -20,6 +20,7 @@ import warnings
 __version__ = "0.1.0"
 
 from .config import METHOD_DEFAULTS, METHODS, SpectralConfig  # noqa: E402
+from .export import export_lora  # noqa: E402
 from .io import AdapterFileError, load_adapter, read_adapter, save_adapter  # noqa: E402
 from .layer import SpectralLinear  # noqa: E402
 from .model import (  # noqa: E402
@@ -55,5 +56,5 @@ if not PEFT_REGISTERED:
 __all__ = [
     "METHODS", "METHOD_DEFAULTS", "SpectralConfig", "SpectralLinear", "inject", "adapted_layers", "adapter_config",
     "AdapterFileError", "save_adapter", "load_adapter", "read_adapter", "merge", "unmerge", "merge_and_unload",
-    "disabled", "count_trainable", "restore_fp32", "prepare_4bit", "peft_config", "PEFT_REGISTERED",
+    "disabled", "count_trainable", "restore_fp32", "prepare_4bit", "peft_config", "PEFT_REGISTERED", "export_lora",
 ]
