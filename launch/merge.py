@@ -428,6 +428,7 @@ def probe(run: RunDir, recipe, base_dir: Path, model: nn.Module, out: Path, dtyp
 
     records, tokenizer = run_records(recipe, base_dir)
     picks, batches = probe_inputs(run, recipe, records, tokenizer)
+    compute_in_fp32(model)
     tuned = _logits(model, batches) if with_adapter else None
     if hasattr(model, "disable_adapter"):
         with model.disable_adapter():
@@ -449,6 +450,21 @@ def probe(run: RunDir, recipe, base_dir: Path, model: nn.Module, out: Path, dtyp
     baseline = _logits(loaded, batches)
     del loaded
     return result | shift_agreement(written, baseline, tuned, base), heldout
+
+
+def compute_in_fp32(model: nn.Module) -> None:
+    """The runtime reference computes in fp32 whatever the recipe's dtype: upcasting bf16 weights is exact and a
+    4-bit layer keeps its packed weights (only its compute dtype changes), so W0 and ΔW stay what training had,
+    while bf16 arithmetic noise stays out of the adapter's measured effect. Called after the weights are written."""
+    from sspeft.quant import is_linear4bit
+
+    for module in model.modules():
+        if is_linear4bit(module):
+            module.compute_dtype = torch.float32
+            continue  # packed 4-bit weights stay packed
+        for tensor in list(module.parameters(recurse=False)) + list(module.buffers(recurse=False)):
+            if tensor.is_floating_point() and tensor.dtype != torch.float32:
+                tensor.data = tensor.data.float()
 
 
 def shift_agreement(merged: torch.Tensor, baseline: torch.Tensor, tuned: torch.Tensor, base: torch.Tensor,
