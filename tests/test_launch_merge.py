@@ -158,9 +158,9 @@ def test_heldout_loss_matches_training_eval_loss(trained):
     summary = json.loads((run.logs / train_stage.SUMMARY_FILE).read_text())
     eval_loss = [e["eval_loss"] for e in summary["log"] if "eval_loss" in e][-1]
     # the trainer averages per batch, the merge per token: equal up to that weighting
-    assert tuned["loss"] == pytest.approx(eval_loss, abs=0.02)
+    assert tuned["loss"] == pytest.approx(eval_loss, abs=0.01)
     assert tuned["records"] == base["records"] == 8 and tuned["tokens"] == base["tokens"] > 0
-    assert abs(base["loss"] - tuned["loss"]) > 0.05  # the two checkpoints differ measurably
+    assert base["loss"] - tuned["loss"] > 0.03  # training lowered it, by more than the tolerance above
 
 
 def test_non_finite_adapter_is_refused(trained, tmp_path, capsys):
