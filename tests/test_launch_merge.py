@@ -21,7 +21,6 @@ from launch_helpers import build_tiny_llama, write_recipe, write_records
 # (method, base quantization, strength): "strong" runs move W0 by far more than a bf16 ulp, the "weak" one by less
 RUNS = {("ssh", "nf4", "strong"): 0.3, ("lora", "nf4", "strong"): 0.3, ("ssh", "none", "strong"): 0.3,
         ("lora", "none", "strong"): 0.3, ("ssh", "nf4", "weak"): 0.002}
-LAYER = "model.layers.1.self_attn.v_proj"
 
 
 def _train(root: Path, model: Path, data: Path, method: str, quantize: str, lr: float) -> RunDir:
