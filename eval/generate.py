@@ -9,7 +9,8 @@ Every conversation is rendered through the run's template.jinja (the one trainin
 turn 1 and its answer in context. Temperatures follow MT-Bench per category (writing/roleplay 0.7, stem/humanities
 0.1, others 0; unknown categories 0.7 unless --strict-categories); --temperature overrides them all. Answers go
 to answers/<model_id>.jsonl, rewritten atomically after each batch; a rerun skips answered questions (delete the
-file to answer again). Exit status 0 on success, 2 for bad input.
+file to answer again). A merged checkpoint whose merge_report.json says it lost the trained ΔW is refused unless
+--allow-lossy. Exit status 0 on success, 2 for bad input.
 """
 
 from __future__ import annotations
@@ -25,6 +26,7 @@ from eval.backends import GenRequest, fit_new_tokens, load_tokenizer, make_gener
 from eval.common import EvalError, atomic_write_json, digest, read_jsonl, write_jsonl
 from eval.questions import (DEFAULT_QUESTIONS, Question, answer_record, answer_temperature, load_answers,
                             load_questions)
+from eval.report import check_merge_report
 from eval.target import model_cache, model_dir_of, resolve_target
 
 EXIT_OK, EXIT_BAD_INPUT = 0, 2
@@ -50,6 +52,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--adapters", choices=["merged", "lora"], default="merged",
                    help="merged: TARGET's merged weights; lora: one vLLM engine on the shared base serves every "
                         "run's exported LoRA (python -m launch.export RUN --to lora) and the baselines")
+    p.add_argument("--allow-lossy", action="store_true",
+                   help="answer with a checkpoint whose merge report says it lost the trained ΔW")
     return p
 
 
@@ -86,6 +90,7 @@ def _run(args: argparse.Namespace) -> int:
     seed = _pick(args.seed, d.seed)
     backend = pick_backend(_pick(args.backend, d.backend))  # type: ignore[arg-type]
     model_dir = model_dir_of(target, model_cache())
+    check_merge_report(model_dir, args.dtype, args.allow_lossy)
     answers_path = target.out.answers_file(target.model_id)
     done = load_answers(answers_path) if answers_path.exists() else {}
     kept = {r["question_id"]: r for _, r in read_jsonl(answers_path, "answers")} if done else {}

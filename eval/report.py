@@ -8,11 +8,17 @@ report.json: `overall` and `categories[c]`, each {turn1, turn2, all} of {mean, c
 question-turns, 95% intervals from a bootstrap over questions; failed judgments are excluded from means and
 counted in `failures` {total, by_reason}; with the judge, the prompts, the seed and the number of resamples.
 The comparison resamples questions jointly for both models (paired bootstrap of the score difference).
+
+`checkpoint` in report.json (and a paragraph in report.md) comes from the run's merged/merge_report.json (written
+by launch.merge): the merged dtype, the share of ΔW rounding lost, the logits probe's agreement with the trained
+adapter, and the response loss on the run's held-out records computed from that checkpoint. The comparison puts
+the held-out losses of baseline and model side by side, a measured effect next to the judge's scores.
 """
 
 from __future__ import annotations
 
 import argparse
+import json
 import sys
 from collections import Counter, defaultdict
 from dataclasses import dataclass
@@ -25,6 +31,8 @@ from eval.stats import DEFAULT_RESAMPLES, DEFAULT_SEED, bootstrap_mean
 from eval.target import Target, resolve_target
 
 SLICES = {"turn1": (1,), "turn2": (2,), "all": (1, 2)}
+MERGE_REPORT = "merge_report.json"
+"""What launch.merge writes next to the weights (launch.merge.REPORT_FILE)."""
 EXIT_OK, EXIT_BAD_INPUT = 0, 2
 
 
@@ -64,6 +72,95 @@ def load_judged(target: Target, judge_id: Optional[str]) -> Judged:
     answers_path = target.out.answers_file(target.model_id)
     expected = sum(len(t) for t in load_answers(answers_path).values()) if answers_path.is_file() else None
     return Judged(target, path, rows, pair_rows, expected)
+
+
+def read_merge_report(model_dir: Path) -> Optional[dict[str, Any]]:
+    """merge_report.json beside a merged checkpoint, or None for a checkpoint launch.merge did not write."""
+    path = Path(model_dir) / MERGE_REPORT
+    if not path.is_file():
+        return None
+    try:
+        return json.loads(path.read_text())
+    except ValueError as e:
+        raise EvalError(f"{path} is not valid JSON ({e}); merge again with python -m launch.merge") from e
+
+
+def check_merge_report(model_dir: Path, dtype: str, allow_lossy: bool) -> None:
+    """Refuse a checkpoint that is not the trained model: launch.merge marked it lossy, or `dtype` would round it
+    to a dtype the merge measured as losing ΔW. Judge scores of it would be about another model."""
+    report = read_merge_report(model_dir)
+    if allow_lossy or report is None:
+        return
+    if report.get("lossy"):
+        probe = report.get("probe") or {}
+        raise EvalError(f"{model_dir} is marked lossy by launch.merge (--allow-lossy): rounding to "
+                        f"{report.get('dtype')} lost {_share(report.get('delta_lost_worst_layer'))} of the worst "
+                        f"layer's ΔW, logit-shift cosine {probe.get('cosine')} and residual {probe.get('residual')}; "
+                        f"merge again with --dtype auto, or pass --allow-lossy to evaluate it anyway")
+    worst = ((report.get("delta_loss") or {}).get(dtype) or {}).get("worst", 0.0) if dtype != "auto" else 0.0
+    if worst is None or worst > report.get("max_delta_loss", 1.0):
+        raise EvalError(f"--dtype {dtype} rounds {model_dir} (stored as {report.get('dtype')}) so that "
+                        f"{_share(worst)} of the worst layer's ΔW is lost; use --dtype auto, or pass --allow-lossy")
+
+
+def _share(x: Optional[float]) -> str:
+    return "all (overflow)" if x is None else f"{100 * x:.2f}%"
+
+
+def checkpoint_summary(target: Target) -> Optional[dict[str, Any]]:
+    """What report.json says about the evaluated weights; None when TARGET is not a merged run."""
+    if target.run is None:
+        return None
+    report = read_merge_report(target.run.merged)
+    if report is None:
+        return None
+    probe, held = report.get("probe") or {}, report.get("heldout") or {}
+    return {"merge_report": str(target.run.merged / MERGE_REPORT), "dtype": report.get("dtype"),
+            "dtype_requested": report.get("dtype_requested"), "adapter": report.get("adapter"),
+            "delta_lost_to_rounding": report.get("delta_lost_to_rounding"),
+            "delta_lost_worst_layer": report.get("delta_lost_worst_layer"), "lossy": report.get("lossy"),
+            "probe": {k: probe.get(k) for k in ("cosine", "residual", "max_abs_logit_diff", "passed")},
+            "heldout_loss": held.get("loss"), "heldout_records": held.get("records"),
+            "heldout_tokens": held.get("tokens")}
+
+
+def checkpoint_markdown(rep: dict[str, Any]) -> str:
+    """The report.md paragraph on the evaluated checkpoint (empty when there is no merge report)."""
+    c = rep.get("checkpoint")
+    if not c:
+        return ""
+    held = (f"Response loss on the run's {c['heldout_records']} held-out records: {c['heldout_loss']:.4f}."
+            if c.get("heldout_loss") is not None else "No held-out records (data.eval_fraction is 0).")
+    if c.get("adapter") is None:
+        return f"\nCheckpoint: the base without ΔW, merged in {c['dtype']}. {held}\n"
+    p = c["probe"]
+    agree = ("n/a" if p.get("cosine") is None else
+             f"logit-shift cosine {p['cosine']:.5f}, residual {p['residual']:.3g}, max |Δlogit| "
+             f"{p['max_abs_logit_diff']:.3g}")
+    lossy = " **LOSSY: this checkpoint is not the trained model.**" if c.get("lossy") else ""
+    return (f"\nCheckpoint: merged in {c['dtype']} (asked: {c['dtype_requested']}); rounding lost "
+            f"{_share(c['delta_lost_to_rounding'])} of ΔW (worst layer {_share(c['delta_lost_worst_layer'])}); "
+            f"agreement with the adapter at runtime: {agree}.{lossy} {held}\n")
+
+
+def heldout_comparison(base: dict[str, Any], other: dict[str, Any]) -> dict[str, Any]:
+    """Held-out response losses of baseline and model from their checkpoints (lower is better)."""
+    b, o = (r.get("checkpoint") or {} for r in (base, other))
+    lb, lo = b.get("heldout_loss"), o.get("heldout_loss")
+    return {"baseline": lb, "model": lo, "delta": lo - lb if lb is not None and lo is not None else None,
+            "records": o.get("heldout_records")}
+
+
+def heldout_markdown(cmp: dict[str, Any]) -> str:
+    lines = ["## Held-out response loss", "", "Mean loss per response token on the run's held-out records, from the "
+             "checkpoints evaluation answers with (lower is better).", "",
+             "| model | baseline | model | Δ | records |", "|---|---|---|---|---|"]
+    for model, res in cmp["models"].items():
+        h = res["heldout_loss"]
+        num = (lambda x, fmt: "–" if x is None else format(x, fmt))
+        lines.append(f"| {model} | {num(h['baseline'], '.4f')} | {num(h['model'], '.4f')} | "
+                     f"{num(h['delta'], '+.4f')} | {num(h['records'], 'd')} |")
+    return "\n".join(lines) + "\n"
 
 
 def _categories(rows: list[dict[str, Any]]) -> list[str]:
@@ -120,6 +217,7 @@ def summarize(judged: Judged, seed: int, resamples: int) -> dict[str, Any]:
         "overall": _slices(rows, seed, resamples, "overall"),
         "categories": {c: _slices(rows, seed, resamples, f"category/{c}", c) for c in _categories(rows)},
         "failures": failures(rows, judged.expected),
+        "checkpoint": checkpoint_summary(judged.target),
     }
     if judged.pair_rows:
         report["pairwise"] = _pairwise(judged.pair_rows)
@@ -183,7 +281,7 @@ def _write_report(rep: dict[str, Any], folder: Path) -> Path:
 
     folder.mkdir(parents=True, exist_ok=True)
     atomic_write_json(folder / "report.json", rep)
-    atomic_write_text(folder / "report.md", report_markdown(rep))
+    atomic_write_text(folder / "report.md", report_markdown(rep) + checkpoint_markdown(rep))
     report_png(rep, folder / "report.png")
     return folder / "report.md"
 
@@ -218,10 +316,11 @@ def _run(args: argparse.Namespace) -> int:
     cmp = {"baseline": reports[0]["model"], "judge": reports[0]["judge"]["spec"], "seed": args.seed,
            "resamples": args.resamples,
            "models": {rep["model"]: compare(judged[0], j, args.seed, args.resamples)
+                      | {"heldout_loss": heldout_comparison(reports[0], rep)}
                       for j, rep in zip(judged[1:], reports[1:])}}
     out.mkdir(parents=True, exist_ok=True)
     atomic_write_json(out / "comparison.json", cmp)
-    atomic_write_text(out / "comparison.md", comparison_markdown(cmp))
+    atomic_write_text(out / "comparison.md", comparison_markdown(cmp) + "\n" + heldout_markdown(cmp))
     comparison_png(reports, out / "comparison.png")
     print(f"comparison: {out / 'comparison.md'}")
     return EXIT_OK

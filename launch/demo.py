@@ -5,10 +5,12 @@
     python -m launch.demo train.learning_rate=5e-3           # any recipe override
 
 Stages: train SSH on q_proj/v_proj of SmolLM2-135M-Instruct on a 4-bit NF4 base with a small Alpaca-format set
-written by this project → merge (dequantized base + ΔW) → baseline (the same base without ΔW) → answer questions
-with both → grade both with a local SmolLM2 judge → report comparing tuned against baseline. Each stage is the
-same command a user runs by hand (printed as it starts) and is skipped when its output exists, so a rerun
-continues where an interrupted one stopped. The scores exercise the pipeline; a 135M judge is not a quality measure.
+written by this project (a fifth held out) → merge (dequantized base + ΔW, in the narrowest dtype that keeps ΔW,
+checked at the logits) → baseline (the same base without ΔW, in the same dtype) → answer questions with both →
+grade both with a local SmolLM2 judge → report comparing tuned against baseline, with both checkpoints' response
+loss on the held-out records next to the scores. Each stage is the same command a user runs by hand (printed as it
+starts) and is skipped when its output exists, so a rerun continues where an interrupted one stopped. The scores
+exercise the pipeline; a 135M judge is not a quality measure, the held-out loss is the measured effect.
 """
 
 from __future__ import annotations
@@ -135,9 +137,31 @@ def print_outputs(run: RunDir, timings: dict) -> None:
         f"  reports           {run.report_md}  and  {baseline.report_md}",
         f"  comparison        {run.comparison}",
         f"  timings (s)       {json.dumps(timings)}",
+        *checkpoint_lines(run),
         "The scores exercise the pipeline; a 135M judge is not a quality measure.",
     ]
     print("\n".join(lines))
+
+
+def checkpoint_lines(run: RunDir) -> list[str]:
+    """What the merge reports say: the dtype, the ΔW kept, the logits probe and the held-out losses."""
+    from launch.merge import REPORT_FILE
+
+    lines = []
+    for label, folder in (("tuned", run.merged), ("baseline", run.baseline_run().merged)):
+        path = folder / REPORT_FILE
+        if not path.is_file():
+            continue
+        report = json.loads(path.read_text())
+        held = report.get("heldout") or {}
+        loss = "n/a" if held.get("loss") is None else f"{held['loss']:.4f} ({held['records']} records)"
+        text = f"  {label:<18}{report['dtype']}, held-out response loss {loss}"
+        probe = report.get("probe") or {}
+        if report.get("adapter") and probe.get("cosine") is not None:
+            text += (f"; ΔW lost to rounding {100 * report['delta_lost_worst_layer']:.2f}% (worst layer), "
+                     f"logit-shift cosine {probe['cosine']:.4f}, residual {probe['residual']:.4f}")
+        lines.append(text)
+    return lines
 
 
 if __name__ == "__main__":
