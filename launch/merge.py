@@ -42,6 +42,7 @@ from typing import Any
 import torch
 from torch import nn
 
+import sspeft
 from launch.models import ModelSpecError, load_causal_lm, resolve_model_path, torch_dtype
 from launch.recipe import RecipeError, load_resolved
 from launch.rundir import RunDir, atomic_directory, atomic_write_json
@@ -346,6 +347,8 @@ def merge(run_dir: str | Path, dtype_name: str = "auto", with_adapter: bool = Tr
     if with_adapter and not has_adapter:
         raise MergeError(f"{run.adapter} holds no finished adapter; train first: python -m launch.train "
                          f"{run.recipe}")
+    if with_adapter:
+        sspeft.read_adapter(run.adapter)  # the loaders' one validation, before the base model is loaded
     if not run.template.is_file():
         raise MergeError(f"{run.template} is missing; rerun python -m launch.train {run.recipe}")
     requested, reason = dtype_name, None
@@ -546,7 +549,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         out = merge(args.run_dir, args.dtype, with_adapter=not args.no_adapter, max_delta_loss=args.max_delta_loss,
                     allow_lossy=args.allow_lossy)
-    except (MergeError, RecipeError) as e:
+    except (MergeError, RecipeError, sspeft.AdapterFileError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
     print(summary_line(json.loads((out / REPORT_FILE).read_text()), out))
