@@ -25,7 +25,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Optional
 
-from eval.common import EvalError, atomic_write_json, atomic_write_text, read_jsonl
+from eval.common import EvalError, atomic_write_json, atomic_write_text
+from eval.judging import JudgmentStore
 from eval.questions import MT_BENCH_CATEGORIES, load_answers
 from eval.stats import DEFAULT_RESAMPLES, DEFAULT_SEED, bootstrap_mean
 from eval.target import Target, resolve_target
@@ -63,11 +64,12 @@ def load_judged(target: Target, judge_id: Optional[str]) -> Judged:
         raise EvalError(f"{folder} holds judgments of several judges ({[f.name for f in files]}); pick one with "
                         f"--judge-id")
     path = files[0]
-    rows = [r for _, r in read_jsonl(path, "judgments") if r.get("model") == target.model_id and not r.get("model_b")]
+    # a judge killed mid-run leaves superseded rows behind until its next run compacts the file: keep the latest
+    rows = [r for r in JudgmentStore(path).rows.values() if r.get("model") == target.model_id and not r.get("model_b")]
     if not rows:
         raise EvalError(f"{path} has no judgments of model {target.model_id!r}; pass --model-id")
     pair_path = path.with_name(path.name.replace("_single.jsonl", "_pair.jsonl"))
-    pair_rows = [r for _, r in read_jsonl(pair_path, "judgments")
+    pair_rows = [r for r in JudgmentStore(pair_path).rows.values()
                  if r.get("model") == target.model_id] if pair_path.is_file() else []
     answers_path = target.out.answers_file(target.model_id)
     expected = sum(len(t) for t in load_answers(answers_path).values()) if answers_path.is_file() else None

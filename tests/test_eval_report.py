@@ -116,3 +116,16 @@ def test_report_bad_input(tmp_path, capsys):
     assert not (tmp_path / "cmp").exists() and not (tmp_path / "a" / "report.json").exists()
     assert report_main([str(tmp_path / "a"), "--resamples", "10"]) == 2
     assert report_main([str(tmp_path / "a"), str(tmp_path / "b"), str(tmp_path / "a")]) == 2
+
+
+def test_superseded_judgment_rows_count_once(tmp_path):
+    """Until the judge compacts its file, a key can have an earlier row and a later one that supersedes it: the
+    report scores the latest row only (the canned figures, not a mix with the stale score)."""
+    root = _canned(tmp_path / "run")
+    path = root / "judgments" / "judge-x_single.jsonl"
+    rows = [json.loads(line) for line in path.read_text().splitlines()]
+    stale = _row("tuned", 1, 1, "writing", 1)
+    path.write_text("\n".join(json.dumps(r) for r in [stale] + rows) + "\n")
+    assert report_main([str(root), "--seed", "7", "--resamples", "200"]) == 0
+    ov = json.loads((root / "report.json").read_text())["overall"]
+    assert ov["turn1"]["n"] == 5 and ov["turn1"]["mean"] == pytest.approx(np.mean([8, 6, 3, 5, 9]), abs=1e-4)
