@@ -24,7 +24,7 @@ from pathlib import Path
 from typing import Any
 
 from launch import distributed
-from launch.data import DataError, Example, build_template, load_records, tokenize_records
+from launch.data import DataError, Example, build_template, load_records, sft_rows
 from launch.models import ModelSpecError, check_model_spec, load_causal_lm, resolve_model_path
 from launch.recipe import Recipe, RecipeError, load_recipe, load_resolved
 from launch.rundir import RunDir, atomic_directory, atomic_write_json, atomic_write_text
@@ -145,7 +145,7 @@ def prepare_data(plan: Plan, tokenizer):
 
     recipe = plan.recipe
     template = build_template(recipe.data.template, tokenizer)
-    rows, dropped = tokenize_records(plan.records, tokenizer, template, recipe.data.template,
+    rows, dropped = sft_rows(plan.records, tokenizer, template, recipe.data.template,
                                      recipe.data.max_length)
     if dropped:
         log.warning("%d of %d records dropped: their prompt alone fills data.max_length=%d", dropped,
