@@ -185,3 +185,67 @@ def test_malformed_records_name_index_and_field(tmp_path, rows, needle):
     with pytest.raises(DataError) as err:
         load_records(_write(tmp_path / "x", rows, "jsonl"))
     assert needle in str(err.value)
+
+
+# A TRL user's SFTConfig fields as they would paste them (TRL 1.16 / transformers 5 names), adapted to a CPU:
+# bf16 off (with model.dtype fp32), two steps.
+TRL_USER_SFTCONFIG = """
+learning_rate: 1.0e-2
+num_train_epochs: 1
+max_steps: 2
+per_device_train_batch_size: 2
+per_device_eval_batch_size: 2
+gradient_accumulation_steps: 1
+gradient_checkpointing: true
+lr_scheduler_type: cosine
+warmup_steps: 0.1
+weight_decay: 0.01
+adam_beta2: 0.95
+max_grad_norm: 1.0
+optim: adamw_torch
+logging_strategy: steps
+logging_steps: 1
+log_level: info
+max_length: 128
+packing: false
+save_strategy: steps
+save_steps: 2
+save_total_limit: 1
+seed: 42
+bf16: false
+report_to:
+- tensorboard
+"""
+
+
+def test_a_trl_users_sftconfig_and_messages_train_through_sspeft_train(tmp_path, monkeypatch):
+    import sys
+
+    import torch
+    import yaml
+
+    import sspeft_cli
+    from launch.rundir import RunDir
+
+    model = build_tiny_llama(tmp_path / "model")
+    data = tmp_path / "chats.jsonl"
+    chats = [{"messages": CONVERSATION}, {"messages": CONVERSATION[:2]}] * 4
+    data.write_text("".join(json.dumps(c) + "\n" for c in chats))
+    recipe = {"name": "trl-user", "run_dir": str(tmp_path / "run"),
+              "model": {"path": str(model), "quantize": "none", "dtype": "fp32"},
+              "adapter": {"method": "ssh", "n": 16, "target_modules": ["q_proj", "v_proj"]},
+              "data": {"path": str(data), "template": "chat"},
+              "train": yaml.safe_load(TRL_USER_SFTCONFIG)}
+    path = tmp_path / "recipe.yaml"
+    path.write_text(yaml.safe_dump(recipe, sort_keys=False))
+    monkeypatch.setattr(sys, "argv", ["sspeft-train", str(path)])
+    assert sspeft_cli.train() == 0
+    run = RunDir(tmp_path / "run")
+    summary = json.loads((run.logs / "train_summary.json").read_text())
+    assert summary["global_step"] == 2 and summary["dropped_records"] == 0
+    assert (run.adapter / "adapter_model.safetensors").is_file() and list((run.logs / "tensorboard").rglob("*"))
+    # the trainer ran with the user's values (read back from the checkpoint's own arguments)
+    (checkpoint,) = run.checkpoints.glob("checkpoint-*")
+    args = torch.load(checkpoint / "training_args.bin", weights_only=False)
+    assert (args.adam_beta2, args.weight_decay, args.seed, args.data_seed) == (0.95, 0.01, 42, 42)
+    assert args.lr_scheduler_type == "cosine" and args.max_length == 128 and args.output_dir == str(run.checkpoints)
