@@ -376,7 +376,8 @@ def _build_train(values: dict[str, Any], data_values: dict[str, Any], recipe: Re
             if key in data_values and data_values[key] != value:
                 raise RecipeError(f"{source}: train.{key} = {value!r} contradicts data.{key} = "
                                   f"{data_values[key]!r}; set one of them")
-            setattr(recipe.data, key, _check_type(source, f"train.{key}", value, typing.get_type_hints(DataSection)[key]))
+            hint = typing.get_type_hints(DataSection)[key]
+            setattr(recipe.data, key, _check_type(source, f"train.{key}", value, hint))
         elif key in fields:
             kwargs[key] = _check_type(source, f"train.{key}", value, hints[key])
         else:
