@@ -7,7 +7,8 @@
 
 Sections: top-level `name`, `run_dir`; `model`, `adapter`, `data`, `train`, `eval`. `adapter.method` is one of
 ssh, lfma, waveft, fourierft, shira, lora; its other keys are the fields of `sspeft.SpectralConfig` (or of PEFT's
-`LoraConfig` for lora). Relative paths in the file resolve against the file's directory, relative paths in
+`LoraConfig` for lora). `train` holds the fields of TRL's `SFTConfig` under their own names, checked by SFTConfig
+itself (see launch/sftconfig.py for the keys the pipeline owns). Relative paths in the file resolve against the file's directory, relative paths in
 overrides against the current directory; both are stored absolute. Files are not required to exist here (a
 recipe may name cluster paths); each stage checks what it needs when it starts.
 """
@@ -84,7 +85,8 @@ class DataSection:
     """Instruction data and how it becomes token sequences."""
 
     path: str = ""
-    """Alpaca records {instruction, input, output}: a local .json/.jsonl file or a datasets hub id."""
+    """Alpaca, prompt/completion or messages records: a .json/.jsonl/.parquet file, a datasets.save_to_disk
+    directory or a datasets hub id (see launch/data.py)."""
     split: str = "train"
     """Split to read from a hub dataset."""
     template: Literal["alpaca", "chat"] = "alpaca"
