@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import importlib
 import os
+import shutil
 import subprocess
 import sys
 import tomllib
@@ -40,9 +41,16 @@ def _run(script: Path, *args: str, pythonpath: str) -> subprocess.CompletedProce
 
 @pytest.mark.slow
 def test_pip_installs_working_scripts(tmp_path):
+    # build from a copy: pip builds in the source tree and would leave build/ and *.egg-info in the checkout
+    source = tmp_path / "src"
+    for name in ("pyproject.toml", "README.md", "sspeft_cli.py"):
+        (source / name).parent.mkdir(parents=True, exist_ok=True)
+        shutil.copy(REPO / name, source / name)
+    for package in ("sspeft", "launch", "eval", "slurm"):
+        shutil.copytree(REPO / package, source / package, ignore=shutil.ignore_patterns("__pycache__"))
     target = tmp_path / "site"
     proc = subprocess.run([sys.executable, "-m", "pip", "install", "-q", "--no-deps", "--no-build-isolation",
-                           "--target", str(target), str(REPO)], capture_output=True, text=True, timeout=600)
+                           "--target", str(target), str(source)], capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stderr
     entry_points = next(target.glob("sspeft-*.dist-info/entry_points.txt")).read_text()
     for name, value in _scripts().items():
