@@ -21,7 +21,6 @@ import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
 
 from launch import distributed
 from launch.data import DataError, Example, build_template, load_records, sft_rows
@@ -146,7 +145,7 @@ def prepare_data(plan: Plan, tokenizer):
     recipe = plan.recipe
     template = build_template(recipe.data.template, tokenizer)
     rows, dropped = sft_rows(plan.records, tokenizer, template, recipe.data.template,
-                                     recipe.data.max_length)
+                             recipe.data.max_length)
     if dropped:
         log.warning("%d of %d records dropped: their prompt alone fills data.max_length=%d", dropped,
                     len(plan.records), recipe.data.max_length)
