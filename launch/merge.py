@@ -261,9 +261,7 @@ def load_trained(run: RunDir, with_adapter: bool):
     model = load_causal_lm(base_dir, recipe.model, zero3=False, device_map={"": "cpu"})
     model.eval()
     if with_adapter:
-        from peft import PeftModel
-
-        import sspeft  # noqa: F401  (registers the SSPEFT tuner with PEFT)
+        from peft import PeftModel  # the SSPEFT tuner is registered by `import sspeft` above
 
         model = PeftModel.from_pretrained(model, str(run.adapter), is_trainable=False)
         model.eval()

@@ -7,7 +7,8 @@
 
 Sections: top-level `name`, `run_dir`; `model`, `adapter`, `data`, `train`, `eval`. `adapter.method` is one of
 ssh, lfma, waveft, fourierft, shira, lora; its other keys are the fields of `sspeft.SpectralConfig` (or of PEFT's
-`LoraConfig` for lora). Relative paths in the file resolve against the file's directory, relative paths in
+`LoraConfig` for lora). `train` holds the fields of TRL's `SFTConfig` under their own names, checked by SFTConfig
+itself (see launch/sftconfig.py for the keys the pipeline owns). Relative paths in the file resolve against the file's directory, relative paths in
 overrides against the current directory; both are stored absolute. Files are not required to exist here (a
 recipe may name cluster paths); each stage checks what it needs when it starts.
 """
@@ -35,8 +36,9 @@ METHODS = SPECTRAL_METHODS + ("lora",)
 _LORA_INTERNAL = {"task_type", "peft_type", "auto_mapping", "peft_version", "base_model_name_or_path",
                   "revision", "inference_mode", "runtime_config"}
 # keys that may change between runs sharing one run directory (they do not affect the trained weights)
-RESUME_EXEMPT = ("run_dir", "train.resume", "train.logging_steps", "train.save_steps", "train.save_total_limit",
-                 "train.report_to")
+RESUME_EXEMPT = ("run_dir", "train.resume", "train.logging_steps", "train.logging_strategy", "train.logging_first_step",
+                 "train.save_steps", "train.save_strategy", "train.save_total_limit", "train.report_to",
+                 "train.run_name", "train.disable_tqdm", "train.dataloader_num_workers")
 
 
 class RecipeError(ValueError):
@@ -83,7 +85,8 @@ class DataSection:
     """Instruction data and how it becomes token sequences."""
 
     path: str = ""
-    """Alpaca records {instruction, input, output}: a local .json/.jsonl file or a datasets hub id."""
+    """Alpaca, prompt/completion or messages records: a .json/.jsonl/.parquet file, a datasets.save_to_disk
+    directory or a datasets hub id (see launch/data.py)."""
     split: str = "train"
     """Split to read from a hub dataset."""
     template: Literal["alpaca", "chat"] = "alpaca"
@@ -100,33 +103,39 @@ class DataSection:
 
 @dataclass
 class TrainSection:
-    """The optimisation loop (TRL SFTTrainer)."""
+    """The optimisation loop: TRL's `SFTConfig` under its own field names, plus `resume`.
+
+    The fields below are the ones this project sets differently from SFTConfig's defaults or reads itself; any
+    other SFTConfig / TrainingArguments field may be set too (kept in `options`) and is validated by SFTConfig.
+    Keys the pipeline owns (output directory, data seed, resume point, devices) are refused with where they live.
+    """
 
     deepspeed: Optional[str] = None
     """DeepSpeed ZeRO config JSON (e.g. launch/ds_zero3.json) or null for plain data parallel / single process."""
+    resume: Literal["auto", "never"] = "auto"
+    """'auto': continue from the newest complete checkpoint; 'never': refuse a non-fresh run directory."""
     max_steps: int = -1
-    """Stop after this many optimizer steps (-1: run `epochs` epochs)."""
-    epochs: float = 1.0
+    """Stop after this many optimizer steps (-1: run num_train_epochs epochs)."""
+    num_train_epochs: float = 1.0
     """Epochs over the data when max_steps is -1."""
-    per_device_batch_size: int = 4
-    """Examples per device per micro-batch."""
+    per_device_train_batch_size: int = 4
+    """Examples per device per micro-batch (also the eval batch size unless per_device_eval_batch_size is set)."""
     gradient_accumulation_steps: int = 1
     """Micro-batches per optimizer step."""
     learning_rate: float = 2e-4
     """Peak learning rate."""
-    lr_scheduler: Literal["cosine", "linear", "constant", "constant_with_warmup"] = "cosine"
-    """Learning-rate schedule after warmup."""
-    warmup_ratio: float = 0.03
-    """Fraction of the steps spent warming up linearly."""
+    lr_scheduler_type: str = "cosine"
+    """Learning-rate schedule after warmup (any transformers SchedulerType)."""
+    warmup_steps: Union[int, float] = 0.03
+    """Linear warmup: an integer number of steps, or a float in [0, 1) as a fraction of the steps."""
     weight_decay: float = 0.0
     """AdamW weight decay."""
-    optimizer: Literal["adamw_torch_fused", "adamw_torch", "paged_adamw_32bit", "paged_adamw_8bit",
-                       "adamw_bnb_8bit"] = "adamw_torch"
-    """transformers optimizer name; paged/8-bit ones are meant for the LoRA baseline only."""
+    optim: str = "adamw_torch"
+    """transformers optimizer name (any OptimizerNames); paged/8-bit ones are meant for the LoRA baseline."""
     max_grad_norm: float = 1.0
     """Gradient clipping norm."""
     seed: int = 0
-    """Seed for data order, dropout and (through the adapter seed) positions."""
+    """Seed for data order (also data_seed), dropout and (through the adapter seed) positions."""
     gradient_checkpointing: bool = True
     """Recompute activations in backward to save memory."""
     logging_steps: int = 1
@@ -137,10 +146,15 @@ class TrainSection:
     """Keep at most this many checkpoints (null: all)."""
     eval_steps: Optional[int] = None
     """Evaluation-loss interval when data.eval_fraction > 0 (null: at the end only)."""
-    resume: Literal["auto", "never"] = "auto"
-    """'auto': continue from the newest complete checkpoint; 'never': refuse a non-fresh run directory."""
-    report_to: Literal["tensorboard", "none"] = "tensorboard"
-    """Where training logs go (under logs/)."""
+    report_to: Union[str, list[str]] = "tensorboard"
+    """Where training logs go: 'none', 'all' or integration names transformers knows and this machine has
+    installed (tensorboard writes under logs/tensorboard)."""
+    options: dict[str, Any] = field(default_factory=dict)
+    """Every other SFTConfig field the recipe sets, passed to SFTConfig unchanged."""
+
+    def to_dict(self) -> dict[str, Any]:
+        out = {f.name: getattr(self, f.name) for f in dataclasses.fields(self) if f.name != "options"}
+        return {**out, **self.options}
 
 
 @dataclass
@@ -187,7 +201,7 @@ class Recipe:
         out: dict[str, Any] = {"name": self.name, "run_dir": self.run_dir}
         for sec in _SECTIONS:
             value = getattr(self, sec)
-            out[sec] = value.to_dict() if isinstance(value, AdapterSection) else dataclasses.asdict(value)
+            out[sec] = value.to_dict() if hasattr(value, "to_dict") else dataclasses.asdict(value)
         return out
 
     def dump(self, path: str | os.PathLike[str]) -> Path:
@@ -337,10 +351,55 @@ def _build(raw: dict[str, Any], source: str) -> Recipe:
             raise RecipeError(f"{source}: section {section!r} must be a mapping, got {values!r}")
         if cls is AdapterSection:
             recipe.adapter = _build_adapter(values, source)
+        elif cls is TrainSection:
+            continue  # after model and data: some SFTConfig keys are checked against them
         else:
             setattr(recipe, section, _build_section(cls, section, values, source))
+    recipe.train = _build_train(raw.get("train") or {}, raw.get("data") or {}, recipe, source)
     _check_combinations(recipe, source)
+    from launch import sftconfig
+
+    sftconfig.validate(recipe.train, recipe.data, source)  # SFTConfig's own checks, without touching devices
     return recipe
+
+
+def _build_train(values: dict[str, Any], data_values: dict[str, Any], recipe: Recipe, source: str) -> TrainSection:
+    """The train section: SFTConfig's fields under their own names, validated by SFTConfig itself."""
+    from launch import sftconfig
+
+    hints = typing.get_type_hints(TrainSection)
+    fields = {f.name for f in dataclasses.fields(TrainSection)} - {"options"}
+    kwargs: dict[str, Any] = {}
+    options: dict[str, Any] = {}
+    for key, value in values.items():
+        sftconfig.check_key(key, source)
+        if key in sftconfig.DATA_KEYS:
+            # SFTConfig's max_length/packing shape the tokenized data, so they are stored in the data section
+            if key in data_values and data_values[key] != value:
+                raise RecipeError(f"{source}: train.{key} = {value!r} contradicts data.{key} = "
+                                  f"{data_values[key]!r}; set one of them")
+            hint = typing.get_type_hints(DataSection)[key]
+            setattr(recipe.data, key, _check_type(source, f"train.{key}", value, hint))
+        elif key in fields:
+            kwargs[key] = _check_type(source, f"train.{key}", value, hints[key])
+        else:
+            options[key] = _check_option(source, f"train.{key}", value, sftconfig.sft_fields()[key])
+    sftconfig.check_report_to(kwargs.get("report_to", TrainSection.report_to), source)
+    sftconfig.check_precision(options, recipe.model.dtype, source)
+    return TrainSection(**kwargs, options=options)
+
+
+def _check_option(source: str, key: str, value: Any, hint: Any) -> Any:
+    """Type-check an SFTConfig field the recipe sets; numbers written like 1e-3 (a YAML string) become floats."""
+    if isinstance(value, str) and _matches(1.0, hint)[0] and not _matches(value, hint)[0]:
+        try:
+            value = float(value)
+        except ValueError:
+            pass
+    ok, expected = _matches(value, hint)
+    if not ok:
+        raise RecipeError(f"{source}: {key} = {value!r} has the wrong type; expected {expected}")
+    return value
 
 
 def _build_section(cls: type, section: str, values: dict[str, Any], source: str) -> Any:
@@ -401,7 +460,7 @@ def adapter_fields(method: str) -> set[str]:
 
 def _check_combinations(recipe: Recipe, source: str) -> None:
     train, model, data = recipe.train, recipe.model, recipe.data
-    positive = {"train.per_device_batch_size": train.per_device_batch_size,
+    positive = {"train.per_device_train_batch_size": train.per_device_train_batch_size,
                 "train.gradient_accumulation_steps": train.gradient_accumulation_steps,
                 "train.save_steps": train.save_steps, "train.logging_steps": train.logging_steps,
                 "data.max_length": data.max_length, "eval.max_new_tokens": recipe.eval.max_new_tokens,
@@ -410,10 +469,19 @@ def _check_combinations(recipe: Recipe, source: str) -> None:
         if value <= 0:
             raise RecipeError(f"{source}: {key} = {value} must be a positive integer")
     if train.max_steps == 0 or train.max_steps < -1:
-        raise RecipeError(f"{source}: train.max_steps = {train.max_steps} must be positive or -1 (use epochs)")
-    if train.max_steps == -1 and train.epochs <= 0:
-        raise RecipeError(f"{source}: train.epochs = {train.epochs} must be > 0 when train.max_steps is -1")
-    for key, value in {"data.eval_fraction": data.eval_fraction, "train.warmup_ratio": train.warmup_ratio,
+        raise RecipeError(f"{source}: train.max_steps = {train.max_steps} must be positive or -1 (use "
+                          f"num_train_epochs)")
+    if train.max_steps == -1 and train.num_train_epochs <= 0:
+        raise RecipeError(f"{source}: train.num_train_epochs = {train.num_train_epochs} must be > 0 when "
+                          f"train.max_steps is -1")
+    if train.warmup_steps < 0 or (isinstance(train.warmup_steps, float) and 1 <= train.warmup_steps
+                                  and train.warmup_steps != int(train.warmup_steps)):
+        raise RecipeError(f"{source}: train.warmup_steps = {train.warmup_steps} must be an integer number of steps "
+                          f"or a fraction in [0, 1)")
+    if data.eval_fraction == 0 and train.options.get("eval_strategy", "no") != "no":
+        raise RecipeError(f"{source}: train.eval_strategy = {train.options['eval_strategy']!r} needs held-out data; "
+                          f"set data.eval_fraction > 0 or drop train.eval_strategy")
+    for key, value in {"data.eval_fraction": data.eval_fraction,
                        "eval.max_failure_rate": recipe.eval.max_failure_rate}.items():
         if not 0.0 <= value < 1.0 and not (key == "eval.max_failure_rate" and value == 1.0):
             raise RecipeError(f"{source}: {key} = {value} must lie in [0, 1)")
@@ -431,8 +499,8 @@ def _check_combinations(recipe: Recipe, source: str) -> None:
 
 
 def _check_type(source: str, key: str, value: Any, hint: Any) -> Any:
-    wants_float = hint is float or (typing.get_origin(hint) in (Union, types.UnionType)
-                                    and float in typing.get_args(hint))
+    union = typing.get_args(hint) if typing.get_origin(hint) in (Union, types.UnionType) else ()
+    wants_float = hint is float or float in union
     if wants_float and isinstance(value, str):
         # PyYAML reads 1e-3 (no dot) as a string; users write it that way
         try:
@@ -442,7 +510,7 @@ def _check_type(source: str, key: str, value: Any, hint: Any) -> Any:
     ok, expected = _matches(value, hint)
     if not ok:
         raise RecipeError(f"{source}: {key} = {value!r} has the wrong type; expected {expected}")
-    if wants_float and isinstance(value, int) and not isinstance(value, bool):
+    if wants_float and int not in union and isinstance(value, int) and not isinstance(value, bool):
         return float(value)
     return value
 

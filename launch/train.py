@@ -23,10 +23,9 @@ import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
 
 from launch import distributed
-from launch.data import DataError, Example, build_template, load_records, tokenize_records
+from launch.data import DataError, Example, build_template, load_records, sft_rows
 from launch.models import ModelSpecError, check_model_spec, load_causal_lm, logical_numel, resolve_model_path
 from launch.preflight import (TrainError, adopt_launcher_deepspeed, check_against_model, check_run_dir,
                               zero_stage_of)
@@ -112,36 +111,23 @@ def refresh(plan: Plan) -> Plan:
 
 
 def sft_config(recipe: Recipe, run: RunDir, dist: distributed.Dist, has_eval: bool):
+    """The recipe's train section as TRL's SFTConfig, plus what depends on this machine and launcher."""
     import torch
     from trl import SFTConfig
 
+    from launch.sftconfig import sft_kwargs
+
     t = recipe.train
     os.environ["TENSORBOARD_LOGGING_DIR"] = str(run.logs / "tensorboard")
-    kwargs: dict[str, Any] = dict(
-        output_dir=str(run.checkpoints), max_steps=t.max_steps, num_train_epochs=t.epochs,
-        per_device_train_batch_size=t.per_device_batch_size, per_device_eval_batch_size=t.per_device_batch_size,
-        gradient_accumulation_steps=t.gradient_accumulation_steps, learning_rate=t.learning_rate,
-        lr_scheduler_type=t.lr_scheduler, warmup_steps=t.warmup_ratio, weight_decay=t.weight_decay,
-        optim=t.optimizer, max_grad_norm=t.max_grad_norm, seed=t.seed, data_seed=t.seed,
-        gradient_checkpointing=t.gradient_checkpointing,
-        logging_steps=t.logging_steps, save_strategy="steps", save_steps=t.save_steps,
-        save_total_limit=t.save_total_limit, report_to=[] if t.report_to == "none" else [t.report_to],
-        # the model is loaded in the recipe dtype and adapters stay fp32: no autocast, and DeepSpeed must not
-        # cast the module (it would round the fp32 coefficients to bf16)
-        bf16=False, fp16=False, deepspeed=t.deepspeed, max_length=recipe.data.max_length,
-        packing=recipe.data.packing, dataset_num_proc=None, remove_unused_columns=True,
-        eval_strategy="steps" if has_eval and t.eval_steps else "no", eval_steps=t.eval_steps,
-        ddp_find_unused_parameters=False, disable_tqdm=False, save_only_model=False,
-    )
+    kwargs = sft_kwargs(t, recipe.data, output_dir=str(run.checkpoints), has_eval=has_eval)
     if t.gradient_checkpointing:
         # PEFT under ZeRO-3 needs reentrant checkpointing (TRL would force it with a warning)
-        zero3 = zero_stage_of(t.deepspeed) == 3
-        kwargs["gradient_checkpointing_kwargs"] = {"use_reentrant": zero3}
+        kwargs["gradient_checkpointing_kwargs"] = {"use_reentrant": zero_stage_of(t.deepspeed) == 3}
     if dist.configured:
         kwargs["accelerator_config"] = {"use_configured_state": True}
     if not torch.cuda.is_available() and not t.deepspeed:
         kwargs["use_cpu"] = True  # (use_cpu silently disables DeepSpeed, so only without it)
-    if t.optimizer == "adamw_torch_fused" and not torch.cuda.is_available():
+    if kwargs["optim"] == "adamw_torch_fused" and not torch.cuda.is_available():
         kwargs["optim"] = "adamw_torch"  # the fused kernel needs a GPU; same update rule
     return SFTConfig(**kwargs)
 
@@ -151,8 +137,8 @@ def prepare_data(plan: Plan, tokenizer):
 
     recipe = plan.recipe
     template = build_template(recipe.data.template, tokenizer)
-    rows, dropped = tokenize_records(plan.records, tokenizer, template, recipe.data.template,
-                                     recipe.data.max_length)
+    rows, dropped = sft_rows(plan.records, tokenizer, template, recipe.data.template,
+                             recipe.data.max_length)
     if dropped:
         log.warning("%d of %d records dropped: their prompt alone fills data.max_length=%d", dropped,
                     len(plan.records), recipe.data.max_length)

@@ -93,7 +93,7 @@ def write_recipe(path: Path, model: Path, data: Path, run_dir: Path, method: str
         "model": {"path": str(model), "quantize": quantize, "dtype": dtype},
         "adapter": adapter,
         "data": {"path": str(data), "max_length": 192},
-        "train": {"max_steps": 3, "per_device_batch_size": 2, "learning_rate": 1e-2, "warmup_ratio": 0.0,
+        "train": {"max_steps": 3, "per_device_train_batch_size": 2, "learning_rate": 1e-2, "warmup_steps": 0,
                   "save_steps": 2, "report_to": "none", "gradient_checkpointing": False},
     }
     for section, values in sections.items():

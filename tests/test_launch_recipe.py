@@ -40,9 +40,9 @@ def test_every_shipped_recipe_validates(path):
         assert {"method", "target_modules"} <= adapter_keys
         if recipe.adapter.method != "lora":
             assert {"n", "scaling", "normalization", "init", "seed"} <= adapter_keys
-        assert "learning_rate" in raw["train"] and "optimizer" in raw["train"]
+        assert "learning_rate" in raw["train"] and "optim" in raw["train"]
         assert recipe.model.quantize == "nf4" and recipe.train.deepspeed
-        paged = recipe.train.optimizer.startswith("paged") or "8bit" in recipe.train.optimizer
+        paged = recipe.train.optim.startswith("paged") or "8bit" in recipe.train.optim
         assert paged == (recipe.adapter.method == "lora")
 
 
@@ -113,8 +113,8 @@ def test_unknown_keys_name_the_file_and_the_closest_key(tmp_path, override, need
 
 
 def test_unknown_key_in_file(tmp_path):
-    path = _write(tmp_path, BASIC.replace("train: {max_steps: 3}", "train: {max_steps: 3, warmup_ration: 0.1}"))
-    with pytest.raises(RecipeError, match=r"r\.yaml.*'train\.warmup_ration'.*did you mean 'train\.warmup_ratio'"):
+    path = _write(tmp_path, BASIC.replace("train: {max_steps: 3}", "train: {max_steps: 3, warmup_stesp: 0.1}"))
+    with pytest.raises(RecipeError, match=r"r\.yaml.*'train\.warmup_stesp'.*did you mean 'train\.warmup_steps'"):
         load_recipe(path)
 
 
@@ -207,3 +207,75 @@ def test_atomic_writes_leave_nothing_on_failure(tmp_path):
     with atomic_directory(tmp_path / "d") as out:
         (out / "g").write_text("v2")
     assert sorted(p.name for p in (tmp_path / "d").iterdir()) == ["g"]
+
+
+@pytest.mark.parametrize("old, new", [("epochs", "num_train_epochs"), ("per_device_batch_size",
+                                                                      "per_device_train_batch_size"),
+                                      ("lr_scheduler", "lr_scheduler_type"), ("optimizer", "optim"),
+                                      ("warmup_ratio", "warmup_steps")])
+def test_earlier_train_keys_name_their_sftconfig_name(tmp_path, old, new):
+    with pytest.raises(RecipeError, match=rf"train\.{old} is now train\.{new}, SFTConfig's name"):
+        load_recipe(_write(tmp_path, BASIC), [f"train.{old}=1"])
+
+
+@pytest.mark.parametrize("key, home", [("output_dir", "run_dir"), ("resume_from_checkpoint", "train.resume"),
+                                       ("data_seed", "train.seed"), ("use_cpu", "no GPU"),
+                                       ("trust_remote_code", "model.trust_remote_code"),
+                                       ("assistant_only_loss", "assistant's turns")])
+def test_pipeline_owned_keys_say_where_they_live(tmp_path, key, home):
+    with pytest.raises(RecipeError, match=rf"train\.{key} is set by the pipeline.*lives in .*{home}"):
+        load_recipe(_write(tmp_path, BASIC), [f"train.{key}=1"])
+
+
+def test_any_sftconfig_field_reaches_the_trainer_arguments(tmp_path):
+    from launch.recipe import Recipe
+    from launch.sftconfig import sft_kwargs
+
+    recipe = load_recipe(_write(tmp_path, BASIC), [
+        "train.adam_beta2=0.95", "train.lr_scheduler_type=cosine_with_min_lr",
+        "train.lr_scheduler_kwargs={min_lr_rate: 0.1}", "train.neftune_noise_alpha=5", "train.optim=adafactor",
+        "train.max_length=64", "train.packing=true", "train.report_to=none", "train.warmup_steps=2"])
+    assert recipe.train.options["adam_beta2"] == 0.95 and recipe.train.optim == "adafactor"
+    assert recipe.data.max_length == 64 and recipe.data.packing is True  # SFTConfig's data keys, kept in data:
+    kwargs = sft_kwargs(recipe.train, recipe.data, output_dir=str(tmp_path / "ck"), has_eval=False)
+    assert kwargs["adam_beta2"] == 0.95 and kwargs["neftune_noise_alpha"] == 5 and kwargs["max_length"] == 64
+    assert kwargs["lr_scheduler_kwargs"] == {"min_lr_rate": 0.1} and kwargs["data_seed"] == recipe.train.seed
+    # the resolved recipe keeps every key and reloads to the same recipe
+    recipe.dump(tmp_path / "resolved.yaml")
+    again = load_recipe(tmp_path / "resolved.yaml")
+    assert again.to_dict() == recipe.to_dict() and isinstance(again, Recipe)
+    assert yaml.safe_load((tmp_path / "resolved.yaml").read_text())["train"]["adam_beta2"] == 0.95
+
+
+@pytest.mark.parametrize("override, needle", [
+    ("train.lr_scheduler_type=cosine_fast", "train.lr_scheduler_type = 'cosine_fast' is refused by SFTConfig"),
+    ("train.optim=adam_fast", "train.optim = 'adam_fast'"),
+    ("train.save_strategy=sometimes", "train.save_strategy = 'sometimes'"),
+    ("train.adam_beta2=high", "train.adam_beta2 = 'high' has the wrong type; expected a number"),
+    ("train.report_to=tensorbored", "'tensorbored' is not an integration transformers knows"),
+    ("train.report_to=[wandb]", "'wandb' is not installed here"),
+    ("train.lr_scheduler_type=reduce_lr_on_plateau", "requires an eval strategy"),
+    ("train.eval_strategy=steps", "needs held-out data; set data.eval_fraction"),
+    ("train.bf16=true", "contradicts model.dtype = 'fp32'"),
+    ("train.fp16=true", "train.fp16 = true is not supported"),
+    ("train.max_length=99", "contradicts data.max_length = 64"),
+    ("train.warmup_steps=1.5", "train.warmup_steps = 1.5"),
+])
+def test_sftconfig_values_are_checked_by_sftconfig(tmp_path, override, needle):
+    text = BASIC.replace("model: {path: ./model}", "model: {path: ./model, dtype: fp32}").replace(
+        "data: {path: data.json}", "data: {path: data.json, max_length: 64}")
+    import transformers.integrations as integrations
+
+    if "wandb" in override and "wandb" in integrations.get_available_reporting_integrations():
+        pytest.skip("wandb is installed here")
+    with pytest.raises(RecipeError) as err:
+        load_recipe(_write(tmp_path, text), [override])
+    assert needle in str(err.value) and str(tmp_path) in str(err.value)
+
+
+def test_dry_validation_sets_up_no_devices(tmp_path):
+    from accelerate import PartialState
+
+    PartialState._reset_state()
+    load_recipe(_write(tmp_path, BASIC), ["train.adam_beta1=0.8"])
+    assert PartialState._shared_state == {}  # no process group, nothing a launcher would trip over
