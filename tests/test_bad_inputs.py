@@ -21,7 +21,6 @@ import yaml
 from eval_helpers import FakeJudgeServer, make_answers, make_questions, make_run
 from launch_helpers import build_tiny_llama, write_recipe, write_records
 
-PREFLIGHT = "fixed in launch preflight"
 
 
 @dataclass
@@ -263,10 +262,10 @@ ROWS: list[Row] = [
     # training data
     Row("data.path missing", "train", _train("data.path=/nonexistent/alpaca.json"), (r"data.path", "does not exist")),
     Row("data.path a directory", "train", _train(data=lambda w, d: (d / "adir").mkdir() or d / "adir"),
-        (r"data.path", "directory"), xfail=PREFLIGHT),
+        (r"data.path", "directory"), ),
     Row("data not UTF-8", "train", _train(data=_data_file(
         '{"instruction": "Caf\u00e9", "input": "", "output": "x"}\n'.encode("latin-1"))),
-        (r"data.jsonl", "line 1", "UTF-8"), xfail=PREFLIGHT),
+        (r"data.jsonl", "line 1", "UTF-8"), ),
     Row("data line not JSON", "train", _train(data=_data_file('{"instruction": "a", "input": "", "output": "b"}\n{oops\n')),
         (r"data.jsonl: line 2", "not valid JSON")),
     Row("data record without output", "train", _train(data=_data_file('{"instruction": "a", "input": ""}\n')),
