@@ -255,10 +255,17 @@ class EndpointBackend:
         from concurrent.futures import ThreadPoolExecutor, as_completed
 
         pool = ThreadPoolExecutor(max_workers=self.concurrency, thread_name_prefix="judge")
+        futures, delivered = {}, set()
         try:
             futures = {pool.submit(self._one, r): i for i, r in enumerate(requests)}
             for future in as_completed(futures):
                 done(futures[future], future.result())
+                delivered.add(future)
         finally:
-            # on Ctrl-C: drop queued calls, let in-flight ones end by their timeout
+            # on Ctrl-C: drop queued calls, let in-flight ones end by their timeout, and hand over every call that
+            # returned meanwhile (it was paid for)
             pool.shutdown(wait=True, cancel_futures=True)
+            for future, i in futures.items():
+                if future not in delivered and future.done() and not future.cancelled() \
+                        and future.exception() is None:
+                    done(i, future.result())

@@ -331,7 +331,6 @@ def test_ctrl_c_keeps_every_returned_call_and_a_torn_line_is_redone(tmp_path):
     assert [(r["question_id"], r["turn"]) for r in rows] == [(i.question.question_id, i.turn) for i in items]
 
 
-@pytest.mark.xfail(strict=True, reason="eval/client.py EndpointBackend.run drops calls that returned after Ctrl-C")
 def test_ctrl_c_stores_calls_that_returned(tmp_path):
     """SIGINT with calls in flight: every call the judge answered (and was paid for) is on disk."""
     import signal
