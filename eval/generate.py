@@ -18,7 +18,6 @@ from __future__ import annotations
 import argparse
 import hashlib
 import sys
-import time
 from pathlib import Path
 from typing import Optional
 
@@ -26,6 +25,7 @@ from eval.backends import GenRequest, fit_new_tokens, load_tokenizer, make_gener
 from eval.common import EvalError, atomic_write_json, digest, read_jsonl, write_jsonl
 from eval.questions import (DEFAULT_QUESTIONS, Question, answer_record, answer_temperature, load_answers,
                             load_questions)
+from eval.progress import Progress
 from eval.report import check_merge_report
 from eval.target import model_cache, model_dir_of, resolve_target
 
@@ -108,14 +108,14 @@ def _run(args: argparse.Namespace) -> int:
             "max_new_tokens": max_new, "temperature": args.temperature, "seed": seed,
             "max_model_len": generator.max_model_len}
     batch = args.batch or (64 if backend == "vllm" else 4)
-    started = time.monotonic()
     try:
-        for start in range(0, len(todo), batch):
-            chunk = todo[start:start + batch]
-            for q, turns in zip(chunk, _answer(chunk, tokenizer, generator, max_new, args.temperature, seed)):
-                done[q.question_id] = turns
-            _save(answers_path, questions, done, kept, target.model_id)
-            print(f"answered {min(start + batch, len(todo))}/{len(todo)} ({time.monotonic() - started:.0f} s)")
+        with Progress(total=len(todo), what="questions answered") as progress:
+            for start in range(0, len(todo), batch):
+                chunk = todo[start:start + batch]
+                for q, turns in zip(chunk, _answer(chunk, tokenizer, generator, max_new, args.temperature, seed)):
+                    done[q.question_id] = turns
+                _save(answers_path, questions, done, kept, target.model_id)
+                progress.update(len(chunk))
     finally:
         generator.close()
     atomic_write_json(answers_path.with_suffix(".meta.json"), meta)

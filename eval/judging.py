@@ -20,6 +20,7 @@ from typing import Any, Optional, Protocol
 
 from eval.client import CallResult
 from eval.common import EvalError, digest, read_jsonl_lines, write_jsonl
+from eval.progress import Progress
 from eval.prompts import JudgePrompt, PromptSet, kind_for
 from eval.questions import Question, QuestionId
 from eval.rating import extract_rating, extract_verdict
@@ -286,15 +287,19 @@ def run_judging(items: list[Item], store: JudgmentStore, backend: Backend, sampl
     requests = [CallRequest(item.variants[v], temperature, max_tokens, seed_for(seed, item, v, i),
                             item.prompt.output) for item, v, i in pending]
 
+    progress = Progress(total=len(requests), what="judge calls")
+
     def done(index: int, result: CallResult) -> None:
         item, variant, i = pending[index]
-        state[item.key][variant][i] = sample_from_call(result, item.prompt.output)
+        sample = state[item.key][variant][i] = sample_from_call(result, item.prompt.output)
         store.put(item, state[item.key], meta)
+        progress.update(failed=sample.reason, retries=result.attempts - 1)
 
     try:
         if requests:
             backend.run(requests, done)
     finally:
+        progress.close()
         store.compact()  # also on Ctrl-C or a termination signal: every stored call stays, once
     outcomes = [s for item in items for ss in state[item.key].values() for s in ss]
     failed = [s for s in outcomes if s is not None and not s.ok]
