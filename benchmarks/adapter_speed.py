@@ -88,6 +88,8 @@ def adapt(model, method: str, n: int, shape: str):
         return peft.get_peft_model(model, peft.ShiraConfig(r=8, target_modules=TARGETS))
     name, _, path = method.partition(":")  # e.g. "ssh:reference" forces an execution path
     extra = {"path": path} if path else {}
+    if name == "waveft-periodic":  # the periodised construction (sspeft/wavelets.py)
+        name, extra = "waveft", dict(extra, construction="periodic")
     if name == "shira":
         cfg = sspeft.SpectralConfig(method="shira", r=8, target_modules=TARGETS, **extra)
     else:

@@ -113,7 +113,7 @@ def read_adapter(path: str | os.PathLike) -> tuple[SpectralConfig, dict[str, tor
         raise ValueError(f"{cfg_file} is not valid JSON ({exc}); the adapter directory is corrupt") from exc
     if data.get("peft_type") != PEFT_TYPE:
         raise ValueError(f"{cfg_file}: peft_type={data.get('peft_type')!r}, expected {PEFT_TYPE!r} (an sspeft adapter)")
-    cfg = SpectralConfig.from_dict({k: v for k, v in data.items() if k not in _PEFT_FIELDS}, source=str(cfg_file))
+    cfg = SpectralConfig.from_saved({k: v for k, v in data.items() if k not in _PEFT_FIELDS}, source=str(cfg_file))
     try:
         tensors = load_file(str(weights_file))
     except (SafetensorError, OSError, ValueError) as exc:
