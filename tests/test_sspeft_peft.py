@@ -345,8 +345,9 @@ def _assert_same_gradients(theirs, ours, attr: str, mine, x=None) -> None:
     for name, module in theirs.named_modules():
         spectra = getattr(module, attr, None)
         if isinstance(spectra, torch.nn.ParameterDict) and "default" in spectra:
-            torch.testing.assert_close(mine[name.removeprefix(PEFT_PREFIX)].coefficients.grad,
-                                       spectra["default"].grad, rtol=1e-4, atol=1e-7)
+            want = spectra["default"].grad  # fp32 sums in another order: relative to the largest entry
+            torch.testing.assert_close(mine[name.removeprefix(PEFT_PREFIX)].coefficients.grad, want,
+                                       rtol=5e-4, atol=1e-5 * want.abs().max().item())
             checked += 1
     assert checked >= 2
 
