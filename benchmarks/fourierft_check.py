@@ -2,6 +2,7 @@
 
     python benchmarks/fourierft_check.py                  # q,v of all layers, n=1000, α=300, lr 3e-2, 40 steps × 4
     python benchmarks/fourierft_check.py --device cuda --seeds 0,1,2 --json out.json
+    python benchmarks/fourierft_check.py --init-only     # the held-out loss at the initial coefficients
 
 Every variant sees the same batches, the same positions (PEFT's rule: randperm of m·n seeded with the seed alone)
 and the same optimizer; the held-out loss is the mean token loss over records after the training ones. Variants:
@@ -92,7 +93,8 @@ def run(variant: str, path: Path, train, test, pad_id, args, seed: int) -> dict:
     start = time.perf_counter()
     model.eval()
     initial = held_out_loss(model, test, pad_id)
-    if variant != "base":
+    trained = variant != "base" and not args.init_only
+    if trained:
         params = [p for p in model.parameters() if p.requires_grad]
         opt = torch.optim.AdamW(params, lr=args.lr, weight_decay=0.0)
         model.train()
@@ -101,7 +103,8 @@ def run(variant: str, path: Path, train, test, pad_id, args, seed: int) -> dict:
             opt.step()
             opt.zero_grad()
         model.eval()
-    return {"variant": variant, "seed": seed, "initial_loss": initial, "held_out_loss": held_out_loss(model, test, pad_id),
+    final = held_out_loss(model, test, pad_id) if trained else initial
+    return {"variant": variant, "seed": seed, "initial_loss": initial, "held_out_loss": final,
             "train_seconds": round(time.perf_counter() - start, 1)}
 
 
@@ -117,6 +120,7 @@ def main() -> None:
     ap.add_argument("--device", default="cpu")
     ap.add_argument("--max-length", type=int, default=256)
     ap.add_argument("--variants", default="base,sspeft,peft,sspeft-shared,sspeft-peft-init")
+    ap.add_argument("--init-only", action="store_true", help="held-out loss at the initial coefficients only")
     ap.add_argument("--json", type=Path)
     args = ap.parse_args()
     from transformers import AutoTokenizer
