@@ -43,6 +43,7 @@ SHAPES = {
 LOADS = {2048: (4, 512), 512: (2, 256), 8192: (8, 1024), 128: (2, 64)}
 TARGETS = ["q_proj", "v_proj"]
 METHODS = ["lora-r8", "ssh", "lfma", "fourierft", "waveft", "shira", "peft-fourierft", "peft-waveft", "peft-shira"]
+EXTRA_METHODS = ["waveft-periodic"]  # accepted by --methods, not run by default
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
 
 
@@ -88,6 +89,8 @@ def adapt(model, method: str, n: int, shape: str):
         return peft.get_peft_model(model, peft.ShiraConfig(r=8, target_modules=TARGETS))
     name, _, path = method.partition(":")  # e.g. "ssh:reference" forces an execution path
     extra = {"path": path} if path else {}
+    if name == "waveft-periodic":  # the periodised construction (sspeft/wavelets.py)
+        name, extra = "waveft", dict(extra, construction="periodic")
     if name == "shira":
         cfg = sspeft.SpectralConfig(method="shira", r=8, target_modules=TARGETS, **extra)
     else:
@@ -343,9 +346,9 @@ def parse_args(argv=None):
             p.error(f"--tokens {t}: known loads are {sorted(LOADS)} (batch × sequence in LOADS)")
     if args.device == "cuda" and not torch.cuda.is_available():
         p.error("--device cuda: no CUDA device is visible")
-    unknown = [m for m in args.methods.split(",") if m.partition(":")[0] not in METHODS]
+    unknown = [m for m in args.methods.split(",") if m.partition(":")[0] not in METHODS + EXTRA_METHODS]
     if unknown:
-        p.error(f"--methods: unknown {unknown}; known: {METHODS} (sspeft methods accept ':path', e.g. ssh:reference)")
+        p.error(f"--methods: unknown {unknown}; known: {METHODS + EXTRA_METHODS} (sspeft methods accept ':path', e.g. ssh:reference)")
     args.n_for = lambda method: args.n_ssh if (method.startswith("ssh") and args.n_ssh) else args.n
     return args
 

@@ -9,7 +9,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from .transforms import DHT_VARIANTS, NORMALIZATIONS
-from .wavelets import canonical_wavelet
+from .wavelets import CONSTRUCTIONS, canonical_wavelet
 
 METHODS = ("ssh", "lfma", "waveft", "fourierft", "shira")
 
@@ -74,6 +74,10 @@ class SpectralConfig:
     """LFMA: select on the rfft2 half-plane and rebuild with irfft2 (removes conjugate-pair redundancy)."""
     wavelet: str = "haar"
     """WaveFT: wavelet family (haar/db1, db2, db3, sym2, sym3, sym4, coif1, coif2)."""
+    construction: str = "reference"
+    """WaveFT: 'reference' = waverec2 under zero boundaries on the centred, filter-padded coefficient matrix with
+    positions in the weight grid (the official code and PEFT's WaveFT); 'periodic' = periodised orthonormal atoms with
+    positions in the even-padded grid (sspeft/wavelets.py). A saved config without this field is 'periodic'."""
     r: int | None = None
     """SHiRA: give n as r·(m + n) per layer, the parameter count of a rank-r LoRA."""
     shared_positions: bool | None = None
@@ -143,6 +147,13 @@ class SpectralConfig:
             raise ValueError(f"SpectralConfig.half_spectrum is an LFMA option; method is {self.method!r}")
         if self.method == "waveft":
             self.wavelet = canonical_wavelet(self.wavelet)
+        if self.construction not in CONSTRUCTIONS:
+            raise ValueError(
+                f"SpectralConfig.construction={self.construction!r}; expected one of {', '.join(CONSTRUCTIONS)}"
+                f"{_closest(self.construction, CONSTRUCTIONS)}"
+            )
+        if self.construction != "reference" and self.method != "waveft":
+            raise ValueError(f"SpectralConfig.construction is a WaveFT option; method is {self.method!r}")
         if not self.target_modules:
             raise ValueError("SpectralConfig.target_modules is empty; name at least one module (or 'all-linear')")
 
@@ -173,6 +184,19 @@ class SpectralConfig:
     # ------------------------------------------------------------------ serialisation
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
+
+    @staticmethod
+    def saved_fields(data: dict[str, Any]) -> dict[str, Any]:
+        """The fields of a config read from a saved adapter, with what an older file left out filled in as it was
+        when that file was written: a WaveFT config without ``construction`` was trained with 'periodic'."""
+        if data.get("method") == "waveft" and "construction" not in data:
+            return dict(data, construction="periodic")
+        return dict(data)
+
+    @classmethod
+    def from_saved(cls, data: dict[str, Any], source: str = "config") -> "SpectralConfig":
+        """A config from a saved adapter's JSON fields (see :meth:`saved_fields`), validated like :meth:`from_dict`."""
+        return cls.from_dict(cls.saved_fields(data), source)
 
     @classmethod
     def from_dict(cls, data: dict[str, Any], source: str = "config") -> "SpectralConfig":

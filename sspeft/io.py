@@ -148,7 +148,7 @@ def config_from_json(data: object, source: str | os.PathLike) -> SpectralConfig:
             _check_json_type(source, f.name, values[f.name], str(f.type))
     _check_layer_entries(source, values.get("layers", {}))
     try:
-        return SpectralConfig.from_dict(values, source=str(source))
+        return SpectralConfig.from_saved(values, source=str(source))
     except (TypeError, ValueError) as exc:
         message = str(exc)
         raise AdapterFileError(message if message.startswith(str(source)) else f"{source}: {message}") from exc

@@ -13,22 +13,25 @@ import torch
 
 from .config import SpectralConfig
 from .transforms import dht2, idht2, scatter_dense
-from .wavelets import idwt2_sparse, padded_shape
+from .wavelets import idwt2_sparse, position_grid
 
 
-def generator_for(cfg: SpectralConfig, module_name: str, shape: tuple[int, int]) -> torch.Generator:
-    """Seeded generator for one layer: per module name, or per shape when positions are shared across layers."""
-    key = f"{shape[0]}x{shape[1]}" if cfg.shared_positions else module_name
+def _seeded(cfg: SpectralConfig, key: str) -> torch.Generator:
     g = torch.Generator()
     g.manual_seed((int(cfg.seed) * 1_000_003 + zlib.crc32(key.encode())) % (2**63))
     return g
+
+
+def generator_for(cfg: SpectralConfig, module_name: str, shape: tuple[int, int]) -> torch.Generator:
+    """Seeded generator for one layer's positions: per module name, or per shape when positions are shared."""
+    return _seeded(cfg, f"{shape[0]}x{shape[1]}" if cfg.shared_positions else module_name)
 
 
 def coefficient_grid(cfg: SpectralConfig, shape: tuple[int, int]) -> tuple[int, int]:
     """Shape of the coefficient matrix S in which positions live."""
     m, n = shape
     if cfg.method == "waveft":
-        return padded_shape(shape)
+        return position_grid(shape, cfg.wavelet, cfg.construction)
     if cfg.method == "lfma" and cfg.half_spectrum:
         return m, n // 2 + 1
     return m, n
@@ -112,8 +115,8 @@ def select_positions(
         spectrum = lfma_init_spectrum(cfg, weight, g)
         flat = torch.topk(spectrum.abs().flatten(), count, sorted=True).indices
         return _to_positions(flat, cols)
-    if cfg.method == "fourierft" and cfg.shared_positions:
-        # PEFT's FourierFT draws randperm(m·n) from a generator seeded with the seed alone.
+    if cfg.method in ("fourierft", "waveft") and cfg.shared_positions and (rows, cols) == shape:
+        # PEFT's FourierFT and WaveFT draw randperm(m·n) from a generator seeded with the seed alone.
         perm = torch.randperm(rows * cols, generator=torch.Generator().manual_seed(int(cfg.seed)))
         return _to_positions(perm[:count], cols)
     return _to_positions(_sample_excluding(rows * cols, count, None, g), cols)
@@ -135,7 +138,9 @@ def init_coefficients(
 ) -> torch.Tensor:
     """Initial coefficient values, fp32: (n,) real, or (n, 2) (real, imag) for LFMA."""
     count = positions.shape[1]
-    g = generator_for(cfg, module_name + "#init", tuple(weight.shape))
+    # Always per module, also when positions are shared: same-shape layers must not start from one random ΔW
+    # (PEFT and the official FourierFT code draw each layer's coefficients independently).
+    g = _seeded(cfg, module_name + "#init")
     if cfg.method == "lfma":
         # the paper's init: the selected coefficients start at their values in FFT(ΔW_init)
         spectrum = lfma_init_spectrum(cfg, weight, generator_for(cfg, module_name, tuple(weight.shape)))
@@ -162,5 +167,5 @@ def delta_weight(
             return torch.fft.irfft2(spectrum, s=shape, norm=cfg.normalization) * cfg.scaling
         return torch.fft.ifft2(spectrum, norm=cfg.normalization).real * cfg.scaling
     if cfg.method == "waveft":
-        return idwt2_sparse(c, positions, shape, cfg.wavelet) * cfg.scaling
+        return idwt2_sparse(c, positions, shape, cfg.wavelet, cfg.construction) * cfg.scaling
     return scatter_dense(c, positions, grid) * cfg.scaling  # shira: identity transform

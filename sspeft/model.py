@@ -75,11 +75,17 @@ def plan_positions(
     model: nn.Module, cfg: SpectralConfig, targets: dict[str, nn.Module]
 ) -> dict[str, tuple[torch.Tensor, torch.Tensor, str]]:
     """{name: (positions, initial coefficients, base fingerprint)} for every target; ``cfg`` must be resolved."""
+    _check_meta(cfg, targets)
     counts: dict[str, int] = {}
     if cfg.budget == "global":
         counts = _global_counts(cfg, targets)
     plan = {}
     for name, module in targets.items():
+        if module.weight.is_meta:  # only the shape is used (checked above); no fingerprint without values
+            weight = torch.empty((module.out_features, module.in_features), device="meta")
+            positions = methods.select_positions(cfg, weight, name)
+            plan[name] = (positions, methods.init_coefficients(cfg, weight, positions, name), "")
+            continue
         weight = quant.dense_weight(module)
         count = counts.get(name)
         if count is not None and cfg.budget == "global":
@@ -89,6 +95,21 @@ def plan_positions(
         coefficients = methods.init_coefficients(cfg, weight, positions, name)
         plan[name] = (positions, coefficients, quant.fingerprint(weight))
     return plan
+
+
+# Methods that choose positions (or initial coefficients) from the values of the pretrained weight.
+WEIGHT_DEPENDENT = ("ssh", "lfma")
+
+
+def _check_meta(cfg: SpectralConfig, targets: dict[str, nn.Module]) -> None:
+    meta = [name for name, module in targets.items() if module.weight.is_meta]
+    if meta and cfg.method in WEIGHT_DEPENDENT:
+        raise ValueError(
+            f"SpectralConfig.method={cfg.method!r} chooses its positions from the pretrained weights, but "
+            f"{len(meta)} target layer(s) (first: {meta[0]!r}) are on the meta device and hold no values; it needs "
+            f"the real weights: load the model with its weights before sspeft.inject (fourierft, waveft and shira "
+            f"draw positions from the seed alone and can be injected on the meta device)"
+        )
 
 
 def _global_counts(cfg: SpectralConfig, targets: dict[str, nn.Module]) -> dict[str, tuple[int, int]]:
@@ -149,6 +170,11 @@ def inject(model: nn.Module, cfg: SpectralConfig, adapter_name: str = "default")
     parameter is frozen (parameters of existing PEFT adapters, e.g. LoRA on other modules, stay trainable); only the
     coefficients train. Positions are chosen from the fp32 (dequantized, gathered) base weights, seeded by
     ``cfg.seed`` and the module name. 4-bit layers get bitsandbytes' CPU repack switched off before any forward.
+
+    On a model built on the meta device, fourierft, waveft and shira (positions from the seed alone) create their
+    positions and coefficients on the CPU with the values a real model would get; load the base weights afterwards
+    with ``load_state_dict(..., assign=True)`` (``to_empty`` would discard the coefficients too). SSH and LFMA raise:
+    they need the real weights.
     """
     resolved = cfg.resolved()
     targets = find_targets(model, resolved)

@@ -15,7 +15,7 @@
 
 `auto` picks per layer and per call from the shape, n and the tokens in flight (`estimate_costs`); the choice
 depends on nothing else, so a checkpointed forward recomputes on the same path. Plans (index tables, never out×in)
-are cached per layer. See docs/speed.md for measured figures.
+are cached on each layer, keyed on every input they are built from. See docs/speed.md for measured figures.
 """
 
 from __future__ import annotations
@@ -23,7 +23,6 @@ from __future__ import annotations
 import contextlib
 import math
 import warnings
-import weakref
 
 import torch
 import torch.nn.functional as F
@@ -39,14 +38,13 @@ COST_CONSTANTS = {
     "cuda": dict(fft=20.0, gather=60.0, elementwise=20.0, trig=20.0, fp32_matmul=8.0),
 }
 
-_STATE: "weakref.WeakKeyDictionary[torch.nn.Module, dict]" = weakref.WeakKeyDictionary()
-
-
 def _state(layer) -> dict:
-    state = _STATE.get(layer)
+    """The layer's execution state — plans, the ΔW cache, the paths last used, warnings given — held on the layer
+    itself (copied, pickled and freed with it)."""
+    state = layer.__dict__.get("_sspeft_exec")
     if state is None:
         state = {"plans": {}, "delta": {}, "last": {}, "warned": set()}
-        _STATE[layer] = state
+        layer.__dict__["_sspeft_exec"] = state
     return state
 
 
@@ -55,16 +53,24 @@ def last_paths(layer) -> dict[str, str]:
     return dict(_state(layer)["last"])
 
 
-def plan_for(layer, name: str):
-    """The cached FourierPlan/SparsePlan of adapter ``name`` (rebuilt when its positions or config change)."""
+def _plan_key(layer, name: str) -> tuple:
+    """Everything a plan is built from: the config fields it reads (so a changed scaling or wavelet rebuilds it),
+    the positions (identity and in-place version) and the layer's shape."""
     cfg: SpectralConfig = layer.sspeft_config[name]
     positions = layer.sspeft_positions[name]
-    key = (id(cfg), positions.data_ptr(), positions._version, positions.device, tuple(positions.shape))
+    return (plans.plan_inputs(cfg), positions.data_ptr(), positions._version, positions.device,
+            tuple(positions.shape), layer.shape)
+
+
+def plan_for(layer, name: str):
+    """The cached FourierPlan/SparsePlan of adapter ``name``, rebuilt whenever anything it depends on changed."""
+    key = _plan_key(layer, name)
     cached = _state(layer)["plans"].get(name)
     if cached is not None and cached[0] == key:
         return cached[1]
+    cfg = layer.sspeft_config[name]
     build = plans.fourier_plan if cfg.method in plans.FOURIER_METHODS else plans.sparse_plan
-    plan = build(cfg, positions, layer.shape)
+    plan = build(cfg, layer.sspeft_positions[name], layer.shape)
     _state(layer)["plans"][name] = (key, plan)
     return plan
 
@@ -147,7 +153,8 @@ class _Run:
         self.compute_dtype, self.out_dtype = compute_dtype, out_dtype
         cfg = layer.sspeft_config[name]
         coeff = layer.sspeft_coefficients[name]
-        self.cache_key = (coeff.data_ptr(), coeff._version) if getattr(cfg, "cache_delta", False) else None
+        cached = getattr(cfg, "cache_delta", False)
+        self.cache_key = (_plan_key(layer, name), coeff.data_ptr(), coeff._version) if cached else None
 
     def bias(self) -> torch.Tensor | None:
         bias = getattr(self.base, "bias", None)

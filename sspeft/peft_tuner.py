@@ -87,7 +87,8 @@ def _from_pretrained(cls, pretrained_model_name_or_path, subfolder=None, **kwarg
 
 def _check_kwargs(cls, **kwargs):
     config_from_json(kwargs, CONFIG_NAME)
-    return kwargs
+    # fields an older file left out are filled in as they were when it was written (see SpectralConfig.saved_fields)
+    return SpectralConfig.saved_fields(kwargs)
 
 
 SspeftPeftConfig.__post_init__ = _post_init

@@ -14,9 +14,10 @@ DHT is two atoms per position: cos(a−b) + sin(a+b)). So
   * ∂L/∂z_a = conj Σ_t X̃[t, l_a]·G̃[t, k_a] with X̃, G̃ the per-token spectra of x and of the output gradient:
     the coefficient gradient is sampled from two per-token FFTs instead of the full Gᵀ·X product.
 
-Sparse family (shira, waveft): ΔW = α·crop(R_m·C·R_nᵀ) with R the wavelet synthesis basis (identity for SHiRA), so
-ΔW has at most n·L² non-zero entries, and ∂L/∂c_j = α·Σ_t (g·R_m)[t, k_j]·(x·R_n)[t, l_j] — a sampled dense-dense
-product of two per-token 1-D analyses.
+Sparse family (shira, waveft): ΔW = α·Σ_j c_j·r_j·c_jᵀ with r_j, c_j the row and column synthesis atoms of
+coefficient j (L taps each, cropped to the weight; unit vectors for SHiRA; see sspeft/wavelets.py), so ΔW has at
+most n·L² non-zero entries, and ∂L/∂c_j = α·Σ_t (g·r_j)[t]·(x·c_j)[t] — a sampled dense-dense product of two
+per-token 1-D analyses.
 """
 
 from __future__ import annotations
@@ -29,10 +30,16 @@ import torch
 
 from .config import SpectralConfig
 from .transforms import _inverse_factor
-from .wavelets import filters, padded_shape
+from . import wavelets
 
 FOURIER_METHODS = ("ssh", "fourierft", "lfma")
 SPARSE_METHODS = ("shira", "waveft")
+PLAN_FIELDS = ("method", "scaling", "normalization", "dht", "half_spectrum", "wavelet", "construction")
+"""The SpectralConfig fields a plan is built from (fourier_plan, sparse_plan); a change to any of them rebuilds it."""
+
+
+def plan_inputs(cfg: SpectralConfig) -> tuple:
+    return tuple(getattr(cfg, f) for f in PLAN_FIELDS)
 
 
 # ---------------------------------------------------------------------------------------------------- Fourier plan
@@ -231,8 +238,11 @@ class SparsePlan:
     grid: tuple[int, int]
     wavelet: str | None
     """None for SHiRA (identity transform)."""
+    construction: str | None
     k: torch.Tensor
+    """(count,) row key of each coefficient: its index in the [low | high] row analysis (SHiRA: its row)."""
     l: torch.Tensor
+    """(count,) column key, likewise."""
     scale: float
     entries: torch.Tensor
     """(E,) distinct flat indices into the m×n weight that ΔW touches."""
@@ -286,8 +296,8 @@ class SparsePlan:
         """∂L/∂c_j = scale·Σ_t (g·R_m)[t, k_j]·(x·R_n)[t, l_j], a sampled dense-dense product."""
         count = self.k.numel()
         if count >= _CSR_MIN:
-            ga = _dwt_analysis(_pad_to(g2.float(), self.grid[0]), self.wavelet)
-            xa = _dwt_analysis(_pad_to(x2.float(), self.grid[1]), self.wavelet)
+            ga = _analysis(g2.float(), self, self.shape[0])
+            xa = _analysis(x2.float(), self, self.shape[1])
             return sampled_dot(ga, xa, self.k, self.l, self) * self.scale
         out = torch.zeros(count, device=g2.device)
         taps = self.row_taps[0].shape[0] + self.col_taps[0].shape[0]
@@ -304,68 +314,38 @@ def sparse_plan(cfg: SpectralConfig, positions: torch.Tensor, shape: tuple[int, 
     device = rows.device
     count = rows.numel()
     if cfg.method == "shira":
-        grid, wavelet = (m, n), None
-        r_sup, r_val = rows[:, None], torch.ones(count, 1, device=device)
-        c_sup, c_val = cols[:, None], torch.ones(count, 1, device=device)
+        grid, wavelet, construction = (m, n), None, None
+        r_key, r_sup, r_val = rows, rows[:, None], torch.ones(count, 1, device=device)
+        c_key, c_sup, c_val = cols, cols[:, None], torch.ones(count, 1, device=device)
     else:
-        grid, wavelet = padded_shape(shape), cfg.wavelet
-        r_sup, r_val = _atoms(wavelet, grid[0], rows)
-        c_sup, c_val = _atoms(wavelet, grid[1], cols)
+        wavelet, construction = cfg.wavelet, cfg.construction
+        grid = wavelets.padded_shape(shape, wavelet, construction)
+        (r_key, r_sup, r_val), (c_key, c_sup, c_val) = wavelets.synthesis_atoms(wavelet, shape, positions, construction)
     taps_r, taps_c = r_sup.shape[1], c_sup.shape[1]
     er = r_sup[:, :, None].expand(-1, taps_r, taps_c).reshape(-1)
     ec = c_sup[:, None, :].expand(-1, taps_r, taps_c).reshape(-1)
     ew = (r_val[:, :, None] * c_val[:, None, :]).reshape(-1)
     ej = torch.arange(count, device=device)[:, None].expand(-1, taps_r * taps_c).reshape(-1)
-    keep = (er < m) & (ec < n)  # crop the padded grid back to the weight
+    keep = (er >= 0) & (er < m) & (ec >= 0) & (ec < n)  # crop the padded grid back to the weight
     flat = er[keep] * n + ec[keep]
     entries, inverse = torch.unique(flat, return_inverse=True)
     return SparsePlan(
-        shape=(m, n), grid=grid, wavelet=wavelet, k=rows, l=cols, scale=float(cfg.scaling),
-        entries=entries, contrib_entry=inverse, contrib_coef=ej[keep], contrib_weight=ew[keep].float(),
-        row_taps=_cropped(r_sup, r_val, m), col_taps=_cropped(c_sup, c_val, n),
+        shape=(m, n), grid=grid, wavelet=wavelet, construction=construction, k=r_key, l=c_key,
+        scale=float(cfg.scaling), entries=entries, contrib_entry=inverse, contrib_coef=ej[keep],
+        contrib_weight=ew[keep].float(), row_taps=_cropped(r_sup, r_val, m), col_taps=_cropped(c_sup, c_val, n),
     )
 
 
 def _cropped(support: torch.Tensor, values: torch.Tensor, size: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """Taps on the padded row/column (index == size) become weight-0 taps at index 0."""
-    outside = support >= size
+    """Taps outside the weight (padding the crop removes) become weight-0 taps at index 0."""
+    outside = (support < 0) | (support >= size)
     index = torch.where(outside, 0, support).t().contiguous()
     return index, torch.where(outside, 0.0, values.float()).t().contiguous()
 
 
-def _atoms(wavelet: str, size: int, index: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    lo, hi = filters(wavelet)
-    length = lo.numel()
-    band_hi = index >= size // 2
-    j = torch.where(band_hi, index - size // 2, index)
-    taps = torch.arange(length, device=index.device)
-    support = (2 * j[:, None] - (length // 2 - 1) + taps[None, :]) % size
-    bank = torch.stack([lo, hi]).to(device=index.device, dtype=torch.float32)
-    return support, bank[band_hi.long()]
-
-
-def _pad_to(v: torch.Tensor, size: int) -> torch.Tensor:
-    return v if v.shape[-1] == size else torch.nn.functional.pad(v, (0, size - v.shape[-1]))
-
-
-def _dwt_analysis(v: torch.Tensor, wavelet: str | None) -> torch.Tensor:
-    """v·R_N along the last dim (single-level periodised DWT, [low | high] halves); identity for SHiRA.
-
-    Atom j's tap t sits at (2j + s) mod N with s = t − (L/2 − 1): an even/odd slot shifted by ⌊s/2⌋.
-    """
-    if wavelet is None:
-        return v
-    lo, hi = filters(wavelet)
-    length = lo.numel()
-    halves = (v[..., 0::2], v[..., 1::2])
-    low = torch.zeros_like(halves[0])
-    high = torch.zeros_like(halves[0])
-    for t in range(length):
-        s = t - (length // 2 - 1)
-        src = halves[s % 2].roll(-(s // 2), dims=-1)
-        low.add_(src, alpha=float(lo[t]))
-        high.add_(src, alpha=float(hi[t]))
-    return torch.cat([low, high], dim=-1)
+def _analysis(v: torch.Tensor, plan: "SparsePlan", size: int) -> torch.Tensor:
+    """v·R along the last dim in the layout of the plan's keys; identity for SHiRA."""
+    return v if plan.wavelet is None else wavelets.analysis(v, plan.wavelet, size, plan.construction)
 
 
 # ---------------------------------------------------------------------------------------------------- sampled products

@@ -63,7 +63,7 @@ def idht2(s: torch.Tensor, variant: str = "standard", norm: str = "ortho") -> to
 
 
 def cas_matrix(size: int, device=None) -> torch.Tensor:
-    """The 1-D Hartley kernel C[k, p] = cas(2πkp/size) = cos + sin (fp32). Used by tests and factorised paths."""
+    """The 1-D Hartley kernel C[k, p] = cas(2πkp/size) = cos + sin (fp32), as an explicit matrix for tests."""
     idx = torch.arange(size, device=device, dtype=torch.float64)
     angle = 2 * math.pi * torch.outer(idx, idx) / size
     return (torch.cos(angle) + torch.sin(angle)).float()

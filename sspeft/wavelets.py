@@ -1,12 +1,21 @@
-"""Single-level 2-D inverse wavelet transform (periodization mode) as a sparse synthesis.
+"""Single-level 2-D inverse wavelet transforms as sparse syntheses, in two constructions.
 
-The coefficient matrix C (m'×n', both even) is laid out like ``pywt.idwt2`` subbands stacked as
-``[[cA, cV], [cH, cD]]``: rows [0, m'/2) are low-pass along the rows, [m'/2, m') high-pass; likewise for columns.
-With orthogonal filters and periodic extension the synthesis is an orthonormal basis, so
-IDWT2(C) = R_m · C · R_nᵀ, where column i of R_N is a filter of length L placed at 2·i − (L/2 − 1) modulo N.
-Each coefficient therefore writes one L×L (wrapped) block of ΔW: with p coefficients the update has at most p·L²
-non-zeros, and we build it by scattering those blocks instead of running a dense transform.
-Checked against PyWavelets (``mode="periodization"``) in the tests.
+``reference`` (the default; the official WaveFT code and PEFT's WaveFT): positions live in the m×n weight grid and
+are placed, centred, in an M×N coefficient matrix padded by the filter length (M = m + L − 2, rounded up to even);
+the matrix is split as ``[[cA, cH], [cV, cD]]`` and reconstructed with ``waverec2`` under zero boundaries
+(PyWavelets' ``mode="zero"``; PEFT's vendored conv_transpose2d), and the result is cropped back to m×n. Row p of
+the output takes ``rec[p − 2i + L − 2]`` from coefficient row i, so each coefficient writes one L×L block, truncated
+at the edges. The band of the row filter is set by the coefficient's *column* half (cH is high-pass along the rows)
+and vice versa.
+
+``periodic``: the coefficient matrix is the weight rounded up to even sizes, laid out ``[[cA, cV], [cH, cD]]`` (the
+row half sets the row band), reconstructed in PyWavelets' ``mode="periodization"``: an orthonormal basis whose atoms
+wrap around, cropped to m×n. Adapters trained before the construction was recorded use it.
+
+For Haar at even sizes the two are the same set of 2×2 blocks under a relabelling of positions. Either way a
+coefficient touches at most L² entries of ΔW: with p coefficients the update has at most p·L² non-zeros, and it is
+built by scattering those blocks instead of running a dense transform. Both are checked against PyWavelets and the
+reference against PEFT in the tests.
 """
 
 from __future__ import annotations
@@ -33,6 +42,7 @@ _REC_LO: dict[str, tuple[float, ...]] = {
 }
 _ALIASES = {"haar": "db1"}
 SUPPORTED_WAVELETS = tuple(sorted(_REC_LO)) + tuple(sorted(_ALIASES))
+CONSTRUCTIONS = ("reference", "periodic")
 
 
 def canonical_wavelet(name: str) -> str:
@@ -54,68 +64,111 @@ def filters(name: str) -> tuple[torch.Tensor, torch.Tensor]:
     return lo, hi
 
 
-def padded_shape(shape: tuple[int, int]) -> tuple[int, int]:
-    """Coefficient-matrix shape for an m×n weight: both sizes rounded up to even."""
-    m, n = shape
-    return m + (m % 2), n + (n % 2)
+def filter_length(name: str) -> int:
+    return len(_REC_LO[canonical_wavelet(name)])
 
 
-def atoms(name: str, size: int, index: torch.Tensor, device=None) -> tuple[torch.Tensor, torch.Tensor]:
-    """Support and values of synthesis atoms ``index`` (coefficient indices along one axis of length ``size``).
+def padded_shape(shape: tuple[int, int], wavelet: str = "db1", construction: str = "periodic") -> tuple[int, int]:
+    """Coefficient-matrix shape M×N for an m×n weight: padded by L − 2 (reference) and rounded up to even."""
+    extra = filter_length(wavelet) - 2 if construction == "reference" else 0
+    return tuple(s + extra + (s + extra) % 2 for s in shape)
 
-    Returns (support, values), each (len(index), L): atom i has ``values[i, t]`` at row ``support[i, t]``.
+
+def position_grid(shape: tuple[int, int], wavelet: str, construction: str) -> tuple[int, int]:
+    """Where WaveFT positions are drawn: the weight grid (reference) or the even-padded matrix (periodic)."""
+    return tuple(shape) if construction == "reference" else padded_shape(shape)
+
+
+def _axis_atoms(lo_hi: torch.Tensor, index: torch.Tensor, high: torch.Tensor, half: int, offset: int, size: int | None):
+    """(key, support, values) of the atoms along one axis: coefficient ``index`` within its band, ``high`` band flag.
+    Tap a sits at 2·index + a − offset, wrapped modulo ``size`` when given (periodic)."""
+    taps = torch.arange(lo_hi.shape[1], device=index.device)
+    support = 2 * index[:, None] - offset + taps[None, :]
+    if size is not None:
+        support = support % size
+    return index + half * high.long(), support, lo_hi[high.long()]
+
+
+def synthesis_atoms(wavelet: str, shape: tuple[int, int], positions: torch.Tensor, construction: str):
+    """Row and column atoms of every coefficient at ``positions`` (2, p) of the position grid.
+
+    Returns ((row_key, row_support, row_values), (col_key, col_support, col_values)); support and values are
+    (p, L), a support outside [0, m) / [0, n) is a tap the crop removes. ``key`` indexes the [low | high] halves of
+    :func:`analysis` along that axis, so ∂L/∂c = scale·Σ_t analysis(g)[t, row_key]·analysis(x)[t, col_key].
     """
-    lo, hi = filters(name)
+    lo, hi = filters(wavelet)
     length = lo.numel()
-    half = size // 2
-    index = index.to(device=device)
-    band_hi = index >= half
-    j = torch.where(band_hi, index - half, index)
-    taps = torch.arange(length, device=device)
-    support = (2 * j[:, None] - (length // 2 - 1) + taps[None, :]) % size
+    device = positions.device
     bank = torch.stack([lo, hi]).to(device=device, dtype=torch.float32)
-    values = bank[band_hi.long()]
-    return support, values
+    rows, cols = positions[0].long(), positions[1].long()
+    big_m, big_n = padded_shape(shape, wavelet, construction)
+    hm, hn = big_m // 2, big_n // 2
+    if construction == "periodic":
+        row_high, col_high = rows >= hm, cols >= hn
+        row = _axis_atoms(bank, rows - hm * row_high.long(), row_high, hm, length // 2 - 1, big_m)
+        col = _axis_atoms(bank, cols - hn * col_high.long(), col_high, hn, length // 2 - 1, big_n)
+        return row, col
+    r = rows + (big_m - shape[0]) // 2  # centred in the padded matrix
+    c = cols + (big_n - shape[1]) // 2
+    r_second, c_second = r >= hm, c >= hn  # bottom half (cV, cD), right half (cH, cD)
+    row = _axis_atoms(bank, r - hm * r_second.long(), c_second, hm, length - 2, None)
+    col = _axis_atoms(bank, c - hn * c_second.long(), r_second, hn, length - 2, None)
+    return row, col
 
 
 def idwt2_sparse(
-    values: torch.Tensor, positions: torch.Tensor, shape: tuple[int, int], wavelet: str
+    values: torch.Tensor, positions: torch.Tensor, shape: tuple[int, int], wavelet: str,
+    construction: str = "reference",
 ) -> torch.Tensor:
-    """IDWT2 of the padded coefficient matrix holding ``values`` at ``positions``, cropped to ``shape`` (m, n).
+    """ΔW (m, n) of the coefficient matrix holding ``values`` at ``positions`` (of the position grid).
 
     Linear in ``values`` and differentiable; costs O(p·L²) instead of a dense transform.
     """
     m, n = shape
-    mp, np_ = padded_shape(shape)
-    device = values.device
-    row_sup, row_val = atoms(wavelet, mp, positions[0], device)
-    col_sup, col_val = atoms(wavelet, np_, positions[1], device)
+    (_, row_sup, row_val), (_, col_sup, col_val) = synthesis_atoms(wavelet, shape, positions.to(values.device),
+                                                                   construction)
     length = row_sup.shape[1]
     # block[k, a, b] = values[k] · row_val[k, a] · col_val[k, b] at (row_sup[k, a], col_sup[k, b])
     block = values.float()[:, None, None] * row_val[:, :, None] * col_val[:, None, :]
-    rows = row_sup[:, :, None].expand(-1, length, length)
-    cols = col_sup[:, None, :].expand(-1, length, length)
-    out = torch.zeros((mp, np_), dtype=torch.float32, device=device)
-    out = out.index_put((rows.reshape(-1), cols.reshape(-1)), block.reshape(-1), accumulate=True)
-    return out[:m, :n]
+    rows = row_sup[:, :, None].expand(-1, length, length).reshape(-1)
+    cols = col_sup[:, None, :].expand(-1, length, length).reshape(-1)
+    keep = (rows >= 0) & (rows < m) & (cols >= 0) & (cols < n)
+    out = torch.zeros((m, n), dtype=torch.float32, device=values.device)
+    return out.index_put((rows[keep], cols[keep]), block.reshape(-1)[keep], accumulate=True)
 
 
-def dwt2_dense(x: torch.Tensor, wavelet: str) -> torch.Tensor:
-    """Forward single-level DWT2 (periodization) of a padded-shape matrix, as the stacked coefficient matrix.
-
-    The adjoint of the synthesis above (orthonormal, so also its inverse). Used to project a dense update onto the
-    wavelet basis (tests, analysis); not on the training path.
-    """
-    mp, np_ = x.shape
-    r = synthesis_matrix(wavelet, mp, x.device)
-    c = synthesis_matrix(wavelet, np_, x.device)
-    return r.T @ x.float() @ c
+def analysis(v: torch.Tensor, wavelet: str, size: int, construction: str) -> torch.Tensor:
+    """v·R along the last dim (length ``size`` of the weight): each synthesis atom's inner product with v, laid out
+    [low | high] as the keys of :func:`synthesis_atoms`. The adjoint of the synthesis along one axis, fp32."""
+    lo, hi = filters(wavelet)
+    length = lo.numel()
+    big = padded_shape((size, size), wavelet, construction)[0]
+    v = v.float()
+    if construction == "reference":
+        # coefficient i reads v[2i + a − (L − 2)], zero outside [0, size): a stride-2 correlation of the padded v
+        padded = torch.nn.functional.pad(v.reshape(-1, 1, size), (length - 2, big - size))
+        bank = torch.stack([lo, hi]).float().to(v.device)[:, None, :]
+        out = torch.nn.functional.conv1d(padded, bank, stride=2)  # (T, 2, big/2)
+        return out.reshape(*v.shape[:-1], big)
+    v = torch.nn.functional.pad(v, (0, big - size))
+    halves = (v[..., 0::2], v[..., 1::2])  # tap t of atom j sits at (2j + s) mod big, s = t − (L/2 − 1)
+    low = torch.zeros_like(halves[0])
+    high = torch.zeros_like(halves[0])
+    for t in range(length):
+        s = t - (length // 2 - 1)
+        src = halves[s % 2].roll(-(s // 2), dims=-1)
+        low.add_(src, alpha=float(lo[t]))
+        high.add_(src, alpha=float(hi[t]))
+    return torch.cat([low, high], dim=-1)
 
 
 def synthesis_matrix(wavelet: str, size: int, device=None) -> torch.Tensor:
-    """Dense R_N (size×size) whose column i is synthesis atom i; for tests and small analyses only."""
+    """Dense periodic R_N (size×size, even) whose column i is synthesis atom i; for tests and small analyses."""
     idx = torch.arange(size, device=device)
-    support, values = atoms(wavelet, size, idx, device)
+    lo, hi = filters(wavelet)
+    bank = torch.stack([lo, hi]).to(device=device, dtype=torch.float32)
+    high = idx >= size // 2
+    _, support, values = _axis_atoms(bank, idx - size // 2 * high.long(), high, size // 2, lo.numel() // 2 - 1, size)
     out = torch.zeros((size, size), dtype=torch.float32, device=device)
     cols = idx[:, None].expand_as(support)
     return out.index_put((support.reshape(-1), cols.reshape(-1)), values.reshape(-1), accumulate=True)

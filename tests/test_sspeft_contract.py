@@ -22,11 +22,12 @@ CASES = {
     "lfma-gaussian": dict(method="lfma", init="gaussian"),
     "waveft": dict(method="waveft"),
     "waveft-db3": dict(method="waveft", wavelet="db3"),
+    "waveft-periodic": dict(method="waveft", wavelet="db2", construction="periodic"),
     "fourierft": dict(method="fourierft"),
     "fourierft-zeros": dict(method="fourierft", init="zeros", shared_positions=False),
     "shira": dict(method="shira"),
 }
-ZERO_INIT = {"ssh", "ssh-separable", "ssh-global", "waveft", "waveft-db3", "fourierft-zeros", "shira"}
+ZERO_INIT = {"ssh", "ssh-separable", "ssh-global", "waveft", "waveft-db3", "waveft-periodic", "fourierft-zeros", "shira"}
 TARGETS = ["q_proj", "v_proj", "k_proj"]
 
 
@@ -221,6 +222,71 @@ def test_saved_config_is_unambiguous(tmp_path):
         assert data[key] not in (None, ""), key
     assert data["layers"]["q_proj"]["shape"] == [16, 24] and data["layers"]["k_proj"]["shape"] == [9, 7]
     assert all(len(info["fingerprint"]) == 16 for info in data["layers"].values())
+
+
+def test_waveft_construction_is_recorded_and_a_file_without_it_loads_periodic(tmp_path):
+    """New adapters record their construction; a config without the field (written before it existed) is read as
+    the periodic construction it was trained with, through sspeft.load_adapter."""
+    default = make("waveft")
+    sspeft.save_adapter(default, tmp_path / "new")
+    assert json.loads((tmp_path / "new" / "adapter_config.json").read_text())["construction"] == "reference"
+    old = make("waveft-periodic")
+    train_step(old, torch.randn(3, 24))
+    sspeft.save_adapter(old, tmp_path / "old")
+    cfg_file = tmp_path / "old" / "adapter_config.json"
+    data = json.loads(cfg_file.read_text())
+    del data["construction"]
+    cfg_file.write_text(json.dumps(data))
+    loaded = sspeft.load_adapter(Tiny(0), tmp_path / "old")
+    assert sspeft.adapter_config(loaded).construction == "periodic"
+    x = torch.randn(2, 24)
+    with torch.no_grad():
+        torch.testing.assert_close(loaded(x), old(x), rtol=0, atol=0)
+
+
+def test_saved_fields_fill_the_construction_of_older_files_only():
+    saved = sspeft.SpectralConfig(method="waveft", n=8).resolved().to_dict()
+    assert sspeft.SpectralConfig.from_saved(saved).construction == "reference"
+    older = {k: v for k, v in saved.items() if k != "construction"}
+    assert sspeft.SpectralConfig.from_saved(older).construction == "periodic"
+    assert sspeft.SpectralConfig.from_dict(older).construction == "reference"  # a new config: the default
+    ssh = {k: v for k, v in sspeft.SpectralConfig(method="ssh").resolved().to_dict().items() if k != "construction"}
+    assert sspeft.SpectralConfig.from_saved(ssh).construction == "reference"
+    with pytest.raises(ValueError, match="construction is a WaveFT option; method is 'ssh'"):
+        sspeft.SpectralConfig(method="ssh", construction="periodic")
+    with pytest.raises(ValueError, match=r"construction='periodical'; expected one of reference, periodic.*did you mean 'periodic'"):
+        sspeft.SpectralConfig(method="waveft", construction="periodical")
+
+
+@pytest.mark.parametrize("case", ["fourierft", "waveft", "waveft-periodic", "shira"])
+def test_inject_on_meta_device_gives_the_real_models_adapter(case, tmp_path):
+    """Positions from the seed alone: injecting on a meta-device model creates, on the CPU, the positions and
+    coefficients a real model gets; saved and loaded onto the real base it gives the same outputs."""
+    with torch.device("meta"):
+        meta = Tiny(0)
+    sspeft.inject(meta, sspeft.SpectralConfig(n=12, target_modules=TARGETS, seed=3, **CASES[case]))
+    real = make(case)
+    real_layers = sspeft.adapted_layers(real)
+    for name, layer in sspeft.adapted_layers(meta).items():
+        assert layer.base_layer.weight.is_meta and layer.coefficients.device.type == "cpu"
+        assert torch.equal(layer.positions, real_layers[name].positions), name
+        assert torch.equal(layer.coefficients, real_layers[name].coefficients), name
+    sspeft.save_adapter(meta, tmp_path / "a")
+    loaded = sspeft.load_adapter(Tiny(0), tmp_path / "a")
+    x = torch.randn(2, 24)
+    with torch.no_grad():
+        torch.testing.assert_close(loaded(x), real(x), rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("case", ["ssh", "ssh-global", "lfma"])
+def test_inject_on_meta_device_needs_real_weights_for_ssh_and_lfma(case):
+    with torch.device("meta"):
+        meta = Tiny(0)
+    method = CASES[case]["method"]
+    with pytest.raises(ValueError, match=rf"method='{method}' chooses its positions from the pretrained weights.*"
+                                         r"meta device.*needs the real weights: load the model with its weights"):
+        sspeft.inject(meta, sspeft.SpectralConfig(n=12, target_modules=TARGETS, **CASES[case]))
+    assert not sspeft.adapted_layers(meta), "inject left a partial result behind"
 
 
 def test_gradient_checkpointing_llama_matches():

@@ -24,6 +24,7 @@ CASES = {
     "lfma-half": dict(method="lfma", half_spectrum=True),
     "waveft-haar": dict(method="waveft"),
     "waveft-db3": dict(method="waveft", wavelet="db3"),
+    "waveft-db2-periodic": dict(method="waveft", wavelet="db2", construction="periodic"),
     "shira": dict(method="shira"),
 }
 FOURIER = {"ssh", "ssh-separable", "fourierft", "lfma", "lfma-half"}
@@ -97,10 +98,12 @@ def test_every_path_equals_reference_fp32(case, shape):
         compare(model, layer, path, x, g, rel=2e-5)
 
 
-def test_many_positions_use_the_sampled_sparse_product():
-    """SHiRA with ≥ 4096 positions samples its gradient with torch.sparse.sampled_addmm (CSR path)."""
-    model, layer = adapted("shira", (96, 96), n=5000)
-    x, g = torch.randn(7, 96), torch.randn(7, 96)
+@pytest.mark.parametrize("case", ["shira", "waveft-db3", "waveft-db2-periodic"])
+def test_many_positions_use_the_sampled_sparse_product(case):
+    """≥ 4096 positions: the coefficient gradient is sampled with torch.sparse.sampled_addmm (CSR path) from the
+    per-token analyses of x and of the output gradient."""
+    model, layer = adapted(case, (96, 90), n=5000)
+    x, g = torch.randn(7, 90), torch.randn(7, 96)
     for path in ("merged", "split"):
         compare(model, layer, path, x, g, rel=2e-5)
 
@@ -201,6 +204,53 @@ def test_cache_delta_is_refreshed_after_each_optimizer_step():
         assert_close(outs[0][0], outs[1][0], 2e-5, f"step {step} output")
         assert_close(outs[0][1], outs[1][1], 2e-5, f"step {step} gradient")
     assert paths.last_paths(cached)["default"] == "merged"
+
+
+def _changes(case: str) -> list:
+    """Public changes to an adapter after it has run; each must show in the next forward on every path."""
+    def scaling(layer):
+        layer.config.scaling *= 2
+
+    def coefficients(layer):
+        with torch.no_grad():
+            layer.coefficients.mul_(-0.5).add_(0.1)
+
+    def positions_in_place(layer):
+        layer.positions.copy_(layer.positions.flip(1))
+
+    def positions_replaced(layer):
+        layer.sspeft_positions["default"] = layer.positions.roll(1, dims=1).clone()
+
+    out = [scaling, coefficients, positions_in_place, positions_replaced]
+    if case in FOURIER:
+        out.append(lambda layer: setattr(layer.config, "normalization", "forward"))
+    if case == "ssh":
+        out.append(lambda layer: setattr(layer.config, "dht", "separable"))
+    if case.startswith("waveft") and "periodic" not in case:
+        out += [lambda layer: setattr(layer.config, "wavelet", "db2"),
+                lambda layer: setattr(layer.config, "construction", "periodic")]
+    return out
+
+
+@pytest.mark.parametrize("case", sorted(CASES))
+def test_forward_follows_every_public_change(case):
+    """forward == x·(W0 + delta_weight())ᵀ + b after each change to the config, positions or coefficients, on every
+    path (cached plans and the cached ΔW are keyed on everything they are built from)."""
+    shape = (20, 36)
+    model, layer = adapted(case, shape, cache_delta=True)
+    x = torch.randn(4, shape[1])
+    for change in [None] + _changes(case):
+        if change is not None:
+            change(layer)
+        with torch.no_grad():
+            weight = layer.base_layer.weight + layer.delta_weight()
+            expected = x @ weight.t() + layer.base_layer.bias
+        for path in ("reference",) + paths_for(case):
+            set_path(layer, path)
+            with torch.no_grad():
+                got = model(x)
+            name = getattr(change, "__name__", "no change")
+            assert_close(got, expected, 2e-5, f"{case} after {name}, path {path}")
 
 
 # ---------------------------------------------------------------------------------------------------- choosing

@@ -311,6 +311,91 @@ def test_fourierft_matches_peft_fourierft():
     torch.testing.assert_close(logits(ours), logits(theirs), rtol=1e-6, atol=1e-6)
 
 
+def test_fourierft_gradients_match_peft_and_inits_are_per_layer():
+    """Same positions and coefficients → same coefficient gradients through sspeft's fast paths as through PEFT's
+    autograd; the initial coefficients are drawn per layer (never one random ΔW for every same-shape layer)."""
+    n, alpha, seed = 30, 300.0, 3
+    theirs = peft.get_peft_model(tiny_llama(), peft.FourierFTConfig(
+        n_frequency=n, scaling=alpha, random_loc_seed=seed, target_modules=TARGETS, init_weights=False))
+    ours = sspeft.inject(tiny_llama(), sspeft.SpectralConfig(
+        method="fourierft", n=n, scaling=alpha, seed=seed, target_modules=TARGETS))
+    mine = by_module(ours)
+    q0, q1 = mine["model.layers.0.self_attn.q_proj"], mine["model.layers.1.self_attn.q_proj"]
+    assert torch.equal(q0.positions, q1.positions)
+    assert not torch.equal(q0.coefficients, q1.coefficients)
+    assert q0.coefficients.std().item() == pytest.approx(1.0, abs=0.5)  # PEFT's N(0, 1), not a scaled-down draw
+    _copy_peft_coefficients(theirs, mine, "fourierft_spectrum", peft.tuners.fourierft.FourierFTLayer)
+    _assert_same_gradients(theirs, ours, "fourierft_spectrum", mine)
+
+
+def _copy_peft_coefficients(theirs, mine, attr: str, layer_type) -> None:
+    with torch.no_grad():
+        for name, module in theirs.named_modules():
+            if isinstance(module, layer_type):
+                mine[name.removeprefix(PEFT_PREFIX)].coefficients.copy_(getattr(module, attr)["default"])
+
+
+def _assert_same_gradients(theirs, ours, attr: str, mine, x=None) -> None:
+    for model in (theirs, ours):
+        model.train()
+        x_in = ids() if x is None else x
+        out = model(x_in) if x is not None else model(x_in, labels=x_in)
+        (out.pow(2).mean() if x is not None else out.loss).backward()
+    checked = 0
+    for name, module in theirs.named_modules():
+        spectra = getattr(module, attr, None)
+        if isinstance(spectra, torch.nn.ParameterDict) and "default" in spectra:
+            want = spectra["default"].grad  # fp32 sums in another order: relative to the largest entry
+            torch.testing.assert_close(mine[name.removeprefix(PEFT_PREFIX)].coefficients.grad, want,
+                                       rtol=5e-4, atol=1e-5 * want.abs().max().item())
+            checked += 1
+    assert checked >= 2
+
+
+class OddLinears(torch.nn.Module):
+    """Square, non-square, odd and odd×even Linear layers in a chain (PEFT and sspeft target them by name)."""
+
+    SHAPES = {"sq": (16, 16), "wide": (12, 20), "odd": (7, 9), "odd_even": (9, 12)}
+
+    def __init__(self):
+        super().__init__()
+        torch.manual_seed(0)
+        self.sq, self.wide = torch.nn.Linear(16, 16), torch.nn.Linear(20, 12)
+        self.odd, self.odd_even = torch.nn.Linear(9, 7), torch.nn.Linear(12, 9)
+
+    def forward(self, x):  # x: (batch, 16) → sq → pad to 20 → wide (12) → odd needs 9 …
+        h = self.sq(x)
+        h = self.wide(torch.cat([h, h[:, :4]], -1))
+        return self.odd_even(torch.cat([self.odd(h[:, :9]), h[:, :5]], -1))
+
+
+@pytest.mark.parametrize("family", ["db1", "db2", "db3", "sym2", "sym3", "sym4", "coif1", "coif2"])
+def test_waveft_matches_peft_waveft(family):
+    """The default (reference) construction is PEFT's WaveFT: same positions (shared_positions=True draws PEFT's
+    randperm), same coefficients → same ΔW, outputs and coefficient gradients, on square, non-square and odd layers."""
+    n, lam, seed, names = 24, 25.0, 4, list(OddLinears.SHAPES)
+    theirs = peft.get_peft_model(OddLinears(), peft.WaveFTConfig(
+        n_frequency=n, scaling=lam, wavelet_family=family, random_loc_seed=seed, target_modules=names,
+        init_weights=False))
+    ours = sspeft.inject(OddLinears(), sspeft.SpectralConfig(
+        method="waveft", n=n, scaling=lam, wavelet=family, seed=seed, shared_positions=True, target_modules=names))
+    assert sspeft.adapter_config(ours).construction == "reference"
+    mine = by_module(ours)
+    for name, module in theirs.named_modules():
+        if isinstance(module, peft.tuners.waveft.WaveFTLayer):
+            layer = mine[name.removeprefix(PEFT_PREFIX)]
+            assert torch.equal(layer.positions, module.waveft_indices["default"].long()), f"{name}: positions differ"
+            with torch.no_grad():
+                layer.coefficients.copy_(module.waveft_spectrum["default"] * 10)
+                module.waveft_spectrum["default"].mul_(10)
+            want = module.get_delta_weight("default")
+            torch.testing.assert_close(layer.delta_weight(), want, rtol=1e-5, atol=1e-6 * want.abs().max().item())
+    x = torch.randn(5, 16)
+    with torch.no_grad():
+        torch.testing.assert_close(ours(x), theirs(x), rtol=1e-4, atol=1e-5)
+    _assert_same_gradients(theirs, ours, "waveft_spectrum", mine, x)
+
+
 def test_shira_matches_peft_shira():
     r, seed = 2, 5
     theirs = peft.get_peft_model(tiny_llama(), peft.ShiraConfig(

@@ -73,10 +73,26 @@ def test_lfma_top_k_ratio_and_shira_rank_counts():
     assert sspeft.count_trainable(shira) == 2 * (40 + 50)
 
 
-def test_waveft_positions_live_in_the_padded_grid():
-    model = sspeft.inject(_single(7, 9), sspeft.SpectralConfig(method="waveft", n=80, target_modules=["q_proj"]))
-    pos = sspeft.adapted_layers(model)["q_proj"].positions
-    assert pos[0].max() < 8 and pos[1].max() < 10 and len(set((pos[0] * 10 + pos[1]).tolist())) == 80
+@pytest.mark.parametrize("construction, grid", [("reference", (7, 9)), ("periodic", (8, 10))])
+def test_waveft_positions_live_in_their_grid(construction, grid):
+    """Reference: drawn in the m×n weight grid (PEFT, official code); periodic: in the even-padded matrix."""
+    cfg = sspeft.SpectralConfig(method="waveft", n=63, target_modules=["q_proj"], construction=construction)
+    pos = sspeft.adapted_layers(sspeft.inject(_single(7, 9), cfg))["q_proj"].positions
+    flat = set((pos[0] * grid[1] + pos[1]).tolist())
+    assert pos[0].max() < grid[0] and pos[1].max() < grid[1] and len(flat) == 63
+    with pytest.raises(ValueError, match=r"n=64 is larger than the 7×9=63 coefficient positions"):
+        sspeft.inject(_single(7, 9), sspeft.SpectralConfig(method="waveft", n=64, target_modules=["q_proj"]))
+
+
+def test_fourierft_initial_coefficients_are_drawn_per_layer():
+    """Positions shared by same-shape layers (PEFT's rule), initial coefficients per layer, reproducible per seed."""
+    cfg = sspeft.SpectralConfig(method="fourierft", n=30, seed=7).resolved()
+    weight = torch.randn(12, 20)
+    pos = methods.select_positions(cfg, weight, "a.q_proj")
+    a = methods.init_coefficients(cfg, weight, pos, "a.q_proj")
+    b = methods.init_coefficients(cfg, weight, pos, "b.q_proj")
+    assert not torch.equal(a, b) and torch.equal(a, methods.init_coefficients(cfg, weight, pos, "a.q_proj"))
+    assert abs(torch.corrcoef(torch.stack([a, b]))[0, 1].item()) < 0.6
 
 
 def test_fourierft_shared_positions_follow_peft_rule():

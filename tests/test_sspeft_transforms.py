@@ -65,9 +65,17 @@ pywt = pytest.importorskip("pywt")
 FAMILIES = ["db1", "db2", "db3", "sym2", "sym3", "sym4", "coif1", "coif2"]
 
 
+WAVELET_SHAPES = [(8, 8), (6, 12), (7, 5), (16, 4), (9, 13)]
+
+
+def _all_positions(rows: int, cols: int) -> torch.Tensor:
+    r, c = torch.meshgrid(torch.arange(rows), torch.arange(cols), indexing="ij")
+    return torch.stack([r.reshape(-1), c.reshape(-1)])
+
+
 @pytest.mark.parametrize("family", FAMILIES)
-@pytest.mark.parametrize("shape", [(8, 8), (6, 12), (7, 5), (16, 4)])
-def test_sparse_idwt2_matches_pywavelets(family, shape):
+@pytest.mark.parametrize("shape", WAVELET_SHAPES)
+def test_periodic_idwt2_matches_pywavelets(family, shape):
     m, n = shape
     mp, np_ = wavelets.padded_shape(shape)
     coeffs = torch.randn(mp, np_, dtype=torch.float64)
@@ -75,10 +83,55 @@ def test_sparse_idwt2_matches_pywavelets(family, shape):
     ca, cv = coeffs[:half_r, :half_c], coeffs[:half_r, half_c:]
     ch, cd = coeffs[half_r:, :half_c], coeffs[half_r:, half_c:]
     expected = pywt.idwt2((ca.numpy(), (ch.numpy(), cv.numpy(), cd.numpy())), family, mode="periodization")[:m, :n]
-    rows, cols = torch.meshgrid(torch.arange(mp), torch.arange(np_), indexing="ij")
-    positions = torch.stack([rows.reshape(-1), cols.reshape(-1)])
-    got = wavelets.idwt2_sparse(coeffs.reshape(-1).float(), positions, shape, family)
+    got = wavelets.idwt2_sparse(coeffs.reshape(-1).float(), _all_positions(mp, np_), shape, family, "periodic")
     np.testing.assert_allclose(got.numpy(), expected, atol=1e-5)
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+@pytest.mark.parametrize("shape", WAVELET_SHAPES)
+def test_reference_idwt2_matches_pywavelets_zero_mode(family, shape):
+    """Positions in the m×n grid, centred in the filter-padded matrix, [[cA, cH], [cV, cD]], waverec2 with zero
+    boundaries, centre crop."""
+    m, n = shape
+    big_m, big_n = wavelets.padded_shape(shape, family, "reference")
+    length = wavelets.filter_length(family)
+    assert (big_m, big_n) == tuple(s + length - 2 + (s + length - 2) % 2 for s in shape)
+    values = torch.randn(m * n, dtype=torch.float64)
+    dense = torch.zeros(big_m, big_n, dtype=torch.float64)
+    r0, c0 = (big_m - m) // 2, (big_n - n) // 2
+    dense[r0:r0 + m, c0:c0 + n] = values.reshape(m, n)
+    h, w = big_m // 2, big_n // 2
+    ca, ch, cv, cd = (b.numpy() for b in (dense[:h, :w], dense[:h, w:], dense[h:, :w], dense[h:, w:]))
+    full = pywt.idwt2((ca, (ch, cv, cd)), family, mode="zero")
+    sr, sc = (full.shape[0] - m) // 2, (full.shape[1] - n) // 2
+    expected = full[sr:sr + m, sc:sc + n]
+    got = wavelets.idwt2_sparse(values.float(), _all_positions(m, n), shape, family, "reference")
+    np.testing.assert_allclose(got.numpy(), expected, atol=1e-5)
+
+
+@pytest.mark.parametrize("construction", wavelets.CONSTRUCTIONS)
+@pytest.mark.parametrize("family", ["db1", "db3", "coif1"])
+def test_analysis_is_the_adjoint_of_the_synthesis(construction, family):
+    """analysis(g)[key_j] = ⟨g, atom_j⟩ along each axis, for every coefficient (what the sampled gradients read)."""
+    shape = (11, 6)
+    grid = wavelets.position_grid(shape, family, construction)
+    positions = _all_positions(*grid)
+    (r_key, r_sup, r_val), (c_key, c_sup, c_val) = wavelets.synthesis_atoms(family, shape, positions, construction)
+    g, x = torch.randn(3, shape[0]), torch.randn(3, shape[1])
+    for v, key, sup, val in ((g, r_key, r_sup, r_val), (x, c_key, c_sup, c_val)):
+        size = v.shape[1]
+        inside = (sup >= 0) & (sup < size)
+        direct = (v[:, sup.clamp(0, size - 1)] * (val * inside)).sum(-1)  # (3, p)
+        torch.testing.assert_close(wavelets.analysis(v, family, size, construction)[:, key], direct, atol=1e-5, rtol=0)
+
+
+def test_haar_constructions_are_a_relabelling_at_even_sizes():
+    """Haar at even sizes: both constructions write the same 2×2 blocks; reference (r, c) is periodic (c', r'')
+    with the quadrant's role swapped: cH (top right) is high-pass along the rows."""
+    positions = torch.tensor([[1], [6]])  # row 1, col 6 of 8 (right half): cH — high-pass rows, low-pass columns
+    ref = wavelets.idwt2_sparse(torch.tensor([1.0]), positions, (8, 8), "haar", "reference")
+    per = wavelets.idwt2_sparse(torch.tensor([1.0]), torch.tensor([[5], [2]]), (8, 8), "haar", "periodic")
+    torch.testing.assert_close(ref, per, rtol=0, atol=0)
 
 
 @pytest.mark.parametrize("family", FAMILIES)
@@ -89,7 +142,7 @@ def test_synthesis_is_orthonormal(family):
 
 def test_haar_coefficient_writes_one_2x2_block():
     positions = torch.tensor([[1], [6]])  # row 1 (low band), col 6 (high band of 8 columns)
-    delta = wavelets.idwt2_sparse(torch.tensor([2.0]), positions, (8, 8), "haar")
+    delta = wavelets.idwt2_sparse(torch.tensor([2.0]), positions, (8, 8), "haar", "periodic")
     assert int((delta != 0).sum()) == 4
     nz = delta.nonzero()
     assert set(nz[:, 0].tolist()) == {2, 3} and set(nz[:, 1].tolist()) == {4, 5}
