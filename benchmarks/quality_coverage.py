@@ -39,10 +39,10 @@ class CoverageConfig:
     q,v: ((576+576) + (576+192)) / 2 = 960, so 240, 960 and 3840)."""
     seeds: tuple[int, ...] = (0, 1, 2)
     """Position seeds."""
-    n_grad: int = 256
+    n_grad: int = 128
     """Training records whose gradient is accumulated."""
-    ft_steps: int = 40
-    """Full fine-tune steps (batch = setup.batch_size records each, in split order)."""
+    ft_steps: int = 16
+    """Full fine-tune steps over the gradient records (batch = setup.batch_size records each, in split order)."""
     ft_lr: float = 1e-4
     eta_evals: int = 6
     """Validation evaluations per η line search (at most)."""
@@ -82,24 +82,40 @@ def slug(text: str) -> str:
 
 
 # ---------------------------------------------------------------------------------------------------- signals
-def accumulate_gradient(model, data: qc.Encoded, names: list[str], n_grad: int, batch_size: int) -> dict:
-    """{module name: ∂(mean response loss over the first n_grad records)/∂W} for every named Linear."""
+def accumulate_gradient(model, data: qc.Encoded, names: list[str], n_grad: int, batch_size: int,
+                        first_layer: int) -> tuple[dict, list]:
+    """({module name: ∂(mean response loss over the first n_grad records)/∂W}, per record the hidden states
+    entering decoder layer `first_layer`, captured on the way). Batches group records of similar length (the
+    gradient is a sum, so order does not matter; less padding is cheaper)."""
     modules = dict(model.named_modules())
-    index = list(range(min(n_grad, len(data))))
+    index = sorted(range(min(n_grad, len(data))), key=lambda i: len(data.ids[i]))
     total = sum(sum(1 for t in data.labels[i][1:] if t != -100) for i in index)
+    stems: dict[int, torch.Tensor] = {}
+    batch: list[int] = []
+
+    def grab(_module, args, kwargs):
+        hidden = (args[0] if args else kwargs["hidden_states"]).detach()
+        for row, i in enumerate(batch):
+            stems[i] = hidden[row, :len(data.ids[i])].clone()
+
+    handle = model.model.layers[first_layer].register_forward_pre_hook(grab, with_kwargs=True)
     for name in names:
         modules[name].weight.requires_grad_(True)
         modules[name].weight.grad = None
-    for start in range(0, len(index), batch_size):
-        sums, _ = qc.batch_losses(model, data, index[start:start + batch_size], None)
-        (sums.sum() / total).backward()
+    try:
+        for start in range(0, len(index), batch_size):
+            batch[:] = index[start:start + batch_size]
+            sums, _ = qc.batch_losses(model, data, batch, None)
+            (sums.sum() / total).backward()
+    finally:
+        handle.remove()
     out = {}
     for name in names:
         w = modules[name].weight
         out[name] = w.grad.detach().clone()
         w.grad = None
         w.requires_grad_(False)
-    return out
+    return out, [stems[i] for i in range(len(index))]
 
 
 def full_finetune(model, data: qc.Encoded, stems, names: list[str], cfg: CoverageConfig, batch_size: int,
@@ -357,59 +373,65 @@ def project_all(proj: dict, delta: dict) -> dict:
 # ---------------------------------------------------------------------------------------------------- the run
 def run(setup: qc.Setup, cfg: CoverageConfig, results: Path, cache: Path, progress=print,
         variants: tuple = VARIANTS) -> dict:
-    """Part 1 in full; writes results/base.json and one JSON per (variant, budget, seed), skipping those present
-    with the same settings. Returns {"written": n, "skipped": n}."""
+    """Part 1, in three phases so a run cut short keeps the most: (1) the gradient's captured fractions for every
+    (variant, budget, seed), LoRA-r1's budget first; (2) the full fine-tune and the base losses; (3) per record,
+    the ΔW_FT fractions and the η search. One JSON per (variant, budget, seed), rewritten as phases complete;
+    a rerun skips what is stored under the same settings. Returns {"written": n, "skipped": n}."""
     torch.manual_seed(0)
     results.mkdir(parents=True, exist_ok=True)
-    settings = {"setup": asdict(setup), "coverage": asdict(cfg)}
+    settings = json.loads(json.dumps({"setup": asdict(setup), "coverage": asdict(cfg)}))
     model, tok = qc.load_model(setup)
     splits = qc.load_splits(setup, tok)
     first = qc.first_adapted_layer(model, setup)
     all_names = qc.target_names(model, setup)
     top_names = qc.target_names(model, setup, first)
-    signals = _signals(model, splits, all_names, top_names, first, setup, cfg, cache, settings, progress)
+    grad, train_stems = _gradient(model, splits, all_names, first, setup, cfg, cache, settings, progress)
     tree = skeleton(model, all_names)
+    r1 = lora_r1_budget(tree, all_names)
+    plan = [(mult, v, seed) for mult in sorted(cfg.budget_multiples, key=lambda m: (m != 1.0, m))
+            for v in variants for seed in cfg.seeds]
+    written = skipped = 0
+    for mult, v, seed in plan:  # phase 1
+        budget = round(mult * r1)
+        path = results / f"{slug(v.label)}_b{budget}_s{seed}.json"
+        if _stored(path, settings):
+            skipped += 1
+            continue
+        proj = projectors(v, mult, seed, tree, all_names, cfg)
+        if proj is None:
+            continue
+        g = capture(proj, grad)
+        trainable = {n: _trainable(v, budget, proj[n], grad[n].shape) for n in proj}
+        atomic_write_json(path, {"label": v.label, "kind": v.kind, "method": v.method, "options": dict(v.options),
+                                 "budget": budget, "budget_multiple": mult, "seed": seed,
+                                 "support": support_key({n: proj[n] for n in top_names}),
+                                 "trainable_mean": sum(trainable.values()) / len(trainable),
+                                 "grad": {**summarize(g), "modules": g}, "settings": settings})
+        written += 1
+        progress(f"[coverage] {v.label} budget {budget} seed {seed}: gradient {summarize(g)['mean_fraction']:.4f}")
+    ft = _finetune(model, splits, train_stems, top_names, first, cfg, setup, cache, settings, progress)  # phase 2
     stems = {s: qc.compute_stems(model, splits[s], first) for s in ("val", "test")}
     qc.drop_lower_layers(model, first)
     scorer = Scorer(model, top_names, splits, stems, setup.batch_size, cfg.eta_evals)
-    base = _base_record(results, settings, scorer, signals, splits, progress)
+    base = _base_record(results, settings, scorer, ft, splits, progress)
     searched: dict[str, dict] = {}
-    written = skipped = 0
-    for mult in sorted(cfg.budget_multiples, key=lambda m: (m != 1.0, m)):  # LoRA-r1's budget first
-        budget = round(mult * lora_r1_budget(tree, all_names))
-        for v in variants:
-            for seed in cfg.seeds:
-                path = results / f"{slug(v.label)}_b{budget}_s{seed}.json"
-                if _stored(path, settings):
-                    skipped += 1
-                    continue
-                t0 = time.time()
-                proj = projectors(v, mult, seed, tree, all_names, cfg)
-                if proj is None:
-                    continue
-                rec = _measure(v, budget, seed, proj, signals, scorer, searched, top_names)
-                rec["budget_multiple"] = mult
-                rec.update(settings=settings, seconds=time.time() - t0)
-                atomic_write_json(path, rec)
-                written += 1
-                progress(f"[coverage] {v.label} budget {budget} seed {seed}: gradient {rec['grad']['mean_fraction']:.4f}"
-                         f", ΔW_FT {rec['ft']['mean_fraction']:.4f}, test loss {rec['eta_search']['test_loss']:.4f}"
-                         f" (base {base['test_loss']:.4f}, {rec['seconds']:.0f} s)")
+    for mult, v, seed in plan:  # phase 3
+        path = results / f"{slug(v.label)}_b{round(mult * r1)}_s{seed}.json"
+        if not path.is_file():
+            continue
+        rec = json.loads(path.read_text())
+        if "eta_search" in rec:
+            continue
+        proj = projectors(v, mult, seed, tree, top_names, cfg)
+        f = capture(proj, ft["delta"])
+        if rec["support"] not in searched:  # seeds that pick the same positions share one η search
+            searched[rec["support"]] = scorer.line_search(project_all(proj, ft["delta"]))
+        rec.update(ft={**summarize(f), "modules": f}, eta_search=searched[rec["support"]])
+        atomic_write_json(path, rec)
+        written += 1
+        progress(f"[coverage] {v.label} budget {rec['budget']} seed {seed}: ΔW_FT {rec['ft']['mean_fraction']:.4f}, "
+                 f"test loss {rec['eta_search']['test_loss']:.4f} (base {base['test_loss']:.4f})")
     return {"written": written, "skipped": skipped}
-
-
-def _measure(v: Variant, budget: int, seed: int, proj: dict, signals: dict, scorer: Scorer, searched: dict,
-             top_names: list[str]) -> dict:
-    grad = capture(proj, signals["grad"])
-    ft = capture({n: proj[n] for n in top_names}, signals["ft"])
-    key = support_key({n: proj[n] for n in top_names})
-    if key not in searched:  # seeds that pick the same positions share one η search
-        searched[key] = scorer.line_search(project_all({n: proj[n] for n in top_names}, signals["ft"]))
-    trainable = {n: _trainable(v, budget, proj[n], signals["grad"][n].shape) for n in proj}
-    return {"label": v.label, "kind": v.kind, "method": v.method, "options": dict(v.options), "budget": budget,
-            "seed": seed, "support": key, "trainable_mean": sum(trainable.values()) / len(trainable),
-            "grad": {**summarize(grad), "modules": grad}, "ft": {**summarize(ft), "modules": ft},
-            "eta_search": searched[key]}
 
 
 def _trainable(v: Variant, budget: int, projector, shape) -> int:
@@ -422,46 +444,64 @@ def _stored(path: Path, settings: dict) -> bool:
     if not path.is_file():
         return False
     try:
-        return json.loads(path.read_text()).get("settings") == json.loads(json.dumps(settings))
+        return json.loads(path.read_text()).get("settings") == settings
     except ValueError:
         return False
 
 
-def _signals(model, splits, all_names, top_names, first, setup, cfg, cache: Path, settings: dict, progress) -> dict:
-    """G over all layers and ΔW_FT of the top layers, computed once and cached under `cache`."""
-    made_by = [settings["setup"], {k: settings["coverage"][k] for k in ("n_grad", "ft_steps", "ft_lr")}]
-    digest = hashlib.sha256(json.dumps(made_by).encode()).hexdigest()[:16]
-    path = cache / f"coverage-signals-{digest}.pt"
+def _cached(path: Path, make):
     if path.is_file():
         return torch.load(path)
-    t0 = time.time()
-    progress(f"[coverage] accumulating the q,v gradient over {cfg.n_grad} records ({len(all_names)} modules)")
-    grad = accumulate_gradient(model, splits["train"], all_names, cfg.n_grad, setup.batch_size)
-    t_grad = time.time() - t0
-    progress(f"[coverage] gradient done in {t_grad:.0f} s; full fine-tune of {len(top_names)} modules")
-    work = copy.deepcopy(model)
-    train_stems = qc.compute_stems(work, splits["train"], first)
-    qc.drop_lower_layers(work, first)
-    ft, losses = full_finetune(work, splits["train"], train_stems, top_names, cfg, setup.batch_size, progress)
-    del work
-    signals = {"grad": grad, "ft": ft, "ft_losses": losses, "grad_s": t_grad, "ft_s": time.time() - t0 - t_grad}
-    cache.mkdir(parents=True, exist_ok=True)
+    value = make()
+    path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_suffix(".tmp")
-    torch.save(signals, tmp)
+    torch.save(value, tmp)
     tmp.replace(path)
-    return signals
+    return value
 
 
-def _base_record(results: Path, settings: dict, scorer: Scorer, signals: dict, splits: dict, progress) -> dict:
+def _digest(*parts) -> str:
+    return hashlib.sha256(json.dumps(parts).encode()).hexdigest()[:16]
+
+
+def _gradient(model, splits, all_names, first, setup, cfg, cache: Path, settings: dict, progress) -> tuple:
+    """(G over all layers, the stems of the gradient records at the first adapted layer), cached under `cache`."""
+    def make():
+        t0 = time.time()
+        progress(f"[coverage] accumulating the q,v gradient over {cfg.n_grad} records ({len(all_names)} modules)")
+        out = accumulate_gradient(model, splits["train"], all_names, cfg.n_grad, setup.batch_size, first)
+        progress(f"[coverage] gradient done in {time.time() - t0:.0f} s")
+        return out
+    return _cached(cache / f"coverage-grad-{_digest(settings['setup'], cfg.n_grad)}.pt", make)
+
+
+def _finetune(model, splits, train_stems, top_names, first, cfg, setup, cache: Path, settings: dict,
+              progress) -> dict:
+    """ΔW_FT of the top layers over the gradient records (their stems reused), cached under `cache`."""
+    def make():
+        progress(f"[coverage] full fine-tune of {len(top_names)} modules, {cfg.ft_steps} steps")
+        work = copy.deepcopy(model)
+        qc.drop_lower_layers(work, first)
+        data = _prefix(splits["train"], len(train_stems))
+        delta, losses = full_finetune(work, data, train_stems, top_names, cfg, setup.batch_size, progress)
+        return {"delta": delta, "losses": losses}
+    return _cached(cache / f"coverage-ft-{_digest(settings['setup'], cfg.n_grad, cfg.ft_steps, cfg.ft_lr)}.pt", make)
+
+
+def _prefix(data: qc.Encoded, n: int) -> qc.Encoded:
+    return qc.Encoded(data.ids[:n], data.labels[:n], data.source[:n], data.dropped)
+
+
+def _base_record(results: Path, settings: dict, scorer: Scorer, ft: dict, splits: dict, progress) -> dict:
     path = results / "base.json"
     if _stored(path, settings):
         return json.loads(path.read_text())
     base_val = scorer.loss(None, 0.0, "val")
     base_test = scorer.loss(None, 0.0, "test")
-    full = scorer.line_search(signals["ft"])
+    full = scorer.line_search(ft["delta"])
     rec = {"settings": settings, "val_loss": base_val["loss"], "test_loss": base_test["loss"],
            "test_sums": base_test["sums"], "test_tokens": base_test["tokens"], "full_ft": full,
-           "ft_losses": signals["ft_losses"], "grad_s": signals["grad_s"], "ft_s": signals["ft_s"],
+           "ft_losses": ft["losses"],
            "records": {k: {"n": len(v), "dropped": v.dropped, "source": v.source} for k, v in splits.items()}}
     atomic_write_json(path, rec)
     progress(f"[coverage] base test loss {rec['test_loss']:.4f}; full q,v fine-tune of the top layers "

@@ -67,12 +67,16 @@ def _load(directory: Path) -> list[dict]:
 
 # ---------------------------------------------------------------------------------------------------- part 1
 def coverage_view(results: Path) -> dict | None:
-    base_path = results / "coverage" / "base.json"
-    if not base_path.is_file():
+    """Base record (None until phase 2 has run) and the per-(variant, budget, seed) records of one settings."""
+    directory = results / "coverage"
+    recs = [r for r in _load(directory) if "label" in r]
+    base_path = directory / "base.json"
+    base = json.loads(base_path.read_text()) if base_path.is_file() else None
+    if not recs:
         return None
-    base = json.loads(base_path.read_text())
-    recs = [r for r in _load(results / "coverage") if "label" in r and r.get("settings") == base["settings"]]
-    return {"base": base, "recs": recs}
+    settings = base["settings"] if base else recs[-1]["settings"]
+    return {"base": base if base and base["settings"] == settings else None, "settings": settings,
+            "recs": [r for r in recs if r["settings"] == settings]}
 
 
 def _by(recs: list[dict], label: str, budget: int) -> dict[int, dict]:
@@ -81,15 +85,17 @@ def _by(recs: list[dict], label: str, budget: int) -> dict[int, dict]:
 
 def coverage_contrast(view: dict, a: str, b: str, budget: int, metric: str = "grad") -> dict | None:
     """Per-seed difference a − b of the mean captured fraction, its mean and t-interval over the seeds both have,
-    and the paired bootstrap of the η-searched test losses (seed-averaged per record)."""
+    and (once measured) the paired bootstrap of the η-searched test losses (seed-averaged per record)."""
     ra, rb = _by(view["recs"], a, budget), _by(view["recs"], b, budget)
-    seeds = sorted(set(ra) & set(rb))
+    seeds = [s for s in sorted(set(ra) & set(rb)) if metric in ra[s] and metric in rb[s]]
     if not seeds:
         return None
     diffs = [ra[s][metric]["mean_fraction"] - rb[s][metric]["mean_fraction"] for s in seeds]
-    tokens = view["base"]["test_tokens"]
-    loss = qc.paired_bootstrap(_seed_mean([ra[s]["eta_search"]["test_sums"] for s in seeds], tokens),
-                               _seed_mean([rb[s]["eta_search"]["test_sums"] for s in seeds], tokens))
+    loss = None
+    if view["base"] and all("eta_search" in r[s] for r in (ra, rb) for s in seeds):
+        tokens = view["base"]["test_tokens"]
+        loss = qc.paired_bootstrap(_seed_mean([ra[s]["eta_search"]["test_sums"] for s in seeds], tokens),
+                                   _seed_mean([rb[s]["eta_search"]["test_sums"] for s in seeds], tokens))
     return {"fraction": qc.mean_interval(diffs), "loss": loss, "seeds": seeds}
 
 
@@ -110,12 +116,12 @@ def coverage_table(view: dict) -> list[str]:
             if not rs:
                 continue
             g = qc.mean_interval([r["grad"]["mean_fraction"] for r in rs.values()])
-            f = qc.mean_interval([r["ft"]["mean_fraction"] for r in rs.values()])
-            t = qc.mean_interval([r["eta_search"]["test_loss"] for r in rs.values()])
-            etas = sorted({f"{r['eta_search']['eta']:.3g}" for r in rs.values()})
+            done = [r for r in rs.values() if "eta_search" in r]
+            f = _iv(qc.mean_interval([r["ft"]["mean_fraction"] for r in done])) if done else "–"
+            t = _iv(qc.mean_interval([r["eta_search"]["test_loss"] for r in done]), 4) if done else "–"
+            etas = ", ".join(sorted({f"{r['eta_search']['eta']:.3g}" for r in done})) or "–"
             one = next(iter(rs.values()))
-            lines.append(f"| {label} | {one['trainable_mean']:.0f} | {_iv(g)} | {_iv(f)} | {_iv(t, 4)} | "
-                         f"{', '.join(etas)} |")
+            lines.append(f"| {label} | {one['trainable_mean']:.0f} | {_iv(g)} | {f} | {t} | {etas} |")
     return lines
 
 
@@ -192,10 +198,11 @@ def verdict(claim: Claim, cov: dict | None, train: dict | None) -> tuple[str, st
         c = coverage_contrast(cov, claim.a, claim.b, budget)
         if c is None:
             return "unresolved", "coverage results for one side are missing"
-        iv = c["fraction"]
+        iv, loss = c["fraction"], c["loss"]
         fig = (f"gradient fraction {claim.a} − {claim.b} at {budget} scalars/module: {iv['mean']:+.4f} "
-               f"[{iv['lo']:+.4f}, {iv['hi']:+.4f}] over {iv['n']} position seeds; test loss after the η-searched "
-               f"projection {c['loss']['diff']:+.4f} [{c['loss']['lo']:+.4f}, {c['loss']['hi']:+.4f}]")
+               f"[{iv['lo']:+.4f}, {iv['hi']:+.4f}] over {iv['n']} position seeds; " +
+               (f"test loss after the η-searched projection {loss['diff']:+.4f} [{loss['lo']:+.4f}, {loss['hi']:+.4f}]"
+                if loss else "the η-searched projection losses are not measured yet"))
         if iv["lo"] > 0:
             return "supported", fig
         if iv["hi"] < 0:
@@ -250,19 +257,24 @@ def coverage_section(cov: dict | None, plots: Path) -> list[str]:
     out = ["## Part 1: coverage (no adapter training)", ""]
     if cov is None:
         return out + ["Not run yet: `python -m benchmarks.quality coverage`.", ""]
-    base, s = cov["base"], cov["base"]["settings"]
+    base, s = cov["base"], cov["settings"]
     setup, cc = s["setup"], s["coverage"]
-    full = base["full_ft"]
     out += [f"Signals: G = the q,v gradient of the mean response loss over {cc['n_grad']} training records in every "
-            f"decoder layer; ΔW_FT = a full fine-tune of q,v in the top {setup['top_layers']} layers "
-            f"({cc['ft_steps']} AdamW steps × {setup['batch_size']} records, lr {cc['ft_lr']:g}). Captured fraction "
-            f"= ‖P(T)‖²/‖T‖² of the orthogonal projection onto the span a method's trainable scalars reach, averaged "
-            f"over modules; LoRA holds the best rank-r approximation (Σ_{{i≤r}} σᵢ²). η is chosen on the "
-            f"{base['records']['val']['n']} validation records, the loss reported on the {base['records']['test']['n']} "
-            f"test records (mean response cross-entropy). Seeds: {', '.join(map(str, cc['seeds']))} (positions; "
-            f"intervals are 95 % t-intervals over them).", "",
-            f"Base model test loss {base['test_loss']:.4f}; the unprojected ΔW_FT reaches {full['test_loss']:.4f} at "
-            f"η {full['eta']:.3g}.", "", *coverage_table(cov), ""]
+            f"decoder layer; ΔW_FT = a full fine-tune of q,v in the top {setup['top_layers']} layers over the same "
+            f"records ({cc['ft_steps']} AdamW steps × {setup['batch_size']} records, lr {cc['ft_lr']:g}). Captured "
+            f"fraction = ‖P(T)‖²/‖T‖² of the orthogonal projection onto the span a method's trainable scalars reach "
+            f"(computed through the library's own ΔW), averaged over modules; LoRA holds the best rank-r "
+            f"approximation (Σ_{{i≤r}} σᵢ²). η is chosen on the {setup['n_val']} validation records and the loss "
+            f"reported on the {setup['n_test']} test records (mean response cross-entropy). Position seeds "
+            f"{', '.join(map(str, cc['seeds']))}; intervals are 95 % t-intervals over them.", ""]
+    if base:
+        full = base["full_ft"]
+        out += [f"Base model test loss {base['test_loss']:.4f}; the unprojected ΔW_FT reaches "
+                f"{full['test_loss']:.4f} at η {full['eta']:.3g}.", ""]
+    else:
+        out += ["The full fine-tune, its projections and the η search (phases 2 and 3) have not run yet: only the "
+                "gradient's captured fractions are measured.", ""]
+    out += [*coverage_table(cov), ""]
     budget = _main_budget(cov)
     out += [f"Contrasts at {budget} scalars/module (a − b; positive fraction = a holds more, negative loss = a "
             f"better):", "", "| a | b | gradient fraction a − b | ΔW_FT fraction a − b | test loss a − b (paired "
@@ -271,14 +283,13 @@ def coverage_section(cov: dict | None, plots: Path) -> list[str]:
         g, f = coverage_contrast(cov, a, b, budget), coverage_contrast(cov, a, b, budget, "ft")
         if g is None:
             continue
-        out.append(f"| {a} | {b} | {_div(g['fraction'])} | {_div(f['fraction'])} | {g['loss']['diff']:+.4f} "
-                   f"[{g['loss']['lo']:+.4f}, {g['loss']['hi']:+.4f}] |")
+        loss = g["loss"]
+        out.append(f"| {a} | {b} | {_div(g['fraction'])} | {_div(f['fraction']) if f else '–'} | "
+                   + (f"{loss['diff']:+.4f} [{loss['lo']:+.4f}, {loss['hi']:+.4f}] |" if loss else "– |"))
     rows = []
-    for r in {(r["label"], r["budget"]) for r in cov["recs"]}:
-        iv = qc.mean_interval([x["grad"]["mean_fraction"] for x in _by(cov["recs"], *r).values()])
-        rows.append((r[0], r[1], iv["mean"], iv["lo"], iv["hi"]))
-    order = list(dict.fromkeys(r["label"] for r in cov["recs"]))
-    rows.sort(key=lambda t: (order.index(t[0]), t[1]))
+    for key in dict.fromkeys((r["label"], r["budget"]) for r in cov["recs"]):
+        iv = qc.mean_interval([x["grad"]["mean_fraction"] for x in _by(cov["recs"], *key).values()])
+        rows.append((key[0], key[1], iv["mean"], iv["lo"], iv["hi"]))
     made = quality_plots.coverage_bars(rows, plots / "quality_coverage_gradient.png",
                                        "Share of the q,v gradient each method's support holds")
     out += ["", *([f"![captured gradient](plots/{made.name})", ""] if made else [])]
