@@ -13,8 +13,6 @@ settings, so an interrupted part resumes and a partial one still reports.
 from __future__ import annotations
 
 import argparse
-import platform
-import os
 import sys
 from pathlib import Path
 
@@ -57,18 +55,6 @@ def data_path(args) -> Path:
         raise SystemExit(f"--data/--shared-dir: {path} does not exist (expected an Alpaca-format JSON list; give "
                          f"--data FILE or --shared-dir DIR holding {qc.ALPACA_FILE})")
     return path.resolve()
-
-
-def machine() -> str:
-    cpu = platform.processor() or platform.machine()
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
-    return f"{cpu}, {os.cpu_count()} cores, Python {platform.python_version()}"
 
 
 def main(argv: list[str] | None = None) -> int:
