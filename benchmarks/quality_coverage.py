@@ -401,13 +401,13 @@ def run(setup: qc.Setup, cfg: CoverageConfig, results: Path, cache: Path, progre
         proj = projectors(v, mult, seed, tree, all_names, cfg)
         if proj is None:
             continue
-        everywhere = support_key(proj)
+        everywhere = v.label + support_key(proj)  # methods sharing a seed draw the same positions
         g = same[everywhere] if everywhere in same else capture(proj, grad)
         same[everywhere] = g
         trainable = {n: _trainable(v, budget, proj[n], grad[n].shape) for n in proj}
         atomic_write_json(path, {"label": v.label, "kind": v.kind, "method": v.method, "options": dict(v.options),
                                  "budget": budget, "budget_multiple": mult, "seed": seed,
-                                 "support": support_key({n: proj[n] for n in top_names}),
+                                 "support": v.label + support_key({n: proj[n] for n in top_names}),
                                  "trainable_mean": sum(trainable.values()) / len(trainable),
                                  "grad": {**summarize(g), "modules": g}, "settings": settings})
         written += 1
