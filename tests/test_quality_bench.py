@@ -1,5 +1,7 @@
-"""Smoke test of the quality benchmark's machinery (benchmarks/quality.py) on a tiny random LLaMA with a word-level
-tokenizer and the real Alpaca sample: runs, result files, resume, report and plots, stem-cache exactness."""
+"""The quality benchmark (benchmarks/quality*.py) at toy size: a tiny random LLaMA with a word-level tokenizer and
+the real Alpaca sample. Both parts run end to end and their numbers are checked by independent routes: captured
+fractions against direct sums / power iteration / a closed-form FFT projection of a gradient accumulated here with
+plain per-example autograd, cached stems against the full model, the paired bootstrap against a direct difference."""
 
 from __future__ import annotations
 
@@ -17,16 +19,17 @@ if str(REPO) not in sys.path:
 torch = pytest.importorskip("torch")
 transformers = pytest.importorskip("transformers")
 
-from benchmarks import quality, quality_lib, quality_plan  # noqa: E402
+from benchmarks import quality, quality_common as qc, quality_coverage as qcov, quality_train as qt  # noqa: E402
+from launch.data import ALPACA_HEADER, ALPACA_HEADER_WITH_INPUT, load_records  # noqa: E402
 
 
-def _tiny_model_dir(root: Path, records: list[dict]) -> Path:
+def _tiny_model_dir(root: Path, records) -> Path:
     """A 2-layer LLaMA (GQA like SmolLM2) and a whitespace word-level tokenizer over the data's words."""
     from tokenizers import Tokenizer, models, pre_tokenizers
 
-    words = sorted({w for r in records for field in ("instruction", "input", "output")
-                    for w in (quality_lib.prompt_of(r) + " " + r[field]).split()})
-    vocab = {"[UNK]": 0, "[EOS]": 1, "[PAD]": 2, **{w: i + 3 for i, w in enumerate(words)}}
+    text = " ".join([ALPACA_HEADER, ALPACA_HEADER_WITH_INPUT, "### Instruction: ### Input: ### Response:"]
+                    + [f"{r.instruction} {r.input} {r.output}" for r in records])
+    vocab = {"[UNK]": 0, "[EOS]": 1, "[PAD]": 2, **{w: i + 3 for i, w in enumerate(sorted(set(text.split())))}}
     tok = Tokenizer(models.WordLevel(vocab=vocab, unk_token="[UNK]"))
     tok.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
     fast = transformers.PreTrainedTokenizerFast(tokenizer_object=tok, unk_token="[UNK]", eos_token="[EOS]",
@@ -36,103 +39,196 @@ def _tiny_model_dir(root: Path, records: list[dict]) -> Path:
                                    max_position_embeddings=256, eos_token_id=1, pad_token_id=2,
                                    tie_word_embeddings=True)
     torch.manual_seed(0)
-    model = transformers.LlamaForCausalLM(cfg)
     out = root / "tiny-llama"
-    model.save_pretrained(out)
+    transformers.LlamaForCausalLM(cfg).save_pretrained(out)
     fast.save_pretrained(out)
     return out
 
 
 @pytest.fixture(scope="module")
-def bench_env(tmp_path_factory, shared_dir):
+def env(tmp_path_factory, shared_dir):
     data = shared_dir / "data" / "alpaca" / "alpaca_en_demo.json"
     root = tmp_path_factory.mktemp("quality")
-    model_dir = _tiny_model_dir(root, quality_lib.load_records(data)[:200])
-    return {"root": root, "data": data, "model": model_dir}
+    return {"root": root, "data": data, "model": _tiny_model_dir(root, load_records(str(data))[:300])}
 
 
-def _argv(env, *extra, in_process=True):
+def _argv(env, part, *extra):
     root = env["root"]
-    return [*(["--in-process"] if in_process else []), "--profile", "smoke", "--model", str(env["model"]), "--data", str(env["data"]),
-            "--results", str(root / "results"), "--docs", str(root / "docs"), "--work-dir", str(root / "work"),
-            *extra]
+    return [part, "--profile", "smoke", "--model", str(env["model"]), "--data", str(env["data"]),
+            "--results", str(root / "results"), "--docs", str(root / "docs"), "--work-dir", str(root / "work"), *extra]
 
 
-def test_smoke_run_writes_results_report_and_resumes(bench_env, capsys):
-    assert quality.main(_argv(bench_env)) == 0
-    results = bench_env["root"] / "results"
-    plan = quality_plan.build_plan(quality_plan.PROFILES["smoke"], {})
-    files = {s.name: results / f"{s.name}.json" for s in plan}
-    assert all(p.is_file() for p in files.values()), sorted(p.name for p in results.iterdir())
-    records = {n: json.loads(p.read_text()) for n, p in files.items()}
-    for name, r in records.items():
-        assert math.isfinite(r["heldout_loss"]) and r["heldout_loss"] > 0, name
-    lora = next(r for r in records.values() if r["spec"]["method"] == "lora")
-    ssh = next(r for r in records.values() if r["spec"]["method"] == "ssh")
-    # smoke adapts q,v of layer 1 only: LoRA r=1 = (32+32) + (32+16); SSH = 2 modules × 16 positions
-    assert lora["trainable"] == 112
-    assert ssh["trainable"] == 32
-    assert len(ssh["train_losses"]) == 2 and ssh["delta"]["rank_max"] >= 1
-    assert lora["delta"]["rank_max"] == 1  # a rank-1 LoRA update
-    report = (bench_env["root"] / "docs" / "results.md").read_text()
-    assert "| SSH |" in report and "## Profile `smoke`" in report and "python -m benchmarks.quality --profile smoke" \
-        in report
-    assert (bench_env["root"] / "docs" / "plots" / "quality_smoke_loss_vs_params.png").stat().st_size > 1000
-    assert (bench_env["root"] / "docs" / "plots" / "quality_smoke_delta_spectra.png").is_file()
+def _smoke_setup(env) -> qc.Setup:
+    return qc.Setup(model_dir=str(env["model"]), data=str(env["data"]), **quality.PROFILES["smoke"]["setup"])
 
-    # resume: nothing is re-run while every result stands; a deleted one is re-made alone
-    stamps = {n: p.stat().st_mtime_ns for n, p in files.items()}
+
+def _plain_gradient(env, names, n_grad) -> dict:
+    """q,v gradient of the mean response loss, one unpadded example at a time (not the benchmark's batched path)."""
+    setup = _smoke_setup(env)
+    model, tok = qc.load_model(setup)
+    train = qc.load_splits(setup, tok)["train"]
+    mods = dict(model.named_modules())
+    for n in names:
+        mods[n].weight.requires_grad_(True)
+    index = range(min(n_grad, len(train)))
+    total = sum(sum(1 for t in train.labels[i][1:] if t != -100) for i in index)
+    for i in index:
+        logits = model(input_ids=torch.tensor([train.ids[i]])).logits[0, :-1]
+        loss = torch.nn.functional.cross_entropy(logits, torch.tensor(train.labels[i][1:]), ignore_index=-100,
+                                                 reduction="sum")
+        (loss / total).backward()
+    return {n: mods[n].weight.grad.detach().clone() for n in names}
+
+
+def _sigma1_power(g: torch.Tensor, iters: int = 500) -> float:
+    v = torch.ones(g.shape[1], dtype=torch.float64)
+    g = g.double()
+    for _ in range(iters):
+        v = g.T @ (g @ v)
+        v /= v.norm()
+    return float((g @ v).norm() ** 2)
+
+
+def test_coverage_part_runs_and_its_fractions_match_independent_routes(env, capsys):
+    import sspeft
+    from sspeft.transforms import dht2
+
+    assert quality.main(_argv(env, "coverage")) == 0
+    out = env["root"] / "results" / "coverage"
+    base = json.loads((out / "base.json").read_text())
+    assert base["records"]["val"]["n"] + base["records"]["val"]["dropped"] == 8
+    assert math.isfinite(base["test_loss"]) and math.isfinite(base["full_ft"]["test_loss"])
+    recs = {p.stem: json.loads(p.read_text()) for p in out.glob("*_b*_s*.json")}
+    # 10 variants × 3 budgets × 2 seeds, less LoRA at ¼ of rank 1
+    assert len(recs) == 10 * 3 * 2 - 2, sorted(recs)
+    for name, r in recs.items():
+        for m in r["grad"]["modules"].values():
+            assert -1e-6 <= m["fraction"] <= 1 + 1e-6, name
+            assert m["inner"] == pytest.approx(m["fraction"], abs=1e-4), name  # an orthogonal projection
+        assert math.isfinite(r["eta_search"]["test_loss"]) and r["eta_search"]["eta"] > 0
+    names = list(recs["shira_b56_s1"]["grad"]["modules"])
+    assert len(names) == 4  # q,v of both layers
+    grads = _plain_gradient(env, names, quality.PROFILES["smoke"]["coverage"]["n_grad"])
+
+    model, _ = qc.load_model(_smoke_setup(env))
+    tree = qcov.skeleton(model, names)
+    for label, method, n, opts in (("shira", "shira", 56, {}), ("ssh-delta-07", "ssh", 56, {"delta": 0.7})):
+        adapted = sspeft.inject(qcov.skeleton(model, names), sspeft.SpectralConfig(method=method, n=n, seed=1, **opts))
+        for name, layer in sspeft.adapted_layers(adapted).items():
+            g = grads[name].double()
+            t = g if method == "shira" else dht2(g, "standard", "ortho")
+            direct = float(t[layer.positions[0], layer.positions[1]].pow(2).sum() / g.pow(2).sum())
+            assert recs[f"{label}_b56_s1"]["grad"]["modules"][name]["fraction"] == pytest.approx(direct, rel=2e-3)
+    for name in names:  # LoRA r=1: σ₁² by power iteration
+        frac = recs["lora_b56_s0"]["grad"]["modules"][name]["fraction"]
+        assert frac == pytest.approx(_sigma1_power(grads[name]) / float(grads[name].double().pow(2).sum()), rel=2e-3)
+    # LFMA through the library (CG on its own ΔW) equals the closed-form FFT projection on its positions
+    adapted = sspeft.inject(tree, sspeft.SpectralConfig(method="lfma", n=28, seed=0))
+    for name, layer in sspeft.adapted_layers(adapted).items():
+        p, _ = qcov.FourierMaskProjector(layer.positions, tuple(grads[name].shape)).project(grads[name])
+        closed = float(p.pow(2).sum() / grads[name].double().pow(2).sum())
+        assert recs["lfma-top-k_b56_s0"]["grad"]["modules"][name]["fraction"] == pytest.approx(closed, rel=2e-3)
+
+    # resume: nothing recomputed
+    stamps = {p: p.stat().st_mtime_ns for p in out.glob("*.json")}
     capsys.readouterr()
-    assert quality.main(_argv(bench_env, "--no-report")) == 0
-    assert "0 to run" in capsys.readouterr().out
-    assert {n: p.stat().st_mtime_ns for n, p in files.items()} == stamps
-    files[ssh["spec"]["name"]].unlink()
-    # this time in a worker process, as the real benchmark runs (per-run peak memory)
-    assert quality.main(_argv(bench_env, "--no-report", in_process=False)) == 0
-    assert "1 to run" in capsys.readouterr().out
-    after = {n: p.stat().st_mtime_ns for n, p in files.items()}
-    assert after[lora["spec"]["name"]] == stamps[lora["spec"]["name"]]
-    redone = json.loads(files[ssh["spec"]["name"]].read_text())
-    assert "in_process" not in redone and redone["trainable"] == 32
-    assert redone["heldout_loss"] == pytest.approx(ssh["heldout_loss"], rel=1e-4)  # seeded: same numbers
+    assert quality.main(_argv(env, "coverage")) == 0
+    assert "'written': 0" in capsys.readouterr().out
+    assert {p: p.stat().st_mtime_ns for p in out.glob("*.json")} == stamps
 
 
-def _bench(env, first_layer: int) -> quality_lib.BenchConfig:
-    return quality_lib.BenchConfig(model_dir=str(env["model"]), data=str(env["data"]), n_train=8, n_eval=4,
-                                   max_length=96, threads=1, first_layer=first_layer)
+def test_train_part_runs_grids_seeds_and_reports(env):
+    setup = _smoke_setup(env)
+    cfg = qt.TrainConfig(**quality.PROFILES["smoke"]["train"])
+    ms = [m for m in qt.methods(56, 1) if m.label in ("SSH δ=0.7", "LoRA r=1", "FourierFT", "PEFT FourierFT")]
+    out = env["root"] / "results" / "train"
+    state = qt.run(setup, cfg, out, env["root"] / "work" / "cache", progress=lambda _: None, ms=ms)
+    assert state["complete"]
+    runs = [json.loads(p.read_text()) for p in out.glob("*_s*.json")]
+    for m in ms:
+        mine = [r for r in runs if r["label"] == m.label]
+        seeds = {r["seed"] for r in mine}
+        assert seeds == {0, 1}, m.label
+        if m.grid:  # the chosen lr (the one run with seed 1) is an interior optimum of seed 0's grid or at the cap
+            chosen = next(r["mult"] for r in mine if r["seed"] == 1)
+            grid = sorted((r["mult"], r["val"]["loss"]) for r in mine if r["seed"] == 0)
+            assert len(grid) >= 3 and min(grid, key=lambda t: t[1])[0] == chosen
+        for r in mine:
+            assert len(r["test"]["sums"]) == len(r["test"]["tokens"]) == 8 - json.loads(
+                (out / "base.json").read_text())["records"]["test"]["dropped"]
+            assert all(math.isfinite(x) for x in r["test"]["sums"] + r["train_losses"])
+    lora = next(r for r in runs if r["label"] == "LoRA r=1")
+    ssh = next(r for r in runs if r["label"] == "SSH δ=0.7")
+    assert lora["trainable"] == (32 + 32) + (32 + 16) and ssh["trainable"] == 2 * 56
+    peft_ft = [r for r in runs if r["label"] == "PEFT FourierFT"]
+    ours = [r for r in runs if r["label"] == "FourierFT" and r["seed"] == 1]
+    assert peft_ft[0]["lr"] == pytest.approx(ours[0]["lr"])  # equal settings: sspeft FourierFT's chosen lr
+
+    # the report: a verdict line for every claim, and the contrasts' intervals
+    assert quality.main(_argv(env, "report")) == 0
+    page = (env["root"] / "docs" / "results.md").read_text()
+    from benchmarks import quality_report
+
+    for claim in quality_report.CLAIMS:
+        assert claim.title in page
+    assert "unresolved" in page or "supported" in page or "contradicted" in page
 
 
-def test_stem_cache_is_exact(bench_env):
-    cache = bench_env["root"] / "cache-exact"
-    base = quality_lib.RunSpec(name="base", method="base", steps=0)
-    full = quality_lib.run_one(base, _bench(bench_env, 0), cache, progress=lambda _: None)
-    cached = quality_lib.run_one(base, _bench(bench_env, 1), cache, progress=lambda _: None)
-    assert list(cache.glob("stems-*.pt")), "first_layer=1 must cache the frozen layer's outputs"
-    assert cached["heldout_loss"] == pytest.approx(full["heldout_loss"], rel=1e-5)
+def test_stems_and_padding_are_exact(env):
+    setup = _smoke_setup(env)
+    model, tok = qc.load_model(setup)
+    val = qc.load_splits(setup, tok)["val"]
+    full = qc.record_losses(model, val, None, batch_size=3)
+    one = qc.record_losses(model, val, None, batch_size=1)  # unpadded
+    stems = qc.compute_stems(model, val, 1)
+    qc.drop_lower_layers(model, 1)
+    cached = qc.record_losses(model, val, stems, batch_size=4)
+    assert cached["tokens"] == full["tokens"] == one["tokens"]
+    for a, b, c in zip(full["sums"], one["sums"], cached["sums"]):
+        assert a == pytest.approx(b, rel=1e-4) and c == pytest.approx(b, rel=1e-4)
 
 
-@pytest.mark.parametrize("method,options", [
-    ("lfma", {"n": 8, "half_spectrum": True}),
-    ("waveft", {"n": 16, "wavelet": "db2"}),
-    ("shira", {"r": 1}),
-    ("peft-fourierft", {"n_frequency": 16}),
-    ("peft-waveft", {"n_frequency": 16}),
-    ("peft-shira", {"r": 1}),
-])
-def test_every_adapter_kind_trains_and_reports_its_delta(bench_env, method, options):
-    spec = quality_lib.RunSpec(name=method, method=method, lr=1e-2, steps=1, options=options)
-    r = quality_lib.run_one(spec, _bench(bench_env, 1), bench_env["root"] / "cache-kinds", progress=lambda _: None)
-    assert r["trainable"] > 0 and math.isfinite(r["heldout_loss"])
-    assert set(r["delta"]["ranks"]) == {"model.layers.1.self_attn.q_proj", "model.layers.1.self_attn.v_proj"}
-    assert r["delta"]["rank_max"] >= 1
+def test_paired_bootstrap_and_seed_interval():
+    a = {"sums": [2.0, 4.0, 6.0, 1.0], "tokens": [2, 2, 3, 1]}
+    b = {"sums": [1.0, 4.0, 3.0, 1.0], "tokens": [2, 2, 3, 1]}
+    res = qc.paired_bootstrap(a, b, reps=500)
+    assert res["diff"] == pytest.approx((13 - 9) / 8)
+    assert res["lo"] <= res["diff"] <= res["hi"] and res["lo"] >= 0  # every record's difference is ≥ 0
+    assert qc.paired_bootstrap(a, a)["hi"] == 0.0
+    with pytest.raises(ValueError, match="same test records"):
+        qc.paired_bootstrap(a, {"sums": [1.0], "tokens": [2]})
+    iv = qc.mean_interval([1.0, 2.0, 3.0])
+    assert iv["mean"] == 2.0 and iv["hi"] - 2.0 == pytest.approx(4.303 / math.sqrt(3))
 
 
-def test_bad_inputs_fail_before_work(tmp_path, bench_env):
+def test_lr_grid_extends_past_an_edge_until_interior():
+    cfg = qt.TrainConfig()
+    m = qt.Method("X", "ssh", 1e-2)
+
+    def done(losses: dict):
+        return {qt.Run(m, k, 0).name: {"label": "X", "seed": 0, "mult": k, "val": {"loss": v}}
+                for k, v in losses.items()}
+
+    assert qt.grid_state("X", {}, cfg)[0] == [1 / 3, 1.0, 3.0]
+    todo, best = qt.grid_state("X", done({1 / 3: 2.0, 1.0: 1.5, 3.0: 1.2}), cfg)
+    assert todo == [9.0] and best is None  # best at the upper edge: extend
+    todo, best = qt.grid_state("X", done({1 / 3: 2.0, 1.0: 1.5, 3.0: 1.2, 9.0: 1.3}), cfg)
+    assert todo == [] and best == 3.0
+    run = qt.next_run([m], done({1 / 3: 2.0, 1.0: 1.5, 3.0: 1.2, 9.0: 1.3}), cfg)
+    assert (run.mult, run.seed) == (3.0, 1) and run.name == "x_x3_s1"  # then the second seed at the chosen lr
+
+
+def test_bad_inputs_fail_before_work(tmp_path, env):
+    from launch.data import DataError
+
     bad = tmp_path / "bad.json"
     bad.write_text(json.dumps([{"instruction": "x", "output": 3}]))
-    with pytest.raises(ValueError, match="record 0"):
-        quality.main(_argv(bench_env, "--data", str(bad)))
-    with pytest.raises(ValueError, match="RunSpec.method='dora'"):
-        quality_lib.RunSpec(name="x", method="dora", lr=1e-3)
-    with pytest.raises(ValueError, match="n_train=900"):
-        quality_lib.split_records([{}] * 10, 900, 4, 0)
+    with pytest.raises(DataError, match="record 0"):
+        quality.main(_argv(env, "coverage", "--data", str(bad)))
+    small = tmp_path / "small.json"
+    small.write_text(json.dumps([{"instruction": "x", "output": "y"}] * 10))
+    with pytest.raises(SystemExit, match="n_val=8"):
+        quality.main(_argv(env, "train", "--data", str(small)))
+    with pytest.raises(SystemExit, match="does not exist"):
+        quality.main(_argv(env, "coverage", "--data", str(tmp_path / "missing.json")))
+    assert not (env["root"] / "results" / "x").exists()
