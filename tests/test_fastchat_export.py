@@ -82,8 +82,10 @@ def _show(func, **args) -> str:
 
 
 def test_fastchats_show_result_reads_the_export(exported):
-    show_result = pytest.importorskip("fastchat.llm_judge.show_result",
-                                      reason="FastChat (pip install fschat) is not a dependency of this project")
+    from conftest import require_module
+
+    require_module("fastchat")  # installed by `make` (no dependencies); missing under CI=true is a failure
+    import fastchat.llm_judge.show_result as show_result
     root, out = exported
     table = _show(show_result.display_result_pairwise, mode="pairwise-baseline", baseline_model="base",
                   input_file=str(out / "model_judgment" / "fake-judge_pair.jsonl"))
