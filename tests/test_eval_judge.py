@@ -208,7 +208,8 @@ def test_real_mt_bench_with_fastchat_prompts(shared_dir, tmp_path, capsys):
     write_jsonl(root / "answers" / "tuned.jsonl", make_answers("tuned", qs))
     base = [str(root), "--questions", str(mt / "question.jsonl"), "--judge-prompts", str(mt / "judge_prompts.jsonl")]
     with FakeJudgeServer() as server:
-        spec = ["--judge", f"openai:fake-judge@{server.base_url}", *FAST]
+        # a generous timeout: 160 calls at concurrency 8 on a loaded machine must not time out and be retried
+        spec = ["--judge", f"openai:fake-judge@{server.base_url}", *FAST, "--request-timeout", "30"]
         # q123 (coding) has no inline reference: an error before any call, naming it
         assert judge_main(base + spec) == 2
         assert "question 123 (coding) turn 1: no reference answer" in capsys.readouterr().err
