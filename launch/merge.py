@@ -334,6 +334,14 @@ def baseline_dtype(run: RunDir, requested: str, has_adapter: bool) -> tuple[str,
     return "auto", None
 
 
+def _peft_type(adapter: Path) -> str | None:
+    """The saved adapter's peft_type (LORA for PEFT's own LoRA runs), or None when the file does not say."""
+    try:
+        return json.loads((adapter / "adapter_config.json").read_text(encoding="utf-8")).get("peft_type")
+    except (OSError, ValueError, AttributeError):
+        return None
+
+
 def merge(run_dir: str | Path, dtype_name: str = "auto", with_adapter: bool = True,
           max_delta_loss: float = DEFAULT_MAX_DELTA_LOSS, allow_lossy: bool = False) -> Path:
     """Write RUN_DIR/merged/ (or RUN_DIR/baseline/merged/ without the adapter); returns the directory."""
@@ -345,7 +353,7 @@ def merge(run_dir: str | Path, dtype_name: str = "auto", with_adapter: bool = Tr
     if with_adapter and not has_adapter:
         raise MergeError(f"{run.adapter} holds no finished adapter; train first: python -m launch.train "
                          f"{run.recipe}")
-    if with_adapter:
+    if with_adapter and _peft_type(run.adapter) != "LORA":
         sspeft.read_adapter(run.adapter)  # the loaders' one validation, before the base model is loaded
     if not run.template.is_file():
         raise MergeError(f"{run.template} is missing; rerun python -m launch.train {run.recipe}")
@@ -513,14 +521,26 @@ def check_probe(result: dict[str, Any], allow_lossy: bool) -> bool:
 
 def heldout_loss(model: nn.Module, run: RunDir, recipe, records, tokenizer) -> dict[str, Any]:
     """Mean response-token loss on the held-out split training made (data.eval_fraction, train.seed)."""
-    from launch.train import Plan, prepare_data
+    from datasets import Dataset
+
+    from launch.data import build_template, sft_rows, tokenize_records
 
     fraction = recipe.data.eval_fraction
     if fraction <= 0:
         return {"loss": None, "records": 0, "why": "data.eval_fraction is 0: the run holds no records out"}
-    plan = Plan(recipe=recipe, run=run, records=records, zero_stage=None, resume_from=None, finished=False)
-    _, _, held, _ = prepare_data(plan, tokenizer)
-    rows = held.select(range(min(HELDOUT_LIMIT, len(held))))
+    data = recipe.data
+    template = build_template(data.template, tokenizer)
+    rows, _ = sft_rows(records, tokenizer, template, data.template, data.max_length)
+    # the held-out rows of launch.train.prepare_data: its train_test_split permutes by length and seed alone
+    held = Dataset.from_dict({"i": list(range(len(rows)))}).train_test_split(
+        test_size=fraction, seed=recipe.train.seed)["test"]["i"]
+    held_out, held = len(held), held[:HELDOUT_LIMIT]
+    if rows and "input_ids" not in rows[0]:
+        # single-turn rows go to TRL as prompt/completion (one row per record); tokenize_records gives the ids
+        # and labels TRL's completion-only loss uses (tests/test_trl_formats.py)
+        rows, _ = tokenize_records([records[i] for i in held], tokenizer, template, data.template, data.max_length)
+    else:
+        rows = [rows[i] for i in held]
     total, tokens = 0.0, 0
     for row in rows:
         logits = model(input_ids=torch.tensor([row["input_ids"]])).logits[0, :-1].float()
@@ -528,7 +548,7 @@ def heldout_loss(model: nn.Module, run: RunDir, recipe, records, tokenizer) -> d
         keep = labels != -100
         total += float(torch.nn.functional.cross_entropy(logits[keep], labels[keep], reduction="sum"))
         tokens += int(keep.sum())
-    return {"loss": total / tokens if tokens else None, "records": len(rows), "held_out": len(held),
+    return {"loss": total / tokens if tokens else None, "records": len(rows), "held_out": held_out,
             "tokens": tokens, "eval_fraction": fraction, "seed": recipe.train.seed}
 
 
