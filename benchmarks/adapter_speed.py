@@ -31,6 +31,9 @@ from pathlib import Path
 
 import torch
 
+from launch.rundir import atomic_write_text
+from sspeft import METHODS as SSPEFT_METHODS
+
 SHAPES = {
     # the CPU model: hidden 2048, 2 layers, MHA, small vocabulary
     "bench": dict(hidden_size=2048, intermediate_size=5504, num_attention_heads=32, num_key_value_heads=32,
@@ -42,7 +45,7 @@ SHAPES = {
 # tokens per step → (batch, sequence length)
 LOADS = {2048: (4, 512), 512: (2, 256), 8192: (8, 1024), 128: (2, 64)}
 TARGETS = ["q_proj", "v_proj"]
-METHODS = ["lora-r8", "ssh", "lfma", "fourierft", "waveft", "shira", "peft-fourierft", "peft-waveft", "peft-shira"]
+METHODS = ["lora-r8", *SSPEFT_METHODS, "peft-fourierft", "peft-waveft", "peft-shira"]
 EXTRA_METHODS = ["waveft-periodic"]  # accepted by --methods, not run by default
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
 
@@ -391,16 +394,9 @@ def main(argv=None) -> int:
 
 
 def _write(results: dict, args) -> None:
-    path = Path(args.json)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(".tmp")
-    tmp.write_text(json.dumps(results, indent=2, default=str))
-    os.replace(tmp, path)
+    atomic_write_text(args.json, json.dumps(results, indent=2, default=str))
     if args.markdown:
-        md = Path(args.markdown)
-        tmp = md.with_suffix(".tmp")
-        tmp.write_text(markdown(results))
-        os.replace(tmp, md)
+        atomic_write_text(args.markdown, markdown(results))
 
 
 if __name__ == "__main__":

@@ -30,8 +30,6 @@ import yaml
 
 from launch.rundir import RunDir, atomic_write_text
 
-SPECTRAL_METHODS = ("ssh", "lfma", "waveft", "fourierft", "shira")
-METHODS = SPECTRAL_METHODS + ("lora",)
 # PEFT bookkeeping fields that a recipe must not set (the trainer fills them in)
 _LORA_INTERNAL = {"task_type", "peft_type", "auto_mapping", "peft_version", "base_model_name_or_path",
                   "revision", "inference_mode", "runtime_config"}
@@ -413,11 +411,18 @@ def _build_section(cls: type, section: str, values: dict[str, Any], source: str)
     return cls(**kwargs)
 
 
+def methods() -> tuple[str, ...]:
+    """The values adapter.method accepts: sspeft's methods, then PEFT's LoRA (imports sspeft, hence torch)."""
+    import sspeft
+
+    return (*sspeft.METHODS, "lora")
+
+
 def _build_adapter(values: dict[str, Any], source: str) -> AdapterSection:
     method = values.get("method", AdapterSection.method)
-    if method not in METHODS:
+    if method not in methods():
         raise RecipeError(f"{source}: adapter.method = {method!r} is not a known method; expected one of "
-                          f"{list(METHODS)}")
+                          f"{list(methods())}")
     options = {k: v for k, v in values.items() if k != "method"}
     valid = adapter_fields(method)
     for key in options:

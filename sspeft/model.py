@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import re
+import warnings
 from typing import Iterator
 
 import torch
@@ -19,6 +20,24 @@ _HEAD_NAMES = ("lm_head", "embed_out", "output", "score", "classifier")
 
 def _is_peft_tuner_layer(module: nn.Module) -> bool:
     return hasattr(type(module), "adapter_layer_names") and not isinstance(module, SpectralLinear)
+
+
+def already_adapted(name: str, module: nn.Module) -> str:
+    """The message for a target that already carries an adapter (LoRA & co., or one of ours when loading)."""
+    kind = "an sspeft" if isinstance(module, SpectralLinear) else "a PEFT"
+    return (f"module {name!r} already carries {kind} adapter ({type(module).__name__}); sspeft adapters and LoRA may "
+            f"sit on different modules of one model, not on the same one")
+
+
+def warn_base_mismatch(mismatched: list[str], adapter: str, stacklevel: int) -> None:
+    """Warn that base weights differ from those `adapter` (a description) was trained on; `stacklevel` as the
+    caller's own warnings.warn would take it."""
+    warnings.warn(
+        f"sspeft: {len(mismatched)} base weight(s) differ from those the adapter {adapter} was trained on (first: "
+        f"{mismatched[0]!r}); its positions were chosen from the original weights (the saved ones are loaded), so "
+        f"results will differ. Load the same base (same checkpoint and quantization) to reproduce them.",
+        stacklevel=stacklevel + 1,
+    )
 
 
 def _linear_modules(model: nn.Module) -> Iterator[tuple[str, nn.Module]]:
@@ -47,10 +66,7 @@ def find_targets(model: nn.Module, cfg: SpectralConfig) -> dict[str, nn.Module]:
         if isinstance(module, SpectralLinear):
             raise ValueError(f"module {name!r} already carries an sspeft adapter; remove it before injecting again")
         if _is_peft_tuner_layer(module):
-            raise ValueError(
-                f"module {name!r} already carries a PEFT adapter ({type(module).__name__}); sspeft adapters and "
-                f"LoRA may sit on different modules of one model, not on the same one"
-            )
+            raise ValueError(already_adapted(name, module))
         if name.endswith(".base_layer"):
             continue
         if quant.is_supported_base(module):
