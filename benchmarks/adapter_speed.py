@@ -76,7 +76,7 @@ def build_base(shape: str, dtype: torch.dtype, device: str, seed: int, quant4: b
     return model
 
 
-def adapt(model, method: str, n: int, shape: str):
+def adapt(model, method: str, n: int):
     """Attach ``method``'s adapter to q_proj and v_proj; returns the trainable model."""
     import peft
     import sspeft
@@ -109,7 +109,7 @@ class Bench:
         self.device = args.device
         dtype = DTYPES[args.dtype]
         model = build_base(args.shape, dtype, args.device, args.seed, quant4, args.layers)
-        self.model = adapt(model, method, args.n_for(method), args.shape)
+        self.model = adapt(model, method, args.n_for(method))
         self.model.train()
         if checkpointing:
             self.model.gradient_checkpointing_enable()  # transformers' default (non-reentrant), as TRL runs it

@@ -57,8 +57,6 @@ def init(deepspeed: bool) -> Dist:
     """Initialise the process group when there is more than one rank or DeepSpeed is requested."""
     map_slurm_env()
     world = int(os.environ.get("WORLD_SIZE", "1"))
-    rank = int(os.environ.get("RANK", "0"))
-    local = int(os.environ.get("LOCAL_RANK", "0"))
     if world <= 1 and not deepspeed:
         return Dist(rank=0, world_size=1, local_rank=0, configured=False)
     if deepspeed:

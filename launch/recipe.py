@@ -251,9 +251,9 @@ def load_recipe(path: str | os.PathLike[str], overrides: list[str] | tuple[str, 
     if not isinstance(raw, dict):
         raise RecipeError(f"{path}: the top level must be a mapping of sections, got {type(raw).__name__}")
     base = path.resolve().parent
-    resolved = _resolve_paths(raw, base, str(path))
+    resolved = _resolve_paths(raw, base)
     for item in overrides:
-        _apply_override(resolved, item, str(path))
+        _apply_override(resolved, item)
     return _build(resolved, str(path))
 
 
@@ -284,7 +284,7 @@ def parse_override(item: str) -> tuple[str, str, Any]:
     return section, key, value
 
 
-def _apply_override(raw: dict[str, Any], item: str, source: str) -> None:
+def _apply_override(raw: dict[str, Any], item: str) -> None:
     section, key, value = parse_override(item)
     if (section, key) in _PATH_FIELDS:
         value = _resolve_one(section, key, value, Path.cwd())
@@ -299,7 +299,7 @@ def _apply_override(raw: dict[str, Any], item: str, source: str) -> None:
     target[key] = value
 
 
-def _resolve_paths(raw: dict[str, Any], base: Path, source: str) -> dict[str, Any]:
+def _resolve_paths(raw: dict[str, Any], base: Path) -> dict[str, Any]:
     out = dict(raw)
     for section, key in _PATH_FIELDS:
         holder = out if not section else out.get(section)

@@ -88,7 +88,7 @@ def find_targets(model: nn.Module, cfg: SpectralConfig) -> dict[str, nn.Module]:
 
 
 def plan_positions(
-    model: nn.Module, cfg: SpectralConfig, targets: dict[str, nn.Module]
+    cfg: SpectralConfig, targets: dict[str, nn.Module]
 ) -> dict[str, tuple[torch.Tensor, torch.Tensor, str]]:
     """{name: (positions, initial coefficients, base fingerprint)} for every target; ``cfg`` must be resolved."""
     _check_meta(cfg, targets)
@@ -195,7 +195,7 @@ def inject(model: nn.Module, cfg: SpectralConfig, adapter_name: str = "default")
     resolved = cfg.resolved()
     targets = find_targets(model, resolved)
     quant.prepare_4bit(model)
-    plan = plan_positions(model, resolved, targets)
+    plan = plan_positions(resolved, targets)
     return _apply_plan(model, resolved, targets, plan, adapter_name)
 
 

@@ -126,7 +126,7 @@ class SspeftTuner(BaseTuner):
         cfg = peft_config.spectral()
         plan = {}
         if cfg.budget == "global" and not peft_config.layers:
-            plan = plan_positions(model, cfg, find_targets(model, cfg))
+            plan = plan_positions(cfg, find_targets(model, cfg))
         state = {"cfg": cfg, "plan": plan, "mismatched": []}
         self.__dict__.setdefault("_sspeft_state", {})[adapter_name] = state
         if not self.__dict__.get("_sspeft_load_check"):
