@@ -35,7 +35,7 @@ from launch.rundir import atomic_write_text
 from sspeft import METHODS as SSPEFT_METHODS
 
 SHAPES = {
-    # the CPU model: hidden 2048, 2 layers, MHA, small vocabulary
+    # the CPU benchmark model: hidden 2048, 2 layers, MHA, small vocabulary
     "bench": dict(hidden_size=2048, intermediate_size=5504, num_attention_heads=32, num_key_value_heads=32,
                   vocab_size=2048, num_hidden_layers=2),
     # LLaMA-3-8B layer shapes (q 4096×4096, v 1024×4096 with 8 KV heads), a short stack

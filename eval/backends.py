@@ -152,8 +152,8 @@ class HFGenerator:
 
     def _one(self, r: GenRequest) -> GenOutput:
         if r.regex is not None:
-            raise EvalError("the transformers backend cannot constrain output to a regular expression; use "
-                            "score_choices() or the vllm backend")
+            raise EvalError("the transformers backend cannot constrain output to a regular expression; use the vllm "
+                            "backend (the local judge constrains transformers' output to the allowed ratings itself)")
         torch = self.torch
         sample = r.temperature > 0
         cfg = self._config(max_new_tokens=r.max_new_tokens, do_sample=sample, temperature=r.temperature if sample

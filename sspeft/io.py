@@ -6,7 +6,9 @@
     adapter_model.safetensors  base_model.model.<module>.sspeft_coefficients  fp32
                                base_model.model.<module>.sspeft_positions     int64 (2, n)
 
-Loading never unpickles and never re-derives positions (SSH/LFMA positions depend on the base weight).
+Loading never unpickles, and the saved positions are the ones used (SSH/LFMA positions depend on the base weight):
+`load_adapter` builds each layer from them; `PeftModel.from_pretrained` builds each layer with positions derived from
+the base, then PEFT loads the saved positions and coefficients over them.
 """
 
 from __future__ import annotations
