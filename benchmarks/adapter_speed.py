@@ -31,8 +31,11 @@ from pathlib import Path
 
 import torch
 
+from launch.rundir import atomic_write_text
+from sspeft import METHODS as SSPEFT_METHODS
+
 SHAPES = {
-    # the issue's CPU model: hidden 2048, 2 layers, MHA, small vocabulary
+    # the CPU benchmark model: hidden 2048, 2 layers, MHA, small vocabulary
     "bench": dict(hidden_size=2048, intermediate_size=5504, num_attention_heads=32, num_key_value_heads=32,
                   vocab_size=2048, num_hidden_layers=2),
     # LLaMA-3-8B layer shapes (q 4096×4096, v 1024×4096 with 8 KV heads), a short stack
@@ -42,7 +45,7 @@ SHAPES = {
 # tokens per step → (batch, sequence length)
 LOADS = {2048: (4, 512), 512: (2, 256), 8192: (8, 1024), 128: (2, 64)}
 TARGETS = ["q_proj", "v_proj"]
-METHODS = ["lora-r8", "ssh", "lfma", "fourierft", "waveft", "shira", "peft-fourierft", "peft-waveft", "peft-shira"]
+METHODS = ["lora-r8", *SSPEFT_METHODS, "peft-fourierft", "peft-waveft", "peft-shira"]
 EXTRA_METHODS = ["waveft-periodic"]  # accepted by --methods, not run by default
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
 
@@ -73,7 +76,7 @@ def build_base(shape: str, dtype: torch.dtype, device: str, seed: int, quant4: b
     return model
 
 
-def adapt(model, method: str, n: int, shape: str):
+def adapt(model, method: str, n: int):
     """Attach ``method``'s adapter to q_proj and v_proj; returns the trainable model."""
     import peft
     import sspeft
@@ -106,7 +109,7 @@ class Bench:
         self.device = args.device
         dtype = DTYPES[args.dtype]
         model = build_base(args.shape, dtype, args.device, args.seed, quant4, args.layers)
-        self.model = adapt(model, method, args.n_for(method), args.shape)
+        self.model = adapt(model, method, args.n_for(method))
         self.model.train()
         if checkpointing:
             self.model.gradient_checkpointing_enable()  # transformers' default (non-reentrant), as TRL runs it
@@ -391,16 +394,9 @@ def main(argv=None) -> int:
 
 
 def _write(results: dict, args) -> None:
-    path = Path(args.json)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(".tmp")
-    tmp.write_text(json.dumps(results, indent=2, default=str))
-    os.replace(tmp, path)
+    atomic_write_text(args.json, json.dumps(results, indent=2, default=str))
     if args.markdown:
-        md = Path(args.markdown)
-        tmp = md.with_suffix(".tmp")
-        tmp.write_text(markdown(results))
-        os.replace(tmp, md)
+        atomic_write_text(args.markdown, markdown(results))
 
 
 if __name__ == "__main__":

@@ -152,8 +152,8 @@ class HFGenerator:
 
     def _one(self, r: GenRequest) -> GenOutput:
         if r.regex is not None:
-            raise EvalError("the transformers backend cannot constrain output to a regular expression; use "
-                            "score_choices() or the vllm backend")
+            raise EvalError("the transformers backend cannot constrain output to a regular expression; use the vllm "
+                            "backend (the local judge constrains transformers' output to the allowed ratings itself)")
         torch = self.torch
         sample = r.temperature > 0
         cfg = self._config(max_new_tokens=r.max_new_tokens, do_sample=sample, temperature=r.temperature if sample
@@ -172,28 +172,6 @@ class HFGenerator:
 
     def close(self) -> None:
         self.model = None
-
-    def decode_constrained(self, ids: list[int], allowed_next, temperature: float, seed: int) -> list[int]:
-        """Token-by-token decoding where `allowed_next(prefix)` lists the permitted next tokens (None: stop).
-
-        The prompt is run once and each chosen token extends the KV cache, so a few constrained tokens cost
-        little more than one forward pass.
-        """
-        torch = self.torch
-        g = torch.Generator().manual_seed(seed)
-        prefix: list[int] = []
-        with torch.no_grad():
-            out = self.model(torch.tensor([ids]), use_cache=True)
-            while (allowed := allowed_next(prefix)) is not None:
-                logits = out.logits[0, -1].float()[allowed]
-                if temperature <= 0:
-                    pick = int(logits.argmax())
-                else:
-                    pick = int(torch.multinomial(torch.softmax(logits / temperature, dim=0), 1, generator=g))
-                prefix.append(allowed[pick])
-                out = self.model(torch.tensor([[allowed[pick]]]), past_key_values=out.past_key_values,
-                                 use_cache=True)
-        return prefix
 
 
 class VLLMGenerator:

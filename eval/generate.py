@@ -27,7 +27,8 @@ from eval.questions import (DEFAULT_QUESTIONS, Question, answer_record, answer_t
                             load_questions)
 from eval.progress import Progress
 from eval.report import check_merge_report
-from eval.target import model_cache, model_dir_of, resolve_target
+from eval.target import model_dir_of, resolve_target
+from launch.models import shared_cache
 
 EXIT_OK, EXIT_BAD_INPUT = 0, 2
 
@@ -89,7 +90,7 @@ def _run(args: argparse.Namespace) -> int:
         raise EvalError(f"--temperature is {args.temperature}; expected a number >= 0")
     seed = _pick(args.seed, d.seed)
     backend = pick_backend(_pick(args.backend, d.backend))  # type: ignore[arg-type]
-    model_dir = model_dir_of(target, model_cache())
+    model_dir = model_dir_of(target, shared_cache())
     check_merge_report(model_dir, args.dtype, args.allow_lossy)
     answers_path = target.out.answers_file(target.model_id)
     done = load_answers(answers_path) if answers_path.exists() else {}

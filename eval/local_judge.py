@@ -12,7 +12,8 @@ from __future__ import annotations
 from collections.abc import Callable
 from pathlib import Path
 
-from eval.backends import GenRequest, Generator, HFGenerator, fit_new_tokens, load_tokenizer, make_generator
+from eval.backends import (GenRequest, Generator, HFGenerator, fit_new_tokens, load_tokenizer, make_generator,
+                           render)
 from eval.client import CallResult
 from eval.common import EvalError
 from eval.judging import CallRequest
@@ -62,8 +63,7 @@ class LocalBackend:
         return results  # type: ignore[return-value]
 
     def tokenizer_ids(self, r: CallRequest) -> list[int]:
-        text = self.tokenizer.apply_chat_template(r.messages, tokenize=False, add_generation_prompt=True)
-        return list(self.tokenizer(text, add_special_tokens=False)["input_ids"])
+        return render(self.tokenizer, r.messages)
 
     def _choose(self, ids: list[int], r: CallRequest) -> str:
         """transformers' `generate` with a prefix-constrained logits processor: at each step only the tokens that

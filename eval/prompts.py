@@ -160,10 +160,6 @@ class PromptSet:
     def __getitem__(self, kind: str) -> JudgePrompt:
         return self.prompts[kind]
 
-    def describe(self) -> dict[str, object]:
-        """What report.json records about the prompts."""
-        return {"source": self.source, "names": {k: p.name for k, p in self.prompts.items()}}
-
 
 def builtin_prompts() -> PromptSet:
     prompts = {kind: JudgePrompt(kind, f"sspeft-{kind}", _SYSTEM[kind], _TEMPLATE[kind]) for kind in _FIELDS}

@@ -33,9 +33,6 @@ CATEGORY_TEMPERATURE = {
 DEFAULT_TEMPERATURE = 0.7
 """Temperature for a category MT-Bench does not list (unless --strict-categories makes it an error)."""
 
-DEFAULT_MAX_NEW_TOKENS = 1024
-"""MT-Bench's new-token limit per answer turn (the same for every category)."""
-
 REFERENCE_CATEGORIES = ("math", "reasoning", "coding")
 """Categories graded against a reference answer."""
 

@@ -6,6 +6,8 @@ import io
 from pathlib import Path
 from typing import Any
 
+from launch.rundir import atomic_write_bytes
+
 
 def _fmt(est: dict[str, Any]) -> str:
     if est["mean"] is None:
@@ -61,9 +63,7 @@ def _delta(d: dict[str, Any]) -> str:
 def _save_png(fig, path: Path) -> None:
     buf = io.BytesIO()
     fig.savefig(buf, format="png", dpi=110, bbox_inches="tight")
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_bytes(buf.getvalue())
-    tmp.replace(path)
+    atomic_write_bytes(path, buf.getvalue())
 
 
 def _bars(ax, labels: list[str], series: list[tuple[str, list[dict[str, Any]]]]) -> None:

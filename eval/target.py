@@ -8,7 +8,6 @@ file, `smollm2`) and needs `--out DIR`, which is then used like a run directory.
 
 from __future__ import annotations
 
-import os
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Optional
@@ -111,17 +110,11 @@ def model_dir_of(target: Target, work_dir: Path) -> Path:
                     f"`{command}`")
 
 
-def model_cache() -> Path:
-    """Where judge models given as .gguf / smollm2 are converted once (SSPEFT_CACHE, else ~/.cache/sspeft)."""
-    root = os.environ.get("SSPEFT_CACHE") or Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "sspeft"
-    return Path(root) / "models"
-
-
 def resolve_judge_model(spec: str, target: Optional[Target] = None) -> Path:
     """The judge's checkpoint; a judge that is the run's own base model reuses training's conversion in base/."""
-    from launch.models import ModelSpecError, resolve_model_path
+    from launch.models import ModelSpecError, resolve_model_path, shared_cache
 
-    work_dir = model_cache()
+    work_dir = shared_cache()
     if target is not None and target.base_model is not None and target.base_model[0] == spec:
         work_dir = target.base_model[1]
     try:

@@ -3,7 +3,7 @@ template.jinja.
 
     records = load_records(recipe.data.path)              # validated before any model is loaded
     template = build_template(recipe.data.template, tokenizer)
-    rows, dropped = tokenize_records(records, tokenizer, template, recipe.data.template, max_length=512)
+    rows, dropped = sft_rows(records, tokenizer, template, recipe.data.template, max_length=512)  # for TRL
 
 `data.path` is a .json / .jsonl / .parquet file, a `datasets.save_to_disk` directory or a datasets hub id holding
 one of the record formats TRL's SFTTrainer reads (one format per dataset):

@@ -9,7 +9,9 @@ written by this project (a fifth held out) → merge (dequantized base + ΔW, in
 checked at the logits) → baseline (the same base without ΔW, in the same dtype) → answer questions with both →
 grade both with a local SmolLM2 judge → report comparing tuned against baseline, with both checkpoints' response
 loss on the held-out records next to the scores. Each stage is the same command a user runs by hand (printed as it
-starts) and is skipped when its output exists, so a rerun continues where an interrupted one stopped. The scores
+starts), and a rerun continues where an interrupted one stopped: training resumes from its newest complete
+checkpoint (a finished run is a no-op), each merge is skipped when its checkpoint exists, generation and judging add
+only the answers and judgments still missing, and the report is written again. The scores
 exercise the pipeline; a 135M judge is not a quality measure, the held-out loss is the measured effect.
 """
 

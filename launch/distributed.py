@@ -13,8 +13,7 @@ from dataclasses import dataclass
 
 import torch
 
-PREEMPTED_EXIT_CODE = 75
-"""Exit status after a preemption checkpoint (EX_TEMPFAIL): rerunning the same command resumes."""
+from launch.process import free_port
 
 
 @dataclass
@@ -58,8 +57,6 @@ def init(deepspeed: bool) -> Dist:
     """Initialise the process group when there is more than one rank or DeepSpeed is requested."""
     map_slurm_env()
     world = int(os.environ.get("WORLD_SIZE", "1"))
-    rank = int(os.environ.get("RANK", "0"))
-    local = int(os.environ.get("LOCAL_RANK", "0"))
     if world <= 1 and not deepspeed:
         return Dist(rank=0, world_size=1, local_rank=0, configured=False)
     if deepspeed:
@@ -70,7 +67,7 @@ def init(deepspeed: bool) -> Dist:
         os.environ.setdefault("LOCAL_RANK", "0")
         os.environ.setdefault("WORLD_SIZE", "1")
         os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
-        os.environ.setdefault("MASTER_PORT", str(_free_port()))
+        os.environ.setdefault("MASTER_PORT", str(free_port()))
     from accelerate import PartialState
 
     if torch.cuda.is_available():
@@ -85,14 +82,6 @@ def init(deepspeed: bool) -> Dist:
         state = PartialState(cpu=True, backend="gloo")
     return Dist(rank=state.process_index, world_size=state.num_processes, local_rank=state.local_process_index,
                 configured=True)
-
-
-def _free_port() -> int:
-    import socket
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def barrier() -> None:

@@ -97,8 +97,8 @@ def _fingerprint(path: Path) -> dict[str, object]:
 
 
 def shared_cache() -> Path:
-    """Where converted GGUFs are shared between run directories and judges: $SSPEFT_CACHE/models, else
-    ~/.cache/sspeft/models (the same place eval's judge conversions use)."""
+    """Where converted GGUFs and smollm2 checkpoints are shared between run directories, generation and judges:
+    $SSPEFT_CACHE/models, else $XDG_CACHE_HOME/sspeft/models (~/.cache/sspeft/models)."""
     root = os.environ.get("SSPEFT_CACHE") or Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "sspeft"
     return Path(root) / "models"
 

@@ -30,8 +30,6 @@ import yaml
 
 from launch.rundir import RunDir, atomic_write_text
 
-SPECTRAL_METHODS = ("ssh", "lfma", "waveft", "fourierft", "shira")
-METHODS = SPECTRAL_METHODS + ("lora",)
 # PEFT bookkeeping fields that a recipe must not set (the trainer fills them in)
 _LORA_INTERNAL = {"task_type", "peft_type", "auto_mapping", "peft_version", "base_model_name_or_path",
                   "revision", "inference_mode", "runtime_config"}
@@ -253,9 +251,9 @@ def load_recipe(path: str | os.PathLike[str], overrides: list[str] | tuple[str, 
     if not isinstance(raw, dict):
         raise RecipeError(f"{path}: the top level must be a mapping of sections, got {type(raw).__name__}")
     base = path.resolve().parent
-    resolved = _resolve_paths(raw, base, str(path))
+    resolved = _resolve_paths(raw, base)
     for item in overrides:
-        _apply_override(resolved, item, str(path))
+        _apply_override(resolved, item)
     return _build(resolved, str(path))
 
 
@@ -286,7 +284,7 @@ def parse_override(item: str) -> tuple[str, str, Any]:
     return section, key, value
 
 
-def _apply_override(raw: dict[str, Any], item: str, source: str) -> None:
+def _apply_override(raw: dict[str, Any], item: str) -> None:
     section, key, value = parse_override(item)
     if (section, key) in _PATH_FIELDS:
         value = _resolve_one(section, key, value, Path.cwd())
@@ -301,7 +299,7 @@ def _apply_override(raw: dict[str, Any], item: str, source: str) -> None:
     target[key] = value
 
 
-def _resolve_paths(raw: dict[str, Any], base: Path, source: str) -> dict[str, Any]:
+def _resolve_paths(raw: dict[str, Any], base: Path) -> dict[str, Any]:
     out = dict(raw)
     for section, key in _PATH_FIELDS:
         holder = out if not section else out.get(section)
@@ -413,11 +411,18 @@ def _build_section(cls: type, section: str, values: dict[str, Any], source: str)
     return cls(**kwargs)
 
 
+def methods() -> tuple[str, ...]:
+    """The values adapter.method accepts: sspeft's methods, then PEFT's LoRA (imports sspeft, hence torch)."""
+    import sspeft
+
+    return (*sspeft.METHODS, "lora")
+
+
 def _build_adapter(values: dict[str, Any], source: str) -> AdapterSection:
     method = values.get("method", AdapterSection.method)
-    if method not in METHODS:
+    if method not in methods():
         raise RecipeError(f"{source}: adapter.method = {method!r} is not a known method; expected one of "
-                          f"{list(METHODS)}")
+                          f"{list(methods())}")
     options = {k: v for k, v in values.items() if k != "method"}
     valid = adapter_fields(method)
     for key in options:

@@ -95,18 +95,6 @@ def check_key(key: str, source: str) -> None:
                           + " Valid keys: resume and the fields of trl.SFTConfig (transformers.TrainingArguments)")
 
 
-def report_to_names(value: Any) -> list[str]:
-    """report_to as a list of integration names ('none' → [], 'all' → the installed ones)."""
-    names = [value] if isinstance(value, str) else list(value)
-    if names == ["none"]:
-        return []
-    if names == ["all"]:
-        from transformers.integrations import get_available_reporting_integrations
-
-        return get_available_reporting_integrations()
-    return names
-
-
 def check_report_to(value: Any, source: str) -> None:
     from transformers.integrations import INTEGRATION_TO_CALLBACK, get_available_reporting_integrations
 

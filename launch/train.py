@@ -29,6 +29,7 @@ from launch.data import DataError, Example, build_template, load_records, sft_ro
 from launch.models import ModelSpecError, check_model_spec, load_causal_lm, logical_numel, resolve_model_path
 from launch.preflight import (TrainError, adopt_launcher_deepspeed, check_against_model, check_run_dir,
                               zero_stage_of)
+from launch.process import PREEMPTED_EXIT_CODE
 from launch.recipe import Recipe, RecipeError, load_recipe
 from launch.rundir import RunDir, RunDirError, RunDirLock, atomic_directory, atomic_write_json, atomic_write_text
 
@@ -258,7 +259,7 @@ def train(plan: Plan, dist: distributed.Dist, flag: distributed.PreemptionFlag) 
     device_map = None if (zero3 or plan.zero_stage is not None) else {"": str(dist.device)}
     model = load_causal_lm(base, recipe.model, zero3=zero3, device_map=device_map)
     if distributed.any_rank(flag.set, dist.device):
-        return distributed.PREEMPTED_EXIT_CODE  # preempted before the first step: nothing new to save
+        return PREEMPTED_EXIT_CODE  # preempted before the first step: nothing new to save
     args = sft_config(recipe, run, dist, has_eval=eval_dataset is not None)
     resumed_at = int(plan.resume_from.name.rsplit("-", 1)[1]) if plan.resume_from else 0
     timer = StepTimer(previous_attempts(plan.resume_from), resumed_at, dist.world_size, started)
@@ -279,8 +280,8 @@ def train(plan: Plan, dist: distributed.Dist, flag: distributed.PreemptionFlag) 
     if stop.stopped_at is not None:
         if dist.is_main:
             log.warning("preempted (signal %s): checkpoint at step %d written; exiting with %d; rerun to resume",
-                        flag.received, stop.stopped_at, distributed.PREEMPTED_EXIT_CODE)
-        return distributed.PREEMPTED_EXIT_CODE
+                        flag.received, stop.stopped_at, PREEMPTED_EXIT_CODE)
+        return PREEMPTED_EXIT_CODE
     digests = positions_digests(trainer.model)
     if len(set(digests)) != 1:
         raise TrainError(f"adapter positions differ between ranks (digests {digests}); every rank must choose "

@@ -16,6 +16,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+from launch.rundir import atomic_write_text
+
 FORWARDED = (signal.SIGTERM, signal.SIGINT, signal.SIGHUP, signal.SIGQUIT, signal.SIGUSR1, signal.SIGUSR2)
 
 
@@ -25,12 +27,7 @@ def exit_status(returncode: int) -> int:
 
 
 def write_status(status_dir: Path, rank: str, status: int) -> Path:
-    status_dir.mkdir(parents=True, exist_ok=True)
-    path = status_dir / f"rank-{rank}.exit"
-    tmp = status_dir / f".rank-{rank}.exit.tmp"
-    tmp.write_text(f"{status}\n")
-    os.replace(tmp, path)
-    return path
+    return atomic_write_text(status_dir / f"rank-{rank}.exit", f"{status}\n")
 
 
 def run(status_dir: Path, command: list[str]) -> int:

@@ -20,11 +20,10 @@ from importlib import resources
 from pathlib import Path
 from typing import Any
 
+from launch.process import PREEMPTED_EXIT_CODE
+
 STAGES = ("train", "merge", "generate", "judge", "report")
 """Submission order; each stage waits for the previous one."""
-
-PREEMPTED_EXIT = 75
-"""Exit status of the training stage after a preemption checkpoint (see launch.train)."""
 
 SIGNALS = ("USR1", "USR2", "TERM", "INT", "HUP", "QUIT")
 _SBATCH_TOKEN = re.compile(r"^[A-Za-z0-9_.,+:=@/-]+$")
@@ -242,6 +241,7 @@ def render_chain(recipe: Any, opts: ClusterOptions, recipe_source: str = "",
             "NODE_SCRIPT": shlex.quote(str(slurm_dir / "train_node.sh")),
             "NODES": str(opts.nodes),
             "MAX_REQUEUES": str(opts.max_requeues),
+            "PREEMPTED": str(PREEMPTED_EXIT_CODE),
             "RDZV_PORT": rdzv_port,
             "EXPORTS": _exports(opts),
             "SRUN_CPUS": f"--cpus-per-task={opts.cpus_per_task} " if opts.cpus_per_task else "",

@@ -21,7 +21,6 @@ import shlex
 import sys
 import time
 from pathlib import Path
-from typing import Any
 
 from launch.recipe import Recipe, RecipeError, load_recipe, load_resolved
 from launch.rundir import RunDir, atomic_write_json, atomic_write_text

@@ -39,7 +39,7 @@ from .quant import prepare_4bit  # noqa: E402
 PEFT_REGISTERED = False
 if importlib.util.find_spec("peft") is not None:
     try:
-        from .peft_tuner import SspeftPeftConfig, peft_config, register as _register_peft
+        from .peft_tuner import peft_config, register as _register_peft
 
         PEFT_REGISTERED = _register_peft()
     except ImportError as exc:  # a broken PEFT install must not break the torch-only library

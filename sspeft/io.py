@@ -6,7 +6,9 @@
     adapter_model.safetensors  base_model.model.<module>.sspeft_coefficients  fp32
                                base_model.model.<module>.sspeft_positions     int64 (2, n)
 
-Loading never unpickles and never re-derives positions (SSH/LFMA positions depend on the base weight).
+Loading never unpickles, and the saved positions are the ones used (SSH/LFMA positions depend on the base weight):
+`load_adapter` builds each layer from them; `PeftModel.from_pretrained` builds each layer with positions derived from
+the base, then PEFT loads the saved positions and coefficients over them.
 """
 
 from __future__ import annotations
@@ -17,7 +19,6 @@ import math
 import os
 import sys
 import tempfile
-import warnings
 from pathlib import Path
 
 import torch
@@ -27,7 +28,7 @@ from torch import nn
 
 from . import methods, quant
 from .config import SpectralConfig
-from .model import _apply_plan, adapted_layers, adapter_config, find_targets
+from .model import _apply_plan, adapted_layers, adapter_config, already_adapted, warn_base_mismatch
 
 CONFIG_NAME = "adapter_config.json"
 WEIGHTS_NAME = "adapter_model.safetensors"
@@ -239,10 +240,7 @@ def load_adapter(base_model: nn.Module, path: str | os.PathLike, adapter_name: s
         key = name if name in modules or KEY_PREFIX + name not in modules else KEY_PREFIX + name
         module = modules.get(key)
         if module is not None and _is_wrapped(module):
-            raise ValueError(
-                f"{path}: module {name!r} already carries an adapter ({type(module).__name__}); sspeft adapters and "
-                "LoRA may sit on different modules of one model, not on the same one"
-            )
+            raise ValueError(f"{path}: {already_adapted(name, module)}")
         if module is None or not quant.is_supported_base(module):
             raise ValueError(
                 f"{path}: adapted layer {name!r} does not exist as a Linear layer in the base model "
@@ -262,12 +260,7 @@ def load_adapter(base_model: nn.Module, path: str | os.PathLike, adapter_name: s
         targets[key] = module
         plan[key] = (positions, coeff, info.get("fingerprint", fp))
     if mismatched:
-        warnings.warn(
-            f"sspeft: {len(mismatched)} base weight(s) differ from those the adapter at {path} was trained on "
-            f"(first: {mismatched[0]!r}); its positions were chosen from the original weights, so results will "
-            f"differ. Load the same base (same checkpoint and quantization) to reproduce them.",
-            stacklevel=2,
-        )
+        warn_base_mismatch(mismatched, f"at {path}", stacklevel=2)
     cfg.layers = {}
     return _apply_plan(base_model, cfg, targets, plan, adapter_name)
 

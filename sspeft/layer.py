@@ -13,7 +13,6 @@ import sys
 import warnings
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from . import methods, quant

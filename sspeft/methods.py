@@ -31,7 +31,7 @@ def coefficient_grid(cfg: SpectralConfig, shape: tuple[int, int]) -> tuple[int, 
     """Shape of the coefficient matrix S in which positions live."""
     m, n = shape
     if cfg.method == "waveft":
-        return position_grid(shape, cfg.wavelet, cfg.construction)
+        return position_grid(shape, cfg.construction)
     if cfg.method == "lfma" and cfg.half_spectrum:
         return m, n // 2 + 1
     return m, n

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import re
+import warnings
 from typing import Iterator
 
 import torch
@@ -19,6 +20,24 @@ _HEAD_NAMES = ("lm_head", "embed_out", "output", "score", "classifier")
 
 def _is_peft_tuner_layer(module: nn.Module) -> bool:
     return hasattr(type(module), "adapter_layer_names") and not isinstance(module, SpectralLinear)
+
+
+def already_adapted(name: str, module: nn.Module) -> str:
+    """The message for a target that already carries an adapter (LoRA & co., or one of ours when loading)."""
+    kind = "an sspeft" if isinstance(module, SpectralLinear) else "a PEFT"
+    return (f"module {name!r} already carries {kind} adapter ({type(module).__name__}); sspeft adapters and LoRA may "
+            f"sit on different modules of one model, not on the same one")
+
+
+def warn_base_mismatch(mismatched: list[str], adapter: str, stacklevel: int) -> None:
+    """Warn that base weights differ from those `adapter` (a description) was trained on; `stacklevel` as the
+    caller's own warnings.warn would take it."""
+    warnings.warn(
+        f"sspeft: {len(mismatched)} base weight(s) differ from those the adapter {adapter} was trained on (first: "
+        f"{mismatched[0]!r}); its positions were chosen from the original weights (the saved ones are loaded), so "
+        f"results will differ. Load the same base (same checkpoint and quantization) to reproduce them.",
+        stacklevel=stacklevel + 1,
+    )
 
 
 def _linear_modules(model: nn.Module) -> Iterator[tuple[str, nn.Module]]:
@@ -47,10 +66,7 @@ def find_targets(model: nn.Module, cfg: SpectralConfig) -> dict[str, nn.Module]:
         if isinstance(module, SpectralLinear):
             raise ValueError(f"module {name!r} already carries an sspeft adapter; remove it before injecting again")
         if _is_peft_tuner_layer(module):
-            raise ValueError(
-                f"module {name!r} already carries a PEFT adapter ({type(module).__name__}); sspeft adapters and "
-                f"LoRA may sit on different modules of one model, not on the same one"
-            )
+            raise ValueError(already_adapted(name, module))
         if name.endswith(".base_layer"):
             continue
         if quant.is_supported_base(module):
@@ -72,7 +88,7 @@ def find_targets(model: nn.Module, cfg: SpectralConfig) -> dict[str, nn.Module]:
 
 
 def plan_positions(
-    model: nn.Module, cfg: SpectralConfig, targets: dict[str, nn.Module]
+    cfg: SpectralConfig, targets: dict[str, nn.Module]
 ) -> dict[str, tuple[torch.Tensor, torch.Tensor, str]]:
     """{name: (positions, initial coefficients, base fingerprint)} for every target; ``cfg`` must be resolved."""
     _check_meta(cfg, targets)
@@ -179,7 +195,7 @@ def inject(model: nn.Module, cfg: SpectralConfig, adapter_name: str = "default")
     resolved = cfg.resolved()
     targets = find_targets(model, resolved)
     quant.prepare_4bit(model)
-    plan = plan_positions(model, resolved, targets)
+    plan = plan_positions(resolved, targets)
     return _apply_plan(model, resolved, targets, plan, adapter_name)
 
 

@@ -285,7 +285,7 @@ class _FactorizedAdapter(torch.autograd.Function):
         with torch.autocast(x.device.type, enabled=False):  # the factor products are the transform: fp32
             u, v = plan.factors(x.device)
             xv = x2 @ v
-            y = _mix(plan, xv, w, forward=True) @ u.t()
+            y = _mix(plan, xv, w) @ u.t()
         ctx.plan = plan
         ctx.save_for_backward(x, w, xv)
         return y.to(out_dtype).view(*x.shape[:-1], plan.shape[0])
@@ -303,7 +303,7 @@ class _FactorizedAdapter(torch.autograd.Function):
         gu = grad_out.reshape(-1, grad_out.shape[-1]).float() @ u
         grad_x = grad_w = None
         if ctx.needs_input_grad[0]:
-            grad_x = (_mix(plan, gu, w, forward=False) @ v.t()).to(x.dtype).view(x.shape)
+            grad_x = (_mix(plan, gu, w) @ v.t()).to(x.dtype).view(x.shape)
         if ctx.needs_input_grad[1]:
             if plan.cas_scale is not None:
                 grad_w = (xv * gu).sum(0)
@@ -313,7 +313,7 @@ class _FactorizedAdapter(torch.autograd.Function):
         return grad_x, grad_w, None, None
 
 
-def _mix(plan, t: torch.Tensor, w: torch.Tensor, forward: bool) -> torch.Tensor:
+def _mix(plan, t: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
     """Between the two factor products: scale by w (cas), or multiply by z and map (re, im) → [re | −im]."""
     if plan.cas_scale is not None:
         return t * w

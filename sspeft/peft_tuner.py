@@ -25,7 +25,7 @@ from . import methods, quant
 from .config import SpectralConfig
 from .io import CONFIG_NAME, KEY_PREFIX, WEIGHTS_NAME, check_adapter, config_from_json, read_adapter
 from .layer import SpectralLinear
-from .model import find_targets, plan_positions, record_layer
+from .model import already_adapted, find_targets, plan_positions, record_layer, warn_base_mismatch
 
 PEFT_TYPE_NAME = "SSPEFT"
 SUPPORTED_PEFT = ((0, 21), (0, 22))  # [lower, upper)
@@ -126,7 +126,7 @@ class SspeftTuner(BaseTuner):
         cfg = peft_config.spectral()
         plan = {}
         if cfg.budget == "global" and not peft_config.layers:
-            plan = plan_positions(model, cfg, find_targets(model, cfg))
+            plan = plan_positions(cfg, find_targets(model, cfg))
         state = {"cfg": cfg, "plan": plan, "mismatched": []}
         self.__dict__.setdefault("_sspeft_state", {})[adapter_name] = state
         if not self.__dict__.get("_sspeft_load_check"):
@@ -134,23 +134,14 @@ class SspeftTuner(BaseTuner):
             self.__dict__["_sspeft_load_check"] = True
         super().inject_adapter(model, adapter_name, *args, **kwargs)
         if state["mismatched"]:
-            warnings.warn(
-                f"sspeft: {len(state['mismatched'])} base weight(s) differ from those the adapter {adapter_name!r} "
-                f"was trained on (first: {state['mismatched'][0]!r}); its positions were chosen from the original "
-                "weights (the saved ones are loaded), so results will differ. Load the same base (same checkpoint "
-                "and quantization) to reproduce them.",
-                stacklevel=3,
-            )
+            warn_base_mismatch(state["mismatched"], repr(adapter_name), stacklevel=3)
 
     def _create_and_replace(self, peft_config, adapter_name, target, target_name, parent, current_key, **kwargs):
         state = self._sspeft_state[adapter_name]
         cfg = state["cfg"]
         base = target.get_base_layer() if isinstance(target, BaseTunerLayer) else target
         if isinstance(target, BaseTunerLayer) and not isinstance(target, SpectralLinear):
-            raise ValueError(
-                f"module {current_key!r} already carries a PEFT adapter ({type(target).__name__}); sspeft adapters "
-                "and LoRA may sit on different modules of one model, not on the same one"
-            )
+            raise ValueError(already_adapted(current_key, target))
         if not quant.is_supported_base(base):
             raise TypeError(f"sspeft adapts nn.Linear and bitsandbytes Linear4bit, not {type(base).__name__} ({current_key})")
         quant.prepare_4bit(base)

@@ -33,7 +33,6 @@ from .transforms import _inverse_factor
 from . import wavelets
 
 FOURIER_METHODS = ("ssh", "fourierft", "lfma")
-SPARSE_METHODS = ("shira", "waveft")
 PLAN_FIELDS = ("method", "scaling", "normalization", "dht", "half_spectrum", "wavelet", "construction")
 """The SpectralConfig fields a plan is built from (fourier_plan, sparse_plan); a change to any of them rebuilds it."""
 

@@ -74,7 +74,7 @@ def padded_shape(shape: tuple[int, int], wavelet: str = "db1", construction: str
     return tuple(s + extra + (s + extra) % 2 for s in shape)
 
 
-def position_grid(shape: tuple[int, int], wavelet: str, construction: str) -> tuple[int, int]:
+def position_grid(shape: tuple[int, int], construction: str) -> tuple[int, int]:
     """Where WaveFT positions are drawn: the weight grid (reference) or the even-padded matrix (periodic)."""
     return tuple(shape) if construction == "reference" else padded_shape(shape)
 

@@ -16,6 +16,7 @@ from __future__ import annotations
 import hashlib
 import json
 import re
+import socket
 import threading
 import time
 from collections import Counter
@@ -169,6 +170,13 @@ def _handler(server: FakeJudgeServer):
 
 
 # ---- small inputs ---------------------------------------------------------------------------------------------
+
+def port_open(port: int) -> bool:
+    """Something accepts connections on this loopback port."""
+    with socket.socket() as s:
+        s.settimeout(1)
+        return s.connect_ex(("127.0.0.1", port)) == 0
+
 
 def write_jsonl(path: Path, records: list[dict[str, Any]]) -> Path:
     path.parent.mkdir(parents=True, exist_ok=True)

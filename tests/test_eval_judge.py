@@ -153,7 +153,7 @@ def test_missing_reference_is_an_error_before_any_call(tmp_path, capsys):
 def test_unreachable_endpoint_fails_before_reading_answers(tmp_path, capsys):
     root = make_run(tmp_path / "run")
     (root / "answers" / "tuned.jsonl").write_text("this is not JSON\n")
-    from eval.server_utils import free_port
+    from launch.process import free_port
 
     url = f"http://127.0.0.1:{free_port()}/v1"
     assert judge_main([str(root), "--judge", f"openai:m@{url}", "--questions", str(root / "questions.jsonl")]) == 2

@@ -9,6 +9,7 @@ import pytest
 
 from eval.common import EvalError
 from eval.server_utils import VllmServer
+from eval_helpers import port_open
 
 
 class _Scripted(VllmServer):
@@ -83,14 +84,6 @@ def _alive(pid: int) -> bool:
         return False
 
 
-def _port_open(port: int) -> bool:
-    import socket
-
-    with socket.socket() as s:
-        s.settimeout(1)
-        return s.connect_ex(("127.0.0.1", port)) == 0
-
-
 def _wait(condition, timeout: float) -> bool:
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
@@ -117,12 +110,12 @@ def test_server_stops_when_its_starter_is_signalled(tmp_path, sig):
         line = driver.stdout.readline()
         assert line, driver.stderr.read()
         pid, port = map(int, line.split())
-        assert _alive(pid) and _port_open(port)
+        assert _alive(pid) and port_open(port)
         driver.send_signal(getattr(signal, sig))
         rc = driver.wait(timeout=30)
         assert rc == {"SIGTERM": 143, "SIGHUP": 129, "SIGINT": 130, "SIGKILL": -9}[sig]
         assert _wait(lambda: not _alive(pid), 30), f"server {pid} still running after {sig} to its starter"
-        assert not _port_open(port)
+        assert not port_open(port)
     finally:
         if driver.poll() is None:
             driver.kill()
@@ -160,7 +153,7 @@ def test_sigterm_to_serve_judge_stops_vllm(tmp_path):
                 cmd = p.cmdline() if p.is_running() else []
                 if "--port" in cmd:
                     port = int(cmd[cmd.index("--port") + 1])
-            return judge.poll() is not None or (port is not None and _port_open(port))
+            return judge.poll() is not None or (port is not None and port_open(port))
 
         assert _wait(serving, 400) and judge.poll() is None, \
             f"judge exited early ({judge.poll()}):\n{log.read_text()[-3000:] if log.exists() else 'no log'}"
@@ -171,7 +164,7 @@ def test_sigterm_to_serve_judge_stops_vllm(tmp_path):
         assert "stopped by SIGTERM" in out
         assert _wait(lambda: not any(_alive(pid) for pid in seen), 60), \
             [p.cmdline() for pid, p in seen.items() if _alive(pid)]
-        assert len(seen) >= 1 and not _port_open(port)
+        assert len(seen) >= 1 and not port_open(port)
     finally:
         if judge.poll() is None:
             judge.kill()

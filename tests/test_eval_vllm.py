@@ -2,21 +2,14 @@
 
 import json
 import re
-import socket
 
 import pytest
 
 from conftest import require, require_module
 from eval.judge import main as judge_main
-from eval_helpers import make_questions, make_run, make_tiny_llama
+from eval_helpers import make_questions, make_run, make_tiny_llama, port_open
 
 pytestmark = pytest.mark.slow
-
-
-def _port_open(port: int) -> bool:
-    with socket.socket() as s:
-        s.settimeout(1)
-        return s.connect_ex(("127.0.0.1", port)) == 0
 
 
 def test_judge_served_by_vllm_with_constrained_ratings(tmp_path):
@@ -34,7 +27,7 @@ def test_judge_served_by_vllm_with_constrained_ratings(tmp_path):
         assert re.fullmatch(r"\[\[(10|[1-9])\]\]", r["calls"]["single"][0]["judgment"]), r
         assert 1 <= r["score"] <= 10
     ports = {int(p) for p in re.findall(r"127\.0\.0\.1:(\d+)", log.read_text())}
-    assert ports and not any(_port_open(p) for p in ports)  # the server was stopped
+    assert ports and not any(port_open(p) for p in ports)  # the server was stopped
 
 
 def _smollm2(session_tmp):

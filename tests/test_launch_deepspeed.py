@@ -9,7 +9,6 @@ from __future__ import annotations
 import json
 import shutil
 import signal
-import socket
 import subprocess
 import time
 from pathlib import Path
@@ -20,7 +19,8 @@ import yaml
 from safetensors.torch import load_file
 
 from conftest import require
-from launch.distributed import PREEMPTED_EXIT_CODE
+from sspeft import METHODS
+from launch.process import PREEMPTED_EXIT_CODE, free_port
 from launch.rundir import COMPLETE_MARKER, RunDir
 from launch.train import SUMMARY_FILE
 from launch_helpers import REPO, build_tiny_llama, child_env, write_recipe, write_records
@@ -28,12 +28,6 @@ from test_launch_train import stored_numel
 
 pytestmark = pytest.mark.slow
 DRIVER = Path(__file__).with_name("launch_ds_driver.py")
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def deepspeed_cmd(*args: str) -> list[str]:
@@ -83,7 +77,7 @@ def check_run(run: RunDir, log: Path, method: str = "ssh", model: Path | None = 
 
 @pytest.mark.parametrize("stage, methods, quantize, dtype", [
     ("zero2", ("ssh", "lfma"), "none", "fp32"),
-    ("zero3", ("lora", "ssh", "lfma", "waveft", "fourierft", "shira"), "nf4", "bf16"),
+    ("zero3", ("lora", *METHODS), "nf4", "bf16"),
 ], ids=["zero2", "zero3-nf4"])
 def test_two_ranks(tmp_path, tiny, stage, methods, quantize, dtype, record_property):
     model, data = tiny

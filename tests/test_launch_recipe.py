@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from launch.recipe import RecipeError, load_recipe, load_resolved, parse_override
+from launch.recipe import RecipeError, load_recipe, load_resolved, methods, parse_override
 from launch.rundir import RunDir, atomic_directory, atomic_write_json, atomic_write_text
 
 REPO = Path(__file__).resolve().parents[1]
@@ -17,7 +17,7 @@ SHIPPED = sorted((REPO / "recipes").rglob("*.yaml"))
 
 def test_recipes_are_shipped():
     names = {p.relative_to(REPO / "recipes").as_posix() for p in SHIPPED}
-    for method in ("ssh", "lfma", "waveft", "fourierft", "shira", "lora"):
+    for method in methods():
         assert f"alpaca/llama31_8b_{method}.yaml" in names
     assert any(n.startswith("demo/") for n in names)
 

@@ -4,7 +4,6 @@
 from __future__ import annotations
 
 import json
-import os
 import signal
 import subprocess
 import time
@@ -13,7 +12,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from launch.distributed import PREEMPTED_EXIT_CODE
+from launch.process import PREEMPTED_EXIT_CODE
 from launch.rundir import COMPLETE_MARKER, RunDir
 from launch.train import SUMMARY_FILE
 from launch_helpers import PYTHON, REPO, build_tiny_llama, child_env, read_positions, write_recipe, write_records

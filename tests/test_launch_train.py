@@ -10,10 +10,11 @@ import torch
 from safetensors.torch import load_file
 
 from launch import train as train_stage
+from launch.recipe import methods
 from launch.rundir import RunDir
 from launch_helpers import build_tiny_llama, write_recipe, write_records
 
-METHODS = ("ssh", "lfma", "waveft", "fourierft", "shira", "lora")
+METHODS = methods()
 VARIANTS = {"fp32": ("none", "fp32"), "bf16": ("none", "bf16"), "nf4": ("nf4", "bf16")}
 FAST = {("ssh", "nf4"), ("lora", "fp32")}
 

@@ -15,6 +15,7 @@ from pathlib import Path
 import pytest
 import yaml
 
+from launch.process import PREEMPTED_EXIT_CODE
 from launch.recipe import load_recipe
 from slurm.render import STAGES, ClusterOptions, RenderError, render_chain, time_limit_seconds
 from slurm.submit import DEPENDENCY
@@ -85,6 +86,9 @@ def test_four_nodes_eight_gpus_field_by_field(tmp_path):
     assert 'head_node=$(scontrol show hostnames "$SLURM_JOB_NODELIST" | head -n 1)' in body
     assert 'srun --ntasks="$nodes" --cpus-per-task=64 --kill-on-bad-exit=1' in body
     assert re.search(r"^nodes=4$", body, re.M)
+    # the preemption status the batch script requeues on is the training stage's own
+    assert re.search(rf"^\s+{PREEMPTED_EXIT_CODE}\) preempted=1 ;;$", body, re.M)
+    assert re.search(rf"^\s+exit {PREEMPTED_EXIT_CODE}$", body, re.M)
 
     # Every later stage waits for the one before; the report waits for the judge whatever its outcome.
     assert [DEPENDENCY[s] for s in STAGES[1:]] == ["afterok", "afterok", "afterok", "afterany"]

@@ -7,7 +7,7 @@
 # node-specific (rendezvous host, node index) is looked up while the job runs, never when it is submitted.
 # Preemption: Slurm sends SIG@@SIGNAL@@ to this script @@SIGNAL_SECONDS@@ s before the time limit (or an admin
 # sends it: scancel -b -s @@SIGNAL@@ JOB); it is forwarded to the ranks, the training stage checkpoints at an
-# agreed step and exits 75, and this script requeues the job, which then resumes from that checkpoint.
+# agreed step and exits @@PREEMPTED@@, and this script requeues the job, which then resumes from that checkpoint.
 set -uo pipefail
 
 run_dir=@@RUN_DIR@@
@@ -52,17 +52,17 @@ for status_file in "$SSPEFT_RANK_STATUS_DIR"/rank-*.exit; do
     [ -e "$status_file" ] || continue
     case "$(cat "$status_file")" in
         0) ;;
-        75) preempted=1 ;;
+        @@PREEMPTED@@) preempted=1 ;;
         *) failed=1 ;;
     esac
 done
 
 if [ "$preempted" = 1 ] && [ "$failed" = 0 ]; then
     if [ "$attempt" -ge "$max_requeues" ]; then
-        echo "sspeft: training checkpointed (exit 75) but the job was already requeued $attempt times; not again" >&2
-        exit 75
+        echo "sspeft: training checkpointed (exit @@PREEMPTED@@) but the job was already requeued $attempt times; not again" >&2
+        exit @@PREEMPTED@@
     fi
-    echo "sspeft: training checkpointed after a preemption signal (exit 75); requeueing job $SLURM_JOB_ID"
+    echo "sspeft: training checkpointed after a preemption signal (exit @@PREEMPTED@@); requeueing job $SLURM_JOB_ID"
     # Slurm does not requeue a job that reaches its time limit by itself; the requeued job keeps its id, so the
     # later stages keep waiting for it.
     scontrol requeue "$SLURM_JOB_ID"

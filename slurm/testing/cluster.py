@@ -23,18 +23,14 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from launch.process import free_port
+from launch.rundir import atomic_write_text
+
 DAEMONS = ("slurmd", "slurmctld", "munged")  # stop order; start order is the reverse
 
 
 class ClusterError(RuntimeError):
     """A daemon did not start or the cluster did not become usable; the message carries the daemon logs."""
-
-
-def free_port() -> int:
-    """A TCP port nothing listens on right now (the kernel picks it)."""
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
 
 
 def short_hostname() -> str:
@@ -152,7 +148,7 @@ class LocalCluster:
             f"NodeName={self.node} NodeAddr=127.0.0.1 CPUs={self.cpus} RealMemory={self.memory_mb} State=UNKNOWN",
             f"PartitionName={self.partition} Nodes={self.node} Default=YES MaxTime=INFINITE State=UP",
         ]
-        _atomic_write(self.conf, "\n".join(lines) + "\n")
+        atomic_write_text(self.conf, "\n".join(lines) + "\n")
 
     def start(self, timeout_s: float = 60.0) -> None:
         """Write the config and start munged, slurmctld, slurmd; return once the node accepts jobs."""
@@ -251,12 +247,6 @@ def _alive(pid: int) -> bool:
         return True
     # A zombie child of ours still answers kill(0); the daemons are not our children (they double-fork).
     return True
-
-
-def _atomic_write(path: Path, text: str) -> None:
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(text)
-    os.replace(tmp, path)
 
 
 def main(argv: list[str] | None = None) -> int:
