@@ -168,7 +168,9 @@ class HFGenerator:
         finish = "stop" if new and new[-1] in eos else "length"
         if new and new[-1] in eos:
             new = new[:-1]
-        return GenOutput(self.tokenizer.decode(new, skip_special_tokens=True), new, finish)
+        # a generation cut inside a multi-byte character decodes to a trailing U+FFFD; vLLM's detokenizer holds such
+        # incomplete bytes back, and the two backends must give the same text (turn 2 sees it in its context)
+        return GenOutput(self.tokenizer.decode(new, skip_special_tokens=True).rstrip("\ufffd"), new, finish)
 
     def close(self) -> None:
         self.model = None

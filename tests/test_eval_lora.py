@@ -52,17 +52,8 @@ def test_one_engine_serves_two_loras_and_the_baseline(tmp_path, session_tmp, cap
                                   "--questions", str(questions), *FLAGS]) == 0
             expected[key] = _answers(out / "answers" / "m.jsonl")
     assert set(served) == set(expected)
-    compared = 0
     for key in served:
-        for qid, turns in expected[key].items():
-            # vLLM's detokenizer holds back a trailing incomplete UTF-8 sequence that transformers decodes as U+FFFD
-            got = [t.rstrip("\ufffd") for t in served[key][qid]]
-            want = [t.rstrip("\ufffd") for t in turns]
-            assert got[0] == want[0], (key, qid)
-            if served[key][qid][0] == turns[0]:  # turn 2 saw the same turn-1 text in context
-                assert got[1] == want[1], (key, qid)
-                compared += 1
-    assert compared >= 3, "too few second turns shared their context to compare"
+        assert served[key] == expected[key], key  # both turns of every question, token for token
     assert served["ssh"] != served["ssh-baseline"] or served["fourierft"] != served["fourierft-baseline"], (
         "no adapter changed a single answer; the comparison would not tell adapters from the base")
 
