@@ -11,6 +11,7 @@ SIGTERM (PR_SET_PDEATHSIG). A server that dies or never comes up raises with the
 
 from __future__ import annotations
 
+import functools
 import os
 import signal
 import subprocess
@@ -34,13 +35,18 @@ def tail(path: Path, lines: int = 60) -> str:
 _PR_SET_PDEATHSIG = 1
 
 
-def _die_with_parent() -> None:
+def _die_with_parent(parent: int) -> None:
     """In the child before exec: the kernel sends it SIGTERM when the process that started it dies, even by
     SIGKILL (no handler of ours runs then), and it stops its own engine processes on SIGTERM."""
+    # a SIGTERM ignored by whoever started us is inherited across exec and would make the server deaf to it
+    for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
+        signal.signal(sig, signal.SIG_DFL)
     if sys.platform.startswith("linux"):
         import ctypes
 
         ctypes.CDLL(None, use_errno=True).prctl(_PR_SET_PDEATHSIG, signal.SIGTERM, 0, 0, 0)
+        if os.getppid() != parent:  # the starter died before the request took effect
+            os.kill(os.getpid(), signal.SIGTERM)
 
 
 class VllmServer:
@@ -91,7 +97,7 @@ class VllmServer:
         with self.log_path.open("w") as log:
             # a session of its own: stopping the group also stops vLLM's engine-core children
             self.process = subprocess.Popen(self.command(), stdout=log, stderr=subprocess.STDOUT, env=env,
-                                            start_new_session=True, preexec_fn=_die_with_parent)
+                                            start_new_session=True, preexec_fn=functools.partial(_die_with_parent, os.getpid()))
 
     def wait_ready(self) -> None:
         """Poll /v1/models until it answers; raise with the log when the process exits or time runs out."""
