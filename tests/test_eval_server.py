@@ -84,6 +84,21 @@ def _alive(pid: int) -> bool:
         return False
 
 
+def _listener_group(port: int):
+    """The process group of whatever listens on 127.0.0.1:port, or None."""
+    import os
+
+    import psutil
+
+    for conn in psutil.net_connections("tcp"):
+        if conn.status == psutil.CONN_LISTEN and conn.laddr.port == port and conn.pid:
+            try:
+                return os.getpgid(conn.pid)
+            except ProcessLookupError:
+                return None
+    return None
+
+
 def _wait(condition, timeout: float) -> bool:
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
@@ -115,7 +130,9 @@ def test_server_stops_when_its_starter_is_signalled(tmp_path, sig):
         rc = driver.wait(timeout=30)
         assert rc == {"SIGTERM": 143, "SIGHUP": 129, "SIGINT": 130, "SIGKILL": -9}[sig]
         assert _wait(lambda: not _alive(pid), 30), f"server {pid} still running after {sig} to its starter"
-        assert not port_open(port)
+        # the port itself may be taken at once by another process's ephemeral bind: check that nothing of the
+        # server's session (its process group) still listens on it
+        assert _wait(lambda: _listener_group(port) != pid, 30), f"the server's group still listens on {port}"
     finally:
         if driver.poll() is None:
             driver.kill()
