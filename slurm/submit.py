@@ -160,11 +160,18 @@ def main(argv: list[str] | None = None) -> int:
             dep = "--hold" if stage == "train" else f"--dependency={DEPENDENCY[stage]}:<{_previous(stage)} job id>"
             print(shlex.join(["sbatch", "--parsable", dep, str(run.slurm / f"{stage}.sbatch")]))
         return 0
-    try:
-        stale = check_live_chain(run, args.force)
-        cancel(stale)
+    def submit() -> dict:
+        cancel(check_live_chain(run, args.force))
         write_scripts(recipe, run, scripts)
-        jobs = submit_chain(run)
+        return submit_chain(run)
+
+    return report_submission(submit)
+
+
+def report_submission(submit) -> int:
+    """Run `submit()` and print the job ids it returns as JSON; exit 2 on bad input, 1 when Slurm refuses."""
+    try:
+        jobs = submit()
     except SubmitError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2

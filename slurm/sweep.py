@@ -16,7 +16,6 @@ shared generation job), so `slurm.finish` reports each run as usual. Prints one 
 from __future__ import annotations
 
 import argparse
-import json
 import shlex
 import sys
 import time
@@ -27,7 +26,7 @@ from launch.rundir import RunDir, atomic_write_json, atomic_write_text
 from slurm.chain import CHAIN_FILE, SlurmError, cancel, read_chain, run_slurm
 from slurm.render import RenderError, render_chain, render_sweep_generate
 from slurm.submit import (SubmitError, build_parser as submit_parser, check_live_chain, check_run_dir,
-                          options_from_args, sbatch, write_scripts)
+                          options_from_args, report_submission, sbatch, write_scripts)
 
 RUN_FILES = ("train.sbatch", "train_node.sh", "judge.sbatch", "report.sbatch")
 SWEEP_FILE = "sweep.json"
@@ -141,19 +140,12 @@ def main(argv: list[str] | None = None) -> int:
             print(shlex.join(["sbatch", "--parsable", "--dependency=afterany:<judge job id>",
                               str(run.slurm / "report.sbatch")]))
         return 0
-    try:
-        stale = [job for run in runs for job in check_live_chain(run, args.force)]
-        cancel(stale)
+    def submit() -> dict:
+        cancel([job for run in runs for job in check_live_chain(run, args.force)])
         _write(recipes, runs, scripts, sweep_dir, generate)
-        jobs = submit_sweep(runs, sweep_dir)
-    except SubmitError as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 2
-    except SlurmError as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 1
-    print(json.dumps(jobs))
-    return 0
+        return submit_sweep(runs, sweep_dir)
+
+    return report_submission(submit)
 
 
 if __name__ == "__main__":
