@@ -39,7 +39,7 @@ class CoverageConfig:
     q,v: ((576+576) + (576+192)) / 2 = 960, so 240, 960 and 3840)."""
     seeds: tuple[int, ...] = (0, 1, 2)
     """Position seeds."""
-    n_grad: int = 128
+    n_grad: int = 384
     """Training records whose gradient is accumulated."""
     ft_steps: int = 16
     """Full fine-tune steps over the gradient records (batch = setup.batch_size records each, in split order)."""
