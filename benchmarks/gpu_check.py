@@ -57,7 +57,7 @@ from torch import nn  # noqa: E402
 import sspeft  # noqa: E402
 from benchmarks.gpu_check_report import markdown  # noqa: E402
 from launch.rundir import atomic_write_json, atomic_write_text  # noqa: E402
-from sspeft import paths as sspeft_paths  # noqa: E402
+from sspeft import forward as sspeft_forward  # noqa: E402
 from sspeft.config import METHOD_DEFAULTS, METHODS, PATHS  # noqa: E402
 
 # Max relative error against the reference path. fp32: both sides round in fp32 (FFTs of up to 4096 points,
@@ -214,7 +214,7 @@ def set_path(model: nn.Module, path: str) -> None:
 
 
 def used_paths(model: nn.Module) -> str:
-    seen = {p for layer in sspeft.adapted_layers(model).values() for p in sspeft_paths.last_paths(layer).values()}
+    seen = {p for layer in sspeft.adapted_layers(model).values() for p in sspeft_forward.last_paths(layer).values()}
     return ",".join(sorted(seen))
 
 
@@ -225,7 +225,7 @@ def randomize(layer, seed: int, size: float = 0.5) -> None:
         coeff = layer.coefficients
         g = torch.Generator().manual_seed(seed)
         coeff.copy_(torch.randn(coeff.shape, generator=g).to(coeff.device))
-        base = sspeft.quant.dense_weight(layer.base_layer).norm()
+        base = sspeft.weights.dense_weight(layer.base_layer).norm()
         coeff.mul_(size * base / layer.delta_weight().norm().clamp_min(1e-30))
 
 
@@ -733,7 +733,7 @@ def machine(device: Device) -> dict:
             "sspeft_peft_registered": sspeft.PEFT_REGISTERED, "cpu_threads": torch.get_num_threads(),
             "load_average": list(os.getloadavg()), "device": device.name,
             "float32_matmul_precision": torch.get_float32_matmul_precision(),
-            "cuda_cost_constants": sspeft_paths.COST_CONSTANTS.get("cuda")}
+            "cuda_cost_constants": sspeft_forward.COST_CONSTANTS.get("cuda")}
     if device.cuda:
         props = torch.cuda.get_device_properties(0)
         info.update(gpu=torch.cuda.get_device_name(0), gpu_memory_gib=props.total_memory / 2**30,

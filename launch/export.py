@@ -58,7 +58,7 @@ def default_base_cache(run: RunDir) -> Path:
 def base_fingerprint(model: torch.nn.Module, quantize: str) -> str:
     """A hash of every base linear weight as the adapter sees it (dequantized if 4-bit) and the quantisation."""
     from sspeft.layer import SpectralLinear
-    from sspeft.quant import dense_weight, fingerprint, is_supported_base
+    from sspeft.weights import dense_weight, fingerprint, is_supported_base
 
     h = hashlib.sha256(quantize.encode())
     for name, module in model.named_modules():

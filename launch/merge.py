@@ -172,7 +172,7 @@ def measure(model: nn.Module) -> DeltaSurvival:
 
 
 def dense(module: nn.Module) -> torch.Tensor:
-    from sspeft.quant import dense_weight
+    from sspeft.weights import dense_weight
 
     return dense_weight(module)
 
@@ -220,7 +220,7 @@ class ShardWriter:
 def stream_weights(model: nn.Module, writer: ShardWriter, dtype: torch.dtype, apply_delta: bool) -> int:
     """Pass 2: write every weight of `model` (a plain or PEFT-wrapped causal LM) module by module; adapted layers
     as round(W0 + ΔW), or round(W0) without `apply_delta`. Returns the number of modules written."""
-    from sspeft.quant import is_linear4bit
+    from sspeft.weights import is_linear4bit
 
     seen: set[int] = set()
     skip_prefixes: list[str] = []
@@ -477,7 +477,7 @@ def compute_in_fp32(model: nn.Module) -> None:
     """The runtime reference computes in fp32 whatever the recipe's dtype: upcasting bf16 weights is exact and a
     4-bit layer keeps its packed weights (only its compute dtype changes), so W0 and ΔW stay what training had,
     while bf16 arithmetic noise stays out of the adapter's measured effect. Called after the weights are written."""
-    from sspeft.quant import is_linear4bit
+    from sspeft.weights import is_linear4bit
 
     for module in model.modules():
         if is_linear4bit(module):

@@ -34,7 +34,7 @@ from .model import (  # noqa: E402
     restore_fp32,
     unmerge,
 )
-from .quant import prepare_4bit  # noqa: E402
+from .weights import prepare_4bit  # noqa: E402
 
 PEFT_REGISTERED = False
 if importlib.util.find_spec("peft") is not None:

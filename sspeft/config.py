@@ -30,7 +30,7 @@ INITS = {
     "shira": ("zeros", "normal"),
 }
 BUDGETS = ("layer", "global")
-# Execution paths of SpectralLinear.forward (sspeft/paths.py); every one gives the reference's numbers.
+# Execution paths of SpectralLinear.forward (sspeft/forward.py); every one gives the reference's numbers.
 PATHS = ("auto", "reference", "merged", "split", "factorized")
 
 
@@ -82,7 +82,7 @@ class SpectralConfig:
     """SHiRA: give n as r·(m + n) per layer, the parameter count of a rank-r LoRA."""
     shared_positions: bool | None = None
     """Same random positions in every layer of one shape (FourierFT's PEFT-compatible default); others: per layer."""
-    # Execution settings (paths.py): they change speed and memory, never the numbers.
+    # Execution settings (forward.py): they change speed and memory, never the numbers.
     path: str = "auto"
     """Execution path: auto (per layer and call, see docs/speed.md), reference, merged, split, factorized (ssh/lfma/fourierft)."""
     cache_delta: bool = False

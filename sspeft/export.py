@@ -3,7 +3,7 @@
     export = sspeft.export_lora(model, "lora/", max_rank=512)    # any LoRA-serving tool (vLLM, PEFT) can load it
     export.layers["model.layers.0.self_attn.q_proj"].exact_rank
 
-Every method's ΔW is a sum of separable atoms (plans.py): a row atom over the output index times a column atom over
+Every method's ΔW is a sum of separable atoms (atoms.py): a row atom over the output index times a column atom over
 the input index. Grouping the atoms by distinct row atom (or by distinct column atom, whichever side has fewer)
 gives exact factors B (out×r), A (r×in), without an SVD:
 
@@ -35,10 +35,10 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from . import quant
+from . import weights
 from .layer import SpectralLinear
 from .model import adapted_layers
-from .plans import FourierPlan, SparsePlan
+from .atoms import FourierPlan, SparsePlan
 
 VLLM_LORA_RANKS = (1, 8, 16, 32, 64, 128, 256, 320, 512)
 """The LoRA ranks vLLM's `max_lora_rank` accepts."""
@@ -179,12 +179,12 @@ def export_layer(layer: SpectralLinear, max_rank: int | None = None, adapter_nam
 def exact_factors(layer: SpectralLinear, adapter_name: str | None = None) -> tuple[torch.Tensor, torch.Tensor, str]:
     """(B (out, r), A (r, in), side) in float64 with B·A = ΔW exactly (up to rounding), grouped on the side with
     fewer distinct atoms."""
-    from .paths import plan_for
+    from .forward import plan_for
 
     name = adapter_name or layer.active_adapter
     plan = plan_for(layer, name)
     coeff = layer.sspeft_coefficients[name]
-    with torch.no_grad(), quant.gathered(coeff):
+    with torch.no_grad(), weights.gathered(coeff):
         if isinstance(plan, SparsePlan):
             return _sparse_factors(plan, coeff.detach())
         if isinstance(plan, FourierPlan):
@@ -325,7 +325,7 @@ def _target_modules(model: nn.Module, names: list[str]) -> list[str]:
     """Leaf names when they select exactly the adapted modules (the usual LoRA config), else the full names."""
     leaves = sorted({n.rsplit(".", 1)[-1] for n in names})
     selected = {n for n, m in model.named_modules() if n.rsplit(".", 1)[-1] in leaves
-                and (isinstance(m, SpectralLinear) or quant.is_supported_base(m)) and not n.endswith(".base_layer")}
+                and (isinstance(m, SpectralLinear) or weights.is_supported_base(m)) and not n.endswith(".base_layer")}
     return leaves if selected == set(names) else sorted(names)
 
 

@@ -26,7 +26,7 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 from torch import nn
 
-from . import methods, quant
+from . import methods, weights
 from .config import SpectralConfig
 from .model import _apply_plan, adapted_layers, adapter_config, already_adapted, warn_base_mismatch
 
@@ -69,7 +69,7 @@ def save_adapter(model: nn.Module, path: str | os.PathLike, adapter_name: str | 
         name = _user_name(full_name)
         a = adapter_name or layer.active_adapter
         coeff = layer.sspeft_coefficients[a]
-        with quant.gathered(coeff):
+        with weights.gathered(coeff):
             tensors[f"{KEY_PREFIX}{name}.sspeft_coefficients"] = coeff.detach().float().cpu().contiguous().clone()
         tensors[f"{KEY_PREFIX}{name}.sspeft_positions"] = layer.sspeft_positions[a].detach().long().cpu().contiguous()
     base_name = getattr(getattr(model, "config", None), "_name_or_path", None)
@@ -232,7 +232,7 @@ def load_adapter(base_model: nn.Module, path: str | os.PathLike, adapter_name: s
     """
     cfg, tensors = read_adapter(path)
     layers = cfg.layers
-    quant.prepare_4bit(base_model)  # before anything dequantizes or runs a forward
+    weights.prepare_4bit(base_model)  # before anything dequantizes or runs a forward
     modules = dict(base_model.named_modules())
     targets, plan, mismatched = {}, {}, []
     for name, info in layers.items():
@@ -241,7 +241,7 @@ def load_adapter(base_model: nn.Module, path: str | os.PathLike, adapter_name: s
         module = modules.get(key)
         if module is not None and _is_wrapped(module):
             raise ValueError(f"{path}: {already_adapted(name, module)}")
-        if module is None or not quant.is_supported_base(module):
+        if module is None or not weights.is_supported_base(module):
             raise ValueError(
                 f"{path}: adapted layer {name!r} does not exist as a Linear layer in the base model "
                 f"({type(module).__name__ if module is not None else 'missing'})"
@@ -254,7 +254,7 @@ def load_adapter(base_model: nn.Module, path: str | os.PathLike, adapter_name: s
             )
         coeff = tensors[f"{KEY_PREFIX}{name}.sspeft_coefficients"]
         positions = tensors[f"{KEY_PREFIX}{name}.sspeft_positions"].long()
-        fp = quant.fingerprint(quant.dense_weight(module))
+        fp = weights.fingerprint(weights.dense_weight(module))
         if info.get("fingerprint") and fp != info["fingerprint"]:
             mismatched.append(name)
         targets[key] = module

@@ -15,7 +15,7 @@ import warnings
 import torch
 from torch import nn
 
-from . import methods, quant
+from . import methods, weights
 from .config import SpectralConfig
 
 
@@ -69,7 +69,7 @@ class SpectralLinear(nn.Module):
         coefficients: torch.Tensor,
     ) -> None:
         super().__init__()
-        if not quant.is_supported_base(base_layer):
+        if not weights.is_supported_base(base_layer):
             raise TypeError(
                 f"sspeft adapts nn.Linear and bitsandbytes Linear4bit layers, not {type(base_layer).__name__}"
             )
@@ -159,7 +159,7 @@ class SpectralLinear(nn.Module):
         """ΔW (out, in) in fp32, scaling included; differentiable in the coefficients."""
         name = adapter or self.active_adapter
         coeff = self.sspeft_coefficients[name]
-        with quant.gathered(coeff):
+        with weights.gathered(coeff):
             return methods.delta_weight(self.sspeft_config[name], coeff, self.sspeft_positions[name], self.shape)
 
     def get_delta_weight(self, adapter: str) -> torch.Tensor:  # PEFT's name
@@ -174,9 +174,9 @@ class SpectralLinear(nn.Module):
         if self.merged:
             return self.base_layer(x, *args, **kwargs)
         self.restore_fp32()
-        from . import paths  # execution paths (merged/split/factorized/reference), chosen per layer and call
+        from . import forward  # execution paths (merged/split/factorized/reference), chosen per layer and call
 
-        return paths.forward(self, x, *args, **kwargs)
+        return forward.forward(self, x, *args, **kwargs)
 
     # ------------------------------------------------------------------ merge
     def merge(self, safe_merge: bool = False, adapter_names: list[str] | None = None) -> None:
@@ -190,13 +190,13 @@ class SpectralLinear(nn.Module):
             delta = sum(self.delta_weight(a) for a in names)
             if not torch.isfinite(delta).all():
                 raise ValueError(f"ΔW of adapters {names} has non-finite values; refusing to merge")
-            if quant.is_linear4bit(self.base_layer):
-                dense = quant.dense_weight(self.base_layer) + delta
+            if weights.is_linear4bit(self.base_layer):
+                dense = weights.dense_weight(self.base_layer) + delta
                 self._quantized_stash = [self.base_layer]
-                self.base_layer = quant.dense_linear(self.base_layer, dense)
+                self.base_layer = weights.dense_linear(self.base_layer, dense)
             else:
                 weight = self.base_layer.weight
-                with quant.gathered(weight):
+                with weights.gathered(weight):
                     merged = weight.data.float() + delta.to(weight.device)
                     if safe_merge and not torch.isfinite(merged).all():
                         raise ValueError("merged weight has non-finite values")
@@ -213,7 +213,7 @@ class SpectralLinear(nn.Module):
             else:
                 delta = sum(self.delta_weight(a) for a in self.merged_adapters)
                 weight = self.base_layer.weight
-                with quant.gathered(weight):
+                with weights.gathered(weight):
                     weight.data.copy_((weight.data.float() - delta.to(weight.device)).to(weight.dtype))
         self.merged_adapters = []
 
@@ -222,12 +222,12 @@ class SpectralLinear(nn.Module):
         with torch.no_grad():
             base = self._quantized_stash[0] if self._quantized_stash else self.base_layer
             if self.merged and not self._quantized_stash:
-                weight = quant.dense_weight(base)  # ΔW already inside
+                weight = weights.dense_weight(base)  # ΔW already inside
             else:
-                weight = quant.dense_weight(base) + sum(
+                weight = weights.dense_weight(base) + sum(
                     self.delta_weight(a) for a in self.active_adapters if a in self.sspeft_coefficients
                 )
-            return quant.dense_linear(base, weight, dtype)
+            return weights.dense_linear(base, weight, dtype)
 
     def extra_repr(self) -> str:
         cfg = self.sspeft_config.get(self.active_adapter)

@@ -10,7 +10,7 @@ from typing import Iterator
 import torch
 from torch import nn
 
-from . import methods, quant
+from . import methods, weights
 from .config import SpectralConfig
 from .layer import SpectralLinear
 
@@ -42,7 +42,7 @@ def warn_base_mismatch(mismatched: list[str], adapter: str, stacklevel: int) -> 
 
 def _linear_modules(model: nn.Module) -> Iterator[tuple[str, nn.Module]]:
     for name, module in model.named_modules():
-        if quant.is_supported_base(module):
+        if weights.is_supported_base(module):
             yield name, module
 
 
@@ -69,7 +69,7 @@ def find_targets(model: nn.Module, cfg: SpectralConfig) -> dict[str, nn.Module]:
             raise ValueError(already_adapted(name, module))
         if name.endswith(".base_layer"):
             continue
-        if quant.is_supported_base(module):
+        if weights.is_supported_base(module):
             found[name] = module
         elif isinstance(cfg.target_modules, list) and any(name.endswith(t) for t in cfg.target_modules):
             seen_other.append(f"{name} ({type(module).__name__})")
@@ -102,14 +102,14 @@ def plan_positions(
             positions = methods.select_positions(cfg, weight, name)
             plan[name] = (positions, methods.init_coefficients(cfg, weight, positions, name), "")
             continue
-        weight = quant.dense_weight(module)
+        weight = weights.dense_weight(module)
         count = counts.get(name)
         if count is not None and cfg.budget == "global":
             positions = _global_positions(cfg, weight, name, count)
         else:
             positions = methods.select_positions(cfg, weight, name)
         coefficients = methods.init_coefficients(cfg, weight, positions, name)
-        plan[name] = (positions, coefficients, quant.fingerprint(weight))
+        plan[name] = (positions, coefficients, weights.fingerprint(weight))
     return plan
 
 
@@ -135,7 +135,7 @@ def _global_counts(cfg: SpectralConfig, targets: dict[str, nn.Module]) -> dict[s
     top = int(round(cfg.delta * total))
     values, owners = [], []
     for i, (name, module) in enumerate(targets.items()):
-        energy = methods.ssh_energy(quant.dense_weight(module), cfg).flatten()
+        energy = methods.ssh_energy(weights.dense_weight(module), cfg).flatten()
         k = min(top, energy.numel())
         values.append(torch.topk(energy, k, sorted=False).values)
         owners.append(torch.full((k,), i, dtype=torch.long))
@@ -194,7 +194,7 @@ def inject(model: nn.Module, cfg: SpectralConfig, adapter_name: str = "default")
     """
     resolved = cfg.resolved()
     targets = find_targets(model, resolved)
-    quant.prepare_4bit(model)
+    weights.prepare_4bit(model)
     plan = plan_positions(resolved, targets)
     return _apply_plan(model, resolved, targets, plan, adapter_name)
 
@@ -288,13 +288,13 @@ def merge_and_unload(model: nn.Module, dtype: torch.dtype | None = None, dequant
     """Replace every adapted layer by a plain nn.Linear holding W0 + ΔW (ΔW added to a dequantized copy of a 4-bit
     weight, never re-quantized), in place, and return the plain model. With ``dequantize_all`` the remaining
     Linear4bit layers are dequantized too, so the result holds no bitsandbytes layer."""
-    quant.prepare_4bit(model)  # before anything dequantizes or runs a forward (bitsandbytes' CPU repack)
+    weights.prepare_4bit(model)  # before anything dequantizes or runs a forward (bitsandbytes' CPU repack)
     for name, layer in adapted_layers(model).items():
         _set_module(model, name, layer.merged_linear(dtype))
     if dequantize_all:
         for name, module in list(model.named_modules()):
-            if quant.is_linear4bit(module):
-                _set_module(model, name, quant.dense_linear(module, quant.dense_weight(module), dtype))
+            if weights.is_linear4bit(module):
+                _set_module(model, name, weights.dense_linear(module, weights.dense_weight(module), dtype))
         config = getattr(model, "config", None)
         if config is not None and getattr(config, "quantization_config", None) is not None:
             del config.quantization_config

@@ -21,7 +21,7 @@ from peft import PeftConfig
 from peft.tuners.tuners_utils import BaseTuner, BaseTunerLayer
 from peft.utils import PeftType
 
-from . import methods, quant
+from . import methods, weights
 from .config import SpectralConfig
 from .io import CONFIG_NAME, KEY_PREFIX, WEIGHTS_NAME, check_adapter, config_from_json, read_adapter
 from .layer import SpectralLinear
@@ -116,13 +116,13 @@ class SspeftTuner(BaseTuner):
     def _prepare_model(self, peft_config, model):
         # Before anything dequantizes or runs a forward: every Linear4bit of the model, adapted or not (gradients
         # flow back through the frozen ones too), gets bitsandbytes' AVX512-BF16 CPU repack switched off.
-        quant.prepare_4bit(model)
+        weights.prepare_4bit(model)
 
     def inject_adapter(self, model, adapter_name, *args, **kwargs):
         # Per-adapter state for _create_and_replace: the resolved config, SSH's global-budget plan (it ranks all
         # target layers together, so it cannot be made one layer at a time) and fingerprint mismatches (warned once).
         peft_config = self.peft_config[adapter_name]
-        quant.prepare_4bit(model)
+        weights.prepare_4bit(model)
         cfg = peft_config.spectral()
         plan = {}
         if cfg.budget == "global" and not peft_config.layers:
@@ -142,19 +142,19 @@ class SspeftTuner(BaseTuner):
         base = target.get_base_layer() if isinstance(target, BaseTunerLayer) else target
         if isinstance(target, BaseTunerLayer) and not isinstance(target, SpectralLinear):
             raise ValueError(already_adapted(current_key, target))
-        if not quant.is_supported_base(base):
+        if not weights.is_supported_base(base):
             raise TypeError(f"sspeft adapts nn.Linear and bitsandbytes Linear4bit, not {type(base).__name__} ({current_key})")
-        quant.prepare_4bit(base)
+        weights.prepare_4bit(base)
         recorded = (peft_config.layers or {}).get(current_key)
         if current_key in state["plan"]:
             positions, coefficients, fp = state["plan"][current_key]
         else:
             # Loading (recorded layers): positions are re-derived here only to build the layer; PEFT then loads the
             # saved positions and coefficients over them.
-            weight = quant.dense_weight(base)
+            weight = weights.dense_weight(base)
             positions = methods.select_positions(cfg, weight, current_key, recorded["n"] if recorded else None)
             coefficients = methods.init_coefficients(cfg, weight, positions, current_key)
-            fp = quant.fingerprint(weight)
+            fp = weights.fingerprint(weight)
         if recorded and recorded.get("fingerprint"):
             if recorded["fingerprint"] != fp:
                 state["mismatched"].append(current_key)

@@ -109,13 +109,13 @@ def test_relative_error_and_judge_fail_loudly():
 
 def test_a_wrong_path_fails_the_run(tmp_path, monkeypatch):
     """Break the split path (its adapter branch 1.5× too large): exactly its cases FAIL and the exit status is 1."""
-    original = sspeft.paths._branch
+    original = sspeft.forward._branch
 
     def broken(layer, name, path, x, dtype):
         out = original(layer, name, path, x, dtype)
         return out * 1.5 if path == "split" else out
 
-    monkeypatch.setattr(sspeft.paths, "_branch", broken)
+    monkeypatch.setattr(sspeft.forward, "_branch", broken)
     code = gpu_check.main(["--device", "cpu", "--small", "--sections", "correctness", "--time-budget", "3000",
                            "--out", str(tmp_path)])
     results = json.loads((tmp_path / "gpu_check.json").read_text())

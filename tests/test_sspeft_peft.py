@@ -276,7 +276,7 @@ def test_loading_never_unpickles(tmp_path, monkeypatch):
 
 def test_peft_front_end_guards_every_linear4bit():
     """get_peft_model switches off the AVX512-BF16 repack on every Linear4bit, adapted or not (see
-    test_sspeft_quant.py for why; the flag is set here as bitsandbytes sets it on such CPUs)."""
+    test_sspeft_weights.py for why; the flag is set here as bitsandbytes sets it on such CPUs)."""
     require_module("bitsandbytes")
     import bitsandbytes as bnb
 

@@ -1,5 +1,5 @@
 """Execution paths of SpectralLinear.forward. All give the reference's numbers (base(x) + x·ΔWᵀ with ΔW from
-`methods.delta_weight`, tested in tests/test_sspeft_paths.py); they differ in cost and memory:
+`methods.delta_weight`, tested in tests/test_sspeft_forward.py); they differ in cost and memory:
 
   reference   base(x) + x·ΔWᵀ through autograd (PEFT's form: a dense ΔW kept for backward, a second matmul).
   merged      one matmul with W0 + ΔW inside a custom autograd Function. Fourier methods build ΔW with one irfft2 of
@@ -27,7 +27,7 @@ import warnings
 import torch
 import torch.nn.functional as F
 
-from . import plans, quant
+from . import atoms, weights
 from .config import SpectralConfig
 
 # Relative costs for `auto`, in multiply-adds of a large fp32 matmul. Measured on the 2-core CPU machines of
@@ -58,7 +58,7 @@ def _plan_key(layer, name: str) -> tuple:
     the positions (identity and in-place version) and the layer's shape."""
     cfg: SpectralConfig = layer.sspeft_config[name]
     positions = layer.sspeft_positions[name]
-    return (plans.plan_inputs(cfg), positions.data_ptr(), positions._version, positions.device,
+    return (atoms.plan_inputs(cfg), positions.data_ptr(), positions._version, positions.device,
             tuple(positions.shape), layer.shape)
 
 
@@ -69,7 +69,7 @@ def plan_for(layer, name: str):
     if cached is not None and cached[0] == key:
         return cached[1]
     cfg = layer.sspeft_config[name]
-    build = plans.fourier_plan if cfg.method in plans.FOURIER_METHODS else plans.sparse_plan
+    build = atoms.fourier_plan if cfg.method in atoms.FOURIER_METHODS else atoms.sparse_plan
     plan = build(cfg, layer.sspeft_positions[name], layer.shape)
     _state(layer)["plans"][name] = (key, plan)
     return plan
@@ -84,15 +84,15 @@ def estimate_costs(plan, tokens: int, device_type: str = "cpu") -> dict[str, flo
     """Adapter cost of one forward + backward per path, beyond the base matmuls (multiply-add units)."""
     k = COST_CONSTANTS.get(device_type, COST_CONSTANTS["cuda"])
     m, n = plan.shape
-    if isinstance(plan, plans.SparsePlan):
+    if isinstance(plan, atoms.SparsePlan):
         touched = plan.entries.numel()
         grad = k["fft"] * tokens * (m + n) + k["gather"] * tokens * plan.k.numel()
         return {"merged": 4 * k["gather"] * touched + grad, "split": 3 * grad}
-    atoms = plan.atoms
+    n_atoms = plan.atoms
     log_m, log_n = math.log2(max(m, 2)), math.log2(max(n, 2))
-    sample = k["fft"] * tokens * (m * log_m + n * log_n) / 2 + 2 * k["gather"] * tokens * atoms
+    sample = k["fft"] * tokens * (m * log_m + n * log_n) / 2 + 2 * k["gather"] * tokens * n_atoms
     dense = k["fft"] * m * n * (log_m + log_n) / 2 + 3 * k["elementwise"] * m * n
-    split = k["fft"] * tokens * (3 * n * log_n + 2 * m * log_m) / 2 + 5 * k["gather"] * tokens * atoms
+    split = k["fft"] * tokens * (3 * n * log_n + 2 * m * log_m) / 2 + 5 * k["gather"] * tokens * n_atoms
     rank = plan.factor_rank
     factorized = k["fp32_matmul"] * 2 * tokens * rank * (m + n) + 2 * k["trig"] * rank * (m + n)
     return {"merged": 2 * dense + sample, "split": split + k["elementwise"] * tokens * m, "factorized": factorized}
@@ -129,14 +129,14 @@ def choose(layer, name: str, tokens: int) -> tuple[str, str]:
 def _compute_dtype(base, x: torch.Tensor) -> torch.dtype:
     if torch.is_autocast_enabled(x.device.type):
         return torch.get_autocast_dtype(x.device.type)
-    if quant.is_linear4bit(base):
+    if weights.is_linear4bit(base):
         return getattr(base, "compute_dtype", None) or x.dtype
     return base.weight.dtype
 
 
 def _dequantized(base) -> torch.Tensor:
     """A fresh dense (out, in) copy of a 4-bit weight (what bitsandbytes' own matmul materialises too)."""
-    bnb = quant._bnb()
+    bnb = weights._bnb()
     if getattr(base, "support_avx512bf16_for_cpu", False):
         base.support_avx512bf16_for_cpu = False
     weight = base.weight
@@ -175,14 +175,14 @@ class _Run:
         """W0 + ΔW (out, in) in the compute dtype for the duration of the block."""
         cd = self.compute_dtype
         with torch.no_grad():
-            if isinstance(self.plan, plans.FourierPlan):
+            if isinstance(self.plan, atoms.FourierPlan):
                 delta = self._fourier_delta(w)
-                base = _dequantized(self.base) if quant.is_linear4bit(self.base) else self.base.weight.detach()
+                base = _dequantized(self.base) if weights.is_linear4bit(self.base) else self.base.weight.detach()
                 yield delta.add_(base).to(cd)
                 return
             values = self.plan.entry_values(w)
             entries = self.plan.entries
-            if quant.is_linear4bit(self.base):
+            if weights.is_linear4bit(self.base):
                 dense = _dequantized(self.base).to(cd)
             else:
                 dense = self.base.weight.data
@@ -200,7 +200,7 @@ class _Run:
 
     def coefficient_grad(self, x2: torch.Tensor, g2: torch.Tensor) -> torch.Tensor:
         plan = self.plan
-        if isinstance(plan, plans.FourierPlan):
+        if isinstance(plan, atoms.FourierPlan):
             return plan.atom_grad(plan.analysis_in(x2), plan.analysis_out(g2))
         return plan.coefficient_grad(g2, x2)
 
@@ -244,7 +244,7 @@ class _SplitAdapter(torch.autograd.Function):
     def forward(ctx, x: torch.Tensor, w: torch.Tensor, plan, out_dtype: torch.dtype) -> torch.Tensor:
         x2 = x.reshape(-1, x.shape[-1])
         with torch.autocast(x.device.type, enabled=False):  # transforms run in fp32 whatever the autocast dtype
-            if isinstance(plan, plans.FourierPlan):
+            if isinstance(plan, atoms.FourierPlan):
                 y = plan.synth_out(w, plan.analysis_in(x2))
             else:
                 y = plan.synth_out(w, plan.sampled_in(x2))
@@ -263,7 +263,7 @@ class _SplitAdapter(torch.autograd.Function):
         plan = ctx.plan
         g2 = grad_out.reshape(-1, grad_out.shape[-1])
         x2 = x.reshape(-1, x.shape[-1])
-        fourier = isinstance(plan, plans.FourierPlan)
+        fourier = isinstance(plan, atoms.FourierPlan)
         g_spec = plan.analysis_out(g2) if fourier else plan.sampled_out(g2)
         grad_x = grad_w = None
         if ctx.needs_input_grad[0]:
@@ -318,7 +318,7 @@ def _mix(plan, t: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
     if plan.cas_scale is not None:
         return t * w
     a = plan.atoms
-    pr, pi = plans._cmul(w[:, 0], w[:, 1], t[:, :a], t[:, a:])
+    pr, pi = atoms._cmul(w[:, 0], w[:, 1], t[:, :a], t[:, a:])
     return torch.cat([pr, -pi], dim=1)
 
 
@@ -326,8 +326,8 @@ def _mix(plan, t: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
 def _weights(layer, name: str, plan, path: str) -> torch.Tensor:
     """The small differentiable vector a fast path consumes: atom weights z (Fourier), coefficients (sparse)."""
     coeff = layer.sspeft_coefficients[name]
-    with quant.gathered(coeff):
-        if isinstance(plan, plans.SparsePlan):
+    with weights.gathered(coeff):
+        if isinstance(plan, atoms.SparsePlan):
             # under ZeRO-3 the gathered storage is released on exit: keep a copy for backward
             return coeff.float().clone() if _zero3(coeff) else coeff.float()
         if path == "factorized" and plan.cas_scale is not None:
@@ -363,7 +363,7 @@ def forward(layer, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
     if chosen == ["merged"]:
         name = names[0]
         plan = plan_for(layer, name)
-        out_dtype = x.dtype if quant.is_linear4bit(layer.base_layer) else _compute_dtype(layer.base_layer, x)
+        out_dtype = x.dtype if weights.is_linear4bit(layer.base_layer) else _compute_dtype(layer.base_layer, x)
         run = _Run(layer, name, plan, _compute_dtype(layer.base_layer, x), out_dtype)
         return _MergedLinear.apply(x, _weights(layer, name, plan, "merged"), run)
     result = layer.base_layer(x, *args, **kwargs)

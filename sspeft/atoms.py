@@ -1,5 +1,5 @@
-"""Per-layer execution plans: each method's ΔW written as a sum of separable atoms, with the index tables the fast
-paths in `paths.py` need. Built once per (layer, adapter, positions) and cached; nothing here is out×in sized.
+"""Separable atoms: each method's ΔW written as a sum of row × column atoms, with the index tables the fast
+paths in `forward.py` need. Built once per (layer, adapter, positions) and cached; nothing here is out×in sized.
 
 Fourier family (ssh, fourierft, lfma). Every one of them is, exactly,
 

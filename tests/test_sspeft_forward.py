@@ -1,4 +1,4 @@
-"""Execution paths (sspeft/paths.py) against the reference: base(x) + x·ΔWᵀ with ΔW = methods.delta_weight.
+"""Execution paths (sspeft/forward.py) against the reference: base(x) + x·ΔWᵀ with ΔW = methods.delta_weight.
 
 Every path must give the reference's output, input gradient and coefficient gradient for every method, on square,
 non-square and odd shapes, fp32 and bf16, under autocast and gradient checkpointing, on real bitsandbytes NF4 bases,
@@ -14,7 +14,7 @@ import torch
 from torch import nn
 
 import sspeft
-from sspeft import paths
+from sspeft import forward
 
 CASES = {
     "ssh": dict(method="ssh"),
@@ -70,7 +70,7 @@ def run(model, layer, path: str, x: torch.Tensor, g: torch.Tensor):
     layer.coefficients.grad = None
     y = model(x)
     (y.float() * g).sum().backward()
-    return y.detach().float(), x.grad.float(), layer.coefficients.grad.clone(), paths.last_paths(layer)["default"]
+    return y.detach().float(), x.grad.float(), layer.coefficients.grad.clone(), forward.last_paths(layer)["default"]
 
 
 def assert_close(actual: torch.Tensor, expected: torch.Tensor, rel: float, what: str) -> None:
@@ -203,7 +203,7 @@ def test_cache_delta_is_refreshed_after_each_optimizer_step():
             opt.step()
         assert_close(outs[0][0], outs[1][0], 2e-5, f"step {step} output")
         assert_close(outs[0][1], outs[1][1], 2e-5, f"step {step} gradient")
-    assert paths.last_paths(cached)["default"] == "merged"
+    assert forward.last_paths(cached)["default"] == "merged"
 
 
 def _changes(case: str) -> list:
@@ -256,12 +256,12 @@ def test_forward_follows_every_public_change(case):
 # ---------------------------------------------------------------------------------------------------- choosing
 def test_auto_choice_follows_tokens_and_method():
     _, fourier = adapted("ssh", (256, 256), n=200)
-    assert paths.choose(fourier, "default", 8)[0] == "split"  # few tokens: per-token FFTs beat any d² transform
-    assert paths.choose(fourier, "default", 1 << 16)[0] == "merged"  # many tokens: one irfft2 of ΔW is cheaper
+    assert forward.choose(fourier, "default", 8)[0] == "split"  # few tokens: per-token FFTs beat any d² transform
+    assert forward.choose(fourier, "default", 1 << 16)[0] == "merged"  # many tokens: one irfft2 of ΔW is cheaper
     _, sparse = adapted("shira", (64, 64))
-    assert paths.choose(sparse, "default", 512)[0] == "merged"
+    assert forward.choose(sparse, "default", 512)[0] == "merged"
     sparse.base_layer.weight.requires_grad_(True)  # a trainable base needs autograd's own weight gradient
-    assert paths.choose(sparse, "default", 512) == ("reference", "the base layer's parameters are trainable")
+    assert forward.choose(sparse, "default", 512) == ("reference", "the base layer's parameters are trainable")
 
 
 def test_unknown_path_is_rejected_with_the_choices():
@@ -288,7 +288,7 @@ def llama_losses(method_kw: dict, path: str, checkpointing: str | None, dtype=to
     loss = model(input_ids=ids, labels=ids).loss
     loss.backward()
     grads = {n: layer.coefficients.grad.clone() for n, layer in sspeft.adapted_layers(model).items()}
-    used = {p for layer in sspeft.adapted_layers(model).values() for p in paths.last_paths(layer).values()}
+    used = {p for layer in sspeft.adapted_layers(model).values() for p in forward.last_paths(layer).values()}
     return loss.detach(), grads, used
 
 
@@ -334,6 +334,6 @@ def test_peft_multi_adapter_layers_sum_their_branches():
     x = torch.randn(4, 24)
     set_path(layer, "merged")
     y = model(x)
-    assert set(paths.last_paths(layer).values()) == {"split"}
+    assert set(forward.last_paths(layer).values()) == {"split"}
     set_path(layer, "reference")
     assert_close(y.detach(), model(x).detach(), 2e-5, "two adapters")
