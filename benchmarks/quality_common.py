@@ -8,6 +8,7 @@ are disjoint. Nothing here trains; `quality_coverage` and `quality_train` do.
 
 from __future__ import annotations
 
+import json
 import math
 import os
 import random
@@ -49,6 +50,22 @@ class Setup:
     batch_size: int = 8
     """Examples per forward pass (and per optimizer step in part 2)."""
     threads: int = 2
+
+
+def settings_of(setup: Setup, **parts) -> dict:
+    """The settings a result is stored with and resumed by: the setup without `threads` (a speed knob, not a
+    result's input) plus the part's own configuration."""
+    from dataclasses import asdict
+
+    base = {k: v for k, v in asdict(setup).items() if k != "threads"}
+    return json.loads(json.dumps({"setup": base, **{k: asdict(v) for k, v in parts.items()}}))
+
+
+def same_settings(a: dict | None, b: dict | None) -> bool:
+    """Whether two results were measured under the same settings (`threads` in either is ignored)."""
+    def key(x):
+        return {**x, "setup": {k: v for k, v in x.get("setup", {}).items() if k != "threads"}}
+    return isinstance(a, dict) and isinstance(b, dict) and key(a) == key(b)
 
 
 @dataclass

@@ -22,7 +22,7 @@ import json
 import math
 import re
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -379,7 +379,7 @@ def run(setup: qc.Setup, cfg: CoverageConfig, results: Path, cache: Path, progre
     a rerun skips what is stored under the same settings. Returns {"written": n, "skipped": n}."""
     torch.manual_seed(0)
     results.mkdir(parents=True, exist_ok=True)
-    settings = json.loads(json.dumps({"setup": asdict(setup), "coverage": asdict(cfg)}))
+    settings = qc.settings_of(setup, coverage=cfg)
     model, tok = qc.load_model(setup)
     splits = qc.load_splits(setup, tok)
     first = qc.first_adapted_layer(model, setup)
@@ -447,7 +447,7 @@ def _stored(path: Path, settings: dict) -> bool:
     if not path.is_file():
         return False
     try:
-        return json.loads(path.read_text()).get("settings") == settings
+        return qc.same_settings(json.loads(path.read_text()).get("settings"), settings)
     except ValueError:
         return False
 

@@ -75,8 +75,8 @@ def coverage_view(results: Path) -> dict | None:
     if not recs:
         return None
     settings = base["settings"] if base else recs[-1]["settings"]
-    return {"base": base if base and base["settings"] == settings else None, "settings": settings,
-            "recs": [r for r in recs if r["settings"] == settings]}
+    return {"base": base if base and qc.same_settings(base["settings"], settings) else None, "settings": settings,
+            "recs": [r for r in recs if qc.same_settings(r["settings"], settings)]}
 
 
 def _by(recs: list[dict], label: str, budget: int) -> dict[int, dict]:

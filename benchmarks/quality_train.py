@@ -16,7 +16,7 @@ import json
 import math
 import re
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -240,7 +240,7 @@ def load_done(results: Path, settings: dict) -> dict:
             r = json.loads(path.read_text())
         except ValueError:
             continue
-        if r.get("settings") == settings:
+        if qc.same_settings(r.get("settings"), settings):
             out[r["name"]] = r
     return out
 
@@ -248,7 +248,7 @@ def load_done(results: Path, settings: dict) -> dict:
 def run(setup: qc.Setup, cfg: TrainConfig, results: Path, cache: Path, progress=print, max_runs: int | None = None,
         ms: list[Method] | None = None) -> dict:
     """Run part 2 (resuming from the results present); one JSON per run. Returns {"written", "complete"}."""
-    settings = json.loads(json.dumps({"setup": asdict(setup), "train": asdict(cfg)}))
+    settings = qc.settings_of(setup, train=cfg)
     results.mkdir(parents=True, exist_ok=True)
     model, tok = qc.load_model(setup)
     splits = qc.load_splits(setup, tok)
@@ -293,7 +293,7 @@ def _stems(model, splits: dict, first: int, cache: Path, settings: dict) -> dict
 
 def _base(results: Path, settings: dict, model, splits: dict, stems: dict, setup: qc.Setup) -> None:
     path = results / "base.json"
-    if path.is_file() and json.loads(path.read_text()).get("settings") == settings:
+    if path.is_file() and qc.same_settings(json.loads(path.read_text()).get("settings"), settings):
         return
     val = qc.record_losses(model, splits["val"], stems["val"], setup.batch_size)
     test = qc.record_losses(model, splits["test"], stems["test"], setup.batch_size)
