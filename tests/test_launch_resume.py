@@ -15,17 +15,9 @@ import torch
 from launch.process import PREEMPTED_EXIT_CODE
 from launch.rundir import COMPLETE_MARKER, RunDir
 from launch.train import SUMMARY_FILE
-from launch_helpers import PYTHON, REPO, build_tiny_llama, child_env, read_positions, write_recipe, write_records
+from launch_helpers import PYTHON, REPO, child_env, read_positions, write_recipe
 
 pytestmark = pytest.mark.slow
-
-
-@pytest.fixture(scope="module")
-def tiny(session_tmp):
-    model = session_tmp / "tiny-llama"
-    if not (model / "config.json").is_file():
-        build_tiny_llama(model)
-    return model, write_records(session_tmp / "tiny-data" / "alpaca.json")
 
 
 def start(recipe: Path, log: Path, *overrides: str) -> subprocess.Popen:
@@ -56,8 +48,8 @@ def complete(run: RunDir) -> list[Path]:
     return run.complete_checkpoints()
 
 
-def test_kill_9_then_rerun_resumes_from_last_complete_checkpoint(tmp_path, tiny):
-    model, data = tiny
+def test_kill_9_then_rerun_resumes_from_last_complete_checkpoint(tmp_path, tiny_llama):
+    model, data = tiny_llama
     run = RunDir(tmp_path / "run")
     recipe = write_recipe(tmp_path / "r.yaml", model, data, run.root, method="ssh", quantize="nf4", dtype="bf16",
                           train={"max_steps": 12, "save_steps": 2, "save_total_limit": 3})
@@ -95,9 +87,9 @@ def test_kill_9_then_rerun_resumes_from_last_complete_checkpoint(tmp_path, tiny)
     assert not fake.exists()
 
 
-def test_sigterm_checkpoints_and_exits_75(tmp_path, tiny):
+def test_sigterm_checkpoints_and_exits_75(tmp_path, tiny_llama):
     """(SIGUSR1 to one rank of two is tested in test_launch_deepspeed.py.)"""
-    model, data = tiny
+    model, data = tiny_llama
     run = RunDir(tmp_path / "run")
     recipe = write_recipe(tmp_path / "r.yaml", model, data, run.root, method="lora",
                           train={"max_steps": 30, "save_steps": 1000})
