@@ -26,7 +26,7 @@ from pathlib import Path
 from typing import Any, Optional
 
 from eval.common import EvalError, atomic_write_json, atomic_write_text
-from eval.judging import JudgmentStore
+from eval.judging.engine import JudgmentStore
 from eval.questions import MT_BENCH_CATEGORIES, load_answers
 from eval.stats import DEFAULT_RESAMPLES, DEFAULT_SEED, bootstrap_mean
 from eval.target import Target, resolve_target
@@ -281,7 +281,7 @@ def main(argv: Optional[list[str]] = None) -> int:
 
 
 def _write_report(rep: dict[str, Any], folder: Path) -> Path:
-    from eval.render import report_markdown, report_png
+    from eval.report_files import report_markdown, report_png
 
     folder.mkdir(parents=True, exist_ok=True)
     atomic_write_json(folder / "report.json", rep)
@@ -291,7 +291,7 @@ def _write_report(rep: dict[str, Any], folder: Path) -> Path:
 
 
 def _run(args: argparse.Namespace) -> int:
-    from eval.render import comparison_markdown, comparison_png
+    from eval.report_files import comparison_markdown, comparison_png
 
     if args.resamples < 100:
         raise EvalError(f"--resamples is {args.resamples}; expected at least 100 for a 95% interval")
