@@ -254,7 +254,7 @@ class SpectralLinear(nn.Module):
             if weights.is_linear4bit(self.base_layer):
                 dense = weights.dense_weight(self.base_layer) + delta
                 self._quantized_stash = [self.base_layer]
-                self.base_layer = weights.dense_linear(self.base_layer, dense)
+                self.base_layer = weights.dense_linear(self.base_layer, dense).requires_grad_(False)  # frozen, as W0
             else:
                 weight = self.base_layer.weight
                 with weights.gathered(weight):
