@@ -259,3 +259,26 @@ def test_keep_fp32_callback_on_a_real_sft_trainer_step(tmp_path):
         assert layer.coefficients.dtype == torch.float32
         assert not torch.equal(layer.coefficients.detach(), initial[name]), f"{name}: coefficients did not change"
     assert trainer.state.global_step == 1
+
+
+def test_enabling_merges_back_only_adapters_still_active():
+    """An adapter switch while disabled: enabling merges back none of the adapters the switch deactivated."""
+    require_module("peft")
+    import peft
+
+    model = peft.get_peft_model(tiny_llama(), sspeft.peft_config(config()))
+    model.add_adapter("other", sspeft.peft_config(config("fourierft")))
+    randomize(model)
+    model.base_model.merge_adapter()
+    model.base_model.disable_adapter_layers()
+    model.base_model.set_adapter("other")
+    randomize(model, seed=1)  # the active adapter's coefficients: "other" now
+    model.base_model.enable_adapter_layers()
+    layers = sspeft.adapted_layers(model).values()
+    assert all(layer.active_adapters == ["other"] and not layer.merged for layer in layers)
+    assert all(layer.sspeft_coefficients["other"].requires_grad for layer in layers)
+    assert not any(layer.sspeft_coefficients["default"].requires_grad for layer in layers)
+    with_other = logits(model)
+    model.base_model.merge_adapter()
+    torch.testing.assert_close(logits(model), with_other, rtol=1e-4, atol=1e-4)
+    assert (with_other - logits(tiny_llama())).abs().max() > 1e-3
