@@ -249,25 +249,25 @@ def count_trainable(model: nn.Module) -> int:
 
 
 def restore_fp32(model: nn.Module) -> None:
-    """Put adapter coefficients back to exact fp32 after an outside cast (call after TRL's SFTTrainer init)."""
+    """Put adapter coefficients cast outside sspeft back to exact fp32 (see `SpectralLinear.restore_fp32`). Call it
+    once after TRL's SFTTrainer is built (it casts them to bf16 on 4-bit models), or pass
+    ``callbacks=[sspeft.KeepFP32Callback()]`` to the trainer."""
     for layer in adapted_layers(model).values():
         layer.restore_fp32()
 
 
 @contextlib.contextmanager
 def disabled(model: nn.Module):
-    """Run the base model without adapters inside the block."""
-    layers = adapted_layers(model).values()
-    previous = [layer._disable_adapters for layer in layers]
+    """Run the base model without adapters inside the block. Merged adapters are unmerged on entry and merged again
+    on exit; which coefficients train is unchanged."""
+    layers = [layer for layer in adapted_layers(model).values() if not layer.disable_adapters]
     for layer in layers:
-        if layer.merged:
-            layer.unmerge()
-        layer._disable_adapters = True
+        layer.set_disabled(True)
     try:
         yield model
     finally:
-        for layer, flag in zip(layers, previous):
-            layer._disable_adapters = flag
+        for layer in layers:
+            layer.set_disabled(False)
 
 
 def merge(model: nn.Module) -> nn.Module:
