@@ -27,8 +27,7 @@ from eval.answers.generators import make_generator, pick_backend
 from eval.common import EvalError, atomic_write_json
 from eval.questions import DEFAULT_QUESTIONS, load_questions
 from eval.progress import Progress
-from eval.report import check_merge_report
-from eval.target import model_dir_of, resolve_target
+from eval.target import check_merge_report, model_dir_of, resolve_target
 from launch.models import shared_cache
 
 EXIT_OK, EXIT_BAD_INPUT = 0, 2
