@@ -102,7 +102,7 @@ class SspeftPeftConfig(PeftConfig):
     def spectral(self, resolve: bool = True) -> SpectralConfig:
         """The SpectralConfig of these fields; ``resolve``: with every method default filled in."""
         values = {name: getattr(self, name) for name in SPECTRAL_FIELDS}
-        if isinstance(values["target_modules"], (set, frozenset, tuple)):  # PEFT turns target lists into sets
+        if isinstance(values["target_modules"], (set, frozenset)):  # PEFT turns target lists into sets
             values["target_modules"] = sorted(values["target_modules"])
         values["layers"] = dict(values["layers"])
         cfg = SpectralConfig(**values)
