@@ -196,10 +196,12 @@ def inject(model: nn.Module, cfg: SpectralConfig, adapter_name: str = "default")
     targets = find_targets(model, resolved)
     weights.prepare_4bit(model)
     plan = plan_positions(resolved, targets)
-    return _apply_plan(model, resolved, targets, plan, adapter_name)
+    return apply_plan(model, resolved, targets, plan, adapter_name)
 
 
-def _apply_plan(model, resolved, targets, plan, adapter_name):
+def apply_plan(model, resolved, targets, plan, adapter_name):
+    """Freeze ``model``'s base parameters and wrap each of ``targets`` in a SpectralLinear holding its ``plan`` entry
+    (positions, coefficients, fingerprint), recording the layer in ``resolved``; the one sspeft adapter per model."""
     existing = adapted_layers(model)
     if existing:
         # One sspeft adapter per model: save_adapter records one config, and freezing the base would freeze the
