@@ -63,6 +63,7 @@ def __getattr__(name: str):
         return KeepFP32Callback
     raise AttributeError(f"module 'sspeft' has no attribute {name!r}")
 
+
 __all__ = [
     "METHODS", "METHOD_DEFAULTS", "SpectralConfig", "SpectralLinear", "inject", "adapted_layers", "adapter_config",
     "AdapterFileError", "save_adapter", "load_adapter", "read_adapter", "merge", "unmerge", "merge_and_unload",
