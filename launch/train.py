@@ -63,8 +63,16 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     return args
 
 
-def adapter_peft_config(recipe: Recipe):
-    """The PEFT config for the recipe's adapter (sspeft's tuner for spectral methods, LoraConfig for lora)."""
+def adapter_peft_config(recipe: Recipe, checkpoint: Path | None = None):
+    """The PEFT config for the recipe's adapter (sspeft's tuner for spectral methods, LoraConfig for lora). Resuming
+    from `checkpoint`, a spectral adapter is built from the checkpoint's saved positions and coefficients (nothing is
+    chosen again); the recipe was checked against the run's recorded one in preflight."""
+    if checkpoint is not None and recipe.adapter.method != "lora":
+        from sspeft.peft_tuner import SspeftPeftConfig
+
+        config = SspeftPeftConfig.from_pretrained(str(checkpoint))
+        config.inference_mode = False
+        return config
     options = dict(recipe.adapter.options)
     if recipe.adapter.method == "lora":
         from peft import LoraConfig
@@ -302,7 +310,8 @@ def build_trainer(plan: Plan, dist: distributed.Dist, model, tokenizer, dataset,
     args = sft_config(recipe, plan.run, dist, has_eval=eval_dataset is not None)
     args.save_total_limit = None  # rotation happens in CompleteMarker, after the new checkpoint is marked complete
     trainer = SFTTrainer(model=model, args=args, train_dataset=dataset, eval_dataset=eval_dataset,
-                         processing_class=tokenizer, peft_config=adapter_peft_config(recipe), callbacks=callbacks)
+                         processing_class=tokenizer, peft_config=adapter_peft_config(recipe, plan.resume_from),
+                         callbacks=callbacks)
     _keep_adapters_fp32(trainer.model)
     return trainer
 

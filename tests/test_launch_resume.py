@@ -109,3 +109,44 @@ def test_sigterm_checkpoints_and_exits_75(tmp_path, tiny_llama):
     assert finish(proc2, log2) == 0, log2.read_text()[-4000:]
     assert f"resuming from {done[0]}" in log2.read_text()
     assert json.loads((run.logs / SUMMARY_FILE).read_text())["global_step"] == 30
+
+
+@pytest.mark.parametrize("method", ["ssh", "lfma"])
+def test_resume_builds_the_adapter_from_the_checkpoint_choosing_nothing(tmp_path, tiny_llama, monkeypatch, method):
+    """A rerun resumes from the checkpoint's own positions and coefficients: with every position / initial
+    coefficient choice made to raise, the resumed run still trains, keeps the positions and ends at the last step."""
+    from trl import SFTTrainer
+
+    from launch import train as train_stage
+    from sspeft import methods
+
+    model, data = tiny_llama
+    run = RunDir(tmp_path / "run")
+    recipe = write_recipe(tmp_path / "r.yaml", model, data, run.root, method=method,
+                          train={"max_steps": 4, "save_steps": 2})
+    step = SFTTrainer.training_step
+
+    def stop_after_the_checkpoint(self, *args, **kwargs):
+        if self.state.global_step >= 2:
+            raise RuntimeError("stopped after the first checkpoint")
+        return step(self, *args, **kwargs)
+
+    monkeypatch.setattr(SFTTrainer, "training_step", stop_after_the_checkpoint)
+    with pytest.raises(RuntimeError, match="stopped after the first checkpoint"):
+        train_stage.main([str(recipe)])
+    monkeypatch.setattr(SFTTrainer, "training_step", step)
+    (checkpoint,) = complete(run)
+    saved = read_positions(checkpoint)
+    assert saved
+
+    def refuse(*_args, **_kwargs):
+        raise AssertionError("a position or initial coefficient was chosen while resuming")
+
+    for name in ("select_positions", "init_coefficients", "ssh_energy", "lfma_init_spectrum"):
+        monkeypatch.setattr(methods, name, refuse)
+    assert train_stage.main([str(recipe)]) == 0
+    final = read_positions(run.adapter)
+    assert final.keys() == saved.keys()
+    assert all(torch.equal(final[k], saved[k]) for k in saved)
+    summary = json.loads((run.logs / SUMMARY_FILE).read_text())
+    assert summary["global_step"] == 4 and summary["attempts"][-1]["first_step"] == 3
