@@ -143,11 +143,12 @@ def train_view(results: Path) -> dict | None:
     cfg = qt.TrainConfig(**{k: tuple(v) if isinstance(v, list) else v for k, v in base["settings"]["train"].items()})
     labels = list(dict.fromkeys(r["label"] for r in done.values()))
     chosen: dict[str, dict] = {}
+    gridded_labels = {m.label: m.grid for m in qt.methods(budget=1, r=1)}
     for label in labels:
         runs = [r for r in done.values() if r["label"] == label]
         seed0 = {r["mult"]: r["val"]["loss"] for r in runs if r["seed"] == cfg.seeds[0]}
         todo, best = qt.grid_state(label, done, cfg)
-        gridded = len(seed0) >= 3
+        gridded = gridded_labels.get(label, True)
         if not gridded:  # an equal-settings method: its multiplier is fixed by its reference method
             best = runs[0]["mult"] if len({r["mult"] for r in runs}) == 1 else None
         seeds = {r["seed"]: r for r in runs if best is not None and abs(r["mult"] - best) < 1e-12 * max(best, 1)}
@@ -166,7 +167,7 @@ def method_losses(view: dict, label: str) -> dict | None:
 
 
 def train_table(view: dict) -> list[str]:
-    lines = ["| method | trainable | lr chosen (× suggested) | validation loss over the lr grid (seed 0) | "
+    lines = ["| method | trainable | lr chosen (× grid centre) | validation loss over the lr grid (seed 0) | "
              "test loss (seed mean) | seeds | ΔW rank (mean) |", "|---|---:|---|---|---:|---|---:|"]
     base = view["base"]
     lines.append(f"| base (no adapter) | 0 | – | {base['val']['loss']:.4f} | {base['test']['loss']:.4f} | – | – |")
@@ -311,14 +312,47 @@ def train_section(train: dict | None, plots: Path) -> list[str]:
     out += [f"q,v of the top {setup['top_layers']} decoder layers (the frozen layers below run once and are cached: "
             f"exact, just cheaper), {tc['steps']} AdamW steps × {setup['batch_size']} records (10 % warmup, then "
             f"constant), seeds {', '.join(map(str, tc['seeds']))} (data order and positions). The lr grid is the "
-            f"method's suggested lr × {tc['grid_factor']:g}^k, extended past an edge until the best validation loss "
+            f"method's grid centre (`quality_train.GRID_CENTRE`) × {tc['grid_factor']:g}^k, extended past an edge until the best validation loss "
             f"is interior; the chosen lr is rerun with every seed and scored on the test records. "
             f"{len(train['done'])} runs, {complete} of {len(train['chosen'])} methods complete.", "",
             *train_table(train), ""]
     curves = {label: c["grid"] for label, c in train["chosen"].items() if len(c["grid"]) > 1}
     made = quality_plots.loss_vs_lr(curves, train["base"]["val"]["loss"], plots / "quality_train_lr.png")
     out += [*([f"![lr grids](plots/{made.name})", ""] if made else [])]
+    return out + lr_section(train)
+
+
+LR_TOLERANCE = 0.005
+"""An lr "worked" when its seed-0 validation loss is within this many nats of the grid's best."""
+
+
+def lr_ranges(train: dict) -> dict[str, dict]:
+    """Per method with a chosen lr: the chosen lr and the lrs of the grid whose validation loss is within
+    LR_TOLERANCE of the best ({"chosen", "lo", "hi"}, absolute lrs)."""
+    out = {}
+    for label, c in train["chosen"].items():
+        if c["mult"] is None or c["edge"] or not c["grid"]:
+            continue
+        lr0 = next(r for r in train["done"].values() if r["label"] == label)
+        lr0 = lr0["lr"] / lr0["mult"]
+        best = min(v for _, v in c["grid"])
+        good = [m for m, v in c["grid"] if v <= best + LR_TOLERANCE]
+        out[label] = {"chosen": lr0 * c["mult"], "lo": lr0 * min(good), "hi": lr0 * max(good)}
     return out
+
+
+def lr_section(train: dict) -> list[str]:
+    ranges = lr_ranges(train)
+    if not ranges:
+        return []
+    lines = ["### Learning rates", "",
+             f"The lr each method's grid chose, and the grid's lrs whose validation loss lies within {LR_TOLERANCE} "
+             f"nats of the best (what worked at this protocol's 60 steps; longer runs usually want less).", "",
+             "| method | chosen lr | lrs within " + f"{LR_TOLERANCE} of the best |", "|---|---:|---|"]
+    for label, r in ranges.items():
+        span = f"{r['lo']:.3g}" if r["lo"] == r["hi"] else f"{r['lo']:.3g} – {r['hi']:.3g}"
+        lines.append(f"| {label} | {r['chosen']:.3g} | {span} |")
+    return lines + [""]
 
 
 INTRO = """# Quality: SmolLM2-135M-Instruct on Alpaca (measured)
