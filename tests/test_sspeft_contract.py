@@ -48,9 +48,9 @@ contract = pytest.mark.parametrize("variant, base, front", CASES, ids=[case_id(c
 
 @contract
 def test_init_is_the_methods_documented_start(variant, base, front, x):
-    """Zero-init variants give exactly the base's outputs; the others start at the per-layer seeded values of
-    methods.init_coefficients (LFMA: FFT(ΔW_init) at its positions; FourierFT: a N(0, init_scale²) draw per layer)
-    computed from the weight the adapter sees (dequantized on NF4) and the layer's name in the user's model."""
+    """Zero-init variants give exactly the base's outputs. FourierFT starts at a N(0, init_scale²) draw from the
+    generator keyed by the seed and the layer's name in the user's model; LFMA at FFT(ΔW_init) at its positions, as
+    methods.init_coefficients builds it from the weight the adapter sees (dequantized on NF4) and that name."""
     model = build(variant, base, front)
     adapted = layers(model)
     assert sorted(adapted) == sorted(TARGETS)
@@ -61,7 +61,12 @@ def test_init_is_the_methods_documented_start(variant, base, front, x):
         torch.testing.assert_close(out, base_model(base)(x), rtol=0, atol=0)
         return
     for name, layer in adapted.items():
-        expected = methods.init_coefficients(layer.config, base_weight(layer), layer.positions, name)
+        cfg = layer.config
+        if cfg.method == "fourierft":
+            draw = torch.randn(layer.positions.shape[1], generator=methods._seeded(cfg, f"{name}#init"))
+            expected = draw * cfg.init_scale
+        else:
+            expected = methods.init_coefficients(cfg, base_weight(layer), layer.positions, name)
         assert expected.any() and torch.equal(layer.coefficients.detach(), expected), name
 
 
