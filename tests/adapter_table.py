@@ -5,8 +5,8 @@
         model = build(variant, base, front)       # Tiny on that base, the variant's adapter added by that front end
 
 Every variant runs on the plain base through sspeft.inject; the other bases and front ends run each method's
-default variant (the variants differ in how sspeft builds ΔW or picks positions, which neither the base nor the
-front end changes).
+default variant (the variants differ in positions, ΔW construction or initial values, which sspeft computes the same
+way on every base and behind either front end).
 """
 
 from __future__ import annotations
