@@ -41,6 +41,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--docs", default=str(qc.REPO / "docs"), help="where results.md and plots/ are written")
     p.add_argument("--profile", choices=sorted(PROFILES), default="full")
     p.add_argument("--max-runs", type=int, default=None, help="train: stop after this many runs")
+    p.add_argument("--only", default=None, help="train: comma-separated method labels this process runs (two "
+                                                "processes with disjoint labels share the work; default: all)")
     p.add_argument("--threads", type=int, default=None, help="torch threads (default: the profile's)")
     return p.parse_args(argv)
 
@@ -92,7 +94,8 @@ def main(argv: list[str] | None = None) -> int:
         out = quality_coverage.run(setup, cfg, results / "coverage", cache, progress)
     else:
         cfg = quality_train.TrainConfig(**profile.get("train", {}))
-        out = quality_train.run(setup, cfg, results / "train", cache, progress, max_runs=args.max_runs)
+        out = quality_train.run(setup, cfg, results / "train", cache, progress, max_runs=args.max_runs,
+                                only=args.only.split(",") if args.only else None)
     print(f"[quality] {args.part}: {out}")
     return 0
 

@@ -56,23 +56,23 @@ class Method:
 
 
 def methods(budget: int, r: int) -> list[Method]:
-    """Every method of part 2 at `budget` scalars per module (LoRA at rank r), in the order they run (the
-    contrasts' pairs first)."""
+    """Every method of part 2 at `budget` scalars per module (LoRA at rank r), in the order they run: each
+    contrast's pair together, the paper's headline claim (SSH vs LoRA) and the FourierFT fidelity check first."""
     from sspeft import METHOD_DEFAULTS
 
     lr = {m: METHOD_DEFAULTS[m]["lr"] for m in METHOD_DEFAULTS}
     return [
         Method("SSH δ=0.7", "ssh", lr["ssh"], (("n", budget), ("delta", 0.7))),
         Method("LoRA r=1", "lora", 1e-3, (("r", r), ("lora_alpha", 2 * r))),
-        Method("LFMA", "lfma", lr["lfma"], (("n", budget // 2),)),
         Method("FourierFT", "fourierft", lr["fourierft"], (("n", budget),)),
-        Method("WaveFT", "waveft", lr["waveft"], (("n", budget),)),
-        Method("SHiRA", "shira", lr["shira"], (("n", budget),)),
-        Method("SSH δ=0", "ssh", lr["ssh"], (("n", budget), ("delta", 0.0))),
-        Method("SSH δ=1", "ssh", lr["ssh"], (("n", budget), ("delta", 1.0))),
         # PEFT's FourierFT at sspeft's α (300) and at sspeft FourierFT's chosen lr: the same settings
         Method("PEFT FourierFT", "peft-fourierft", lr["fourierft"], (("n_frequency", budget), ("scaling", 300.0)),
                grid=False, lr_from="FourierFT"),
+        Method("WaveFT", "waveft", lr["waveft"], (("n", budget),)),
+        Method("SHiRA", "shira", lr["shira"], (("n", budget),)),
+        Method("LFMA", "lfma", lr["lfma"], (("n", budget // 2),)),
+        Method("SSH δ=0", "ssh", lr["ssh"], (("n", budget), ("delta", 0.0))),
+        Method("SSH δ=1", "ssh", lr["ssh"], (("n", budget), ("delta", 1.0))),
     ]
 
 
@@ -246,8 +246,10 @@ def load_done(results: Path, settings: dict) -> dict:
 
 
 def run(setup: qc.Setup, cfg: TrainConfig, results: Path, cache: Path, progress=print, max_runs: int | None = None,
-        ms: list[Method] | None = None) -> dict:
-    """Run part 2 (resuming from the results present); one JSON per run. Returns {"written", "complete"}."""
+        ms: list[Method] | None = None, only: list[str] | None = None) -> dict:
+    """Run part 2 (resuming from the results present); one JSON per run. `only`: the method labels this process
+    runs (a method run at another's lr waits for that one's results, which another process may write). Returns
+    {"written", "complete"}."""
     settings = qc.settings_of(setup, train=cfg)
     results.mkdir(parents=True, exist_ok=True)
     model, tok = qc.load_model(setup)
@@ -256,6 +258,11 @@ def run(setup: qc.Setup, cfg: TrainConfig, results: Path, cache: Path, progress=
     names = qc.target_names(model, setup, first)
     r1 = round(sum(sum(model.get_submodule(n).weight.shape) for n in names) / len(names))
     ms = ms or methods(cfg.budget_multiple * r1, cfg.budget_multiple)
+    if only is not None:
+        unknown = sorted(set(only) - {m.label for m in ms})
+        if unknown:
+            raise SystemExit(f"--only: unknown method labels {unknown}; expected some of {[m.label for m in ms]}")
+        ms = [m for m in ms if m.label in only or m.lr_from in only]
     stems = _stems(model, splits, first, cache, settings)
     targets = target_regex(setup, first, len(model.model.layers))
     qc.drop_lower_layers(model, first)

@@ -5,7 +5,7 @@
     python -m eval.generate /models/my-model --out runs/x --questions mt_bench/question.jsonl --backend vllm
     python -m eval.generate RUN_A RUN_B ... --backend vllm --adapters lora   # one engine, each run's exported LoRA
 
-Every conversation is rendered through the run's template.jinja (the one training used). Turn 2 is answered with
+Every conversation goes through the run's template.jinja (the one training used). Turn 2 is answered with
 turn 1 and its answer in context. Temperatures follow MT-Bench per category (writing/roleplay 0.7, stem/humanities
 0.1, others 0; unknown categories 0.7 unless --strict-categories); --temperature overrides them all. Answers go
 to answers/<model_id>.jsonl, rewritten atomically after each batch; a rerun skips answered questions (delete the
@@ -21,13 +21,13 @@ import sys
 from pathlib import Path
 from typing import Optional
 
-from eval.backends import GenRequest, fit_new_tokens, load_tokenizer, make_generator, pick_backend, render
-from eval.common import EvalError, atomic_write_json, digest, read_jsonl, write_jsonl
-from eval.questions import (DEFAULT_QUESTIONS, Question, answer_record, answer_temperature, load_answers,
-                            load_questions)
+from eval.answers.answering import answer_questions, pending_answers, save_answers
+from eval.answers.chat_template import load_tokenizer
+from eval.answers.generators import make_generator, pick_backend
+from eval.common import EvalError, atomic_write_json
+from eval.questions import DEFAULT_QUESTIONS, load_questions
 from eval.progress import Progress
-from eval.report import check_merge_report
-from eval.target import model_dir_of, resolve_target
+from eval.target import check_merge_report, model_dir_of, resolve_target
 from launch.models import shared_cache
 
 EXIT_OK, EXIT_BAD_INPUT = 0, 2
@@ -62,7 +62,7 @@ def main(argv: Optional[list[str]] = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         if args.adapters == "lora":
-            from eval.sweep import run_sweep
+            from eval.answers.lora_sweep import run_sweep
 
             return run_sweep(args)
         if args.more:
@@ -93,9 +93,7 @@ def _run(args: argparse.Namespace) -> int:
     model_dir = model_dir_of(target, shared_cache())
     check_merge_report(model_dir, args.dtype, args.allow_lossy)
     answers_path = target.out.answers_file(target.model_id)
-    done = load_answers(answers_path) if answers_path.exists() else {}
-    kept = {r["question_id"]: r for _, r in read_jsonl(answers_path, "answers")} if done else {}
-    todo = [q for q in questions if len(done.get(q.question_id, [])) < len(q.turns)]
+    done, kept, todo = pending_answers(answers_path, questions)
     print(f"{len(questions) - len(todo)} of {len(questions)} questions already answered in {answers_path}")
     if not todo:
         return EXIT_OK
@@ -113,50 +111,16 @@ def _run(args: argparse.Namespace) -> int:
         with Progress(total=len(todo), what="questions answered") as progress:
             for start in range(0, len(todo), batch):
                 chunk = todo[start:start + batch]
-                for q, turns in zip(chunk, _answer(chunk, tokenizer, generator, max_new, args.temperature, seed)):
+                for q, turns in zip(chunk, answer_questions(chunk, tokenizer, generator, max_new, args.temperature,
+                                                            seed)):
                     done[q.question_id] = turns
-                _save(answers_path, questions, done, kept, target.model_id)
+                save_answers(answers_path, questions, done, kept, target.model_id)
                 progress.update(len(chunk))
     finally:
         generator.close()
     atomic_write_json(answers_path.with_suffix(".meta.json"), meta)
     print(f"answers: {answers_path}")
     return EXIT_OK
-
-
-def _answer(chunk: list[Question], tokenizer, generator, max_new: int, temperature: Optional[float],
-            seed: int) -> list[list[str]]:
-    """Both turns of every question in the chunk: all first turns in one batch, then all second turns."""
-    convs: list[list[dict[str, str]]] = [[] for _ in chunk]
-    answers: list[list[str]] = [[] for _ in chunk]
-    for turn in (1, 2):
-        active = [i for i, q in enumerate(chunk) if len(q.turns) >= turn]
-        requests = []
-        for i in active:
-            q = chunk[i]
-            convs[i].append({"role": "user", "content": q.turns[turn - 1]})
-            ids = render(tokenizer, convs[i])
-            new = fit_new_tokens(len(ids), max_new, generator.max_model_len,
-                                 f"question {q.question_id} turn {turn}")
-            temp = answer_temperature(q.category) if temperature is None else temperature
-            requests.append(GenRequest(ids, temp, new, int(digest(seed, q.question_id, turn), 16) % (2**31 - 1)))
-        for i, out in zip(active, generator.generate(requests) if requests else []):
-            text = out.text.strip()
-            answers[i].append(text)
-            convs[i].append({"role": "assistant", "content": text})
-    return answers
-
-
-def _save(path: Path, questions: list[Question], done: dict, kept: dict, model_id: str) -> None:
-    # questions in file order first, then answers to questions outside this --limit; earlier records unchanged
-    order = [q.question_id for q in questions if q.question_id in done]
-    order += [qid for qid in done if qid not in set(order)]
-    write_jsonl(path, (kept[qid] if qid in kept and _turns(kept[qid]) == done[qid]
-                       else answer_record(model_id, qid, done[qid]) for qid in order))
-
-
-def _turns(record: dict) -> list[str]:
-    return record["choices"][0]["turns"]
 
 
 if __name__ == "__main__":

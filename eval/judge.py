@@ -21,11 +21,11 @@ import sys
 from pathlib import Path
 from typing import Optional
 
-from eval.client import (EndpointBackend, JudgeSpec, OpenAIJudge, RetrySettings, api_key_for, parse_judge_spec,
-                         probe_models)
 from eval.common import EvalError, Terminated, terminate_on_signals
-from eval.judging import JudgmentStore, Summary, build_items, run_judging
-from eval.prompts import load_prompt_set
+from eval.judging.api_client import EndpointBackend, OpenAIJudge, RetrySettings, api_key_for, probe_models
+from eval.judging.engine import JudgmentStore, Summary, build_items, run_judging
+from eval.judging.prompts import load_prompt_set
+from eval.judging.spec import JudgeSpec, parse_judge_spec
 from eval.questions import DEFAULT_QUESTIONS, check_limit, load_answers, load_questions, load_references
 from eval.target import Target, resolve_judge_model, resolve_target
 
@@ -206,7 +206,7 @@ def _model_id_of(path: Path) -> str:
 
 
 def _judge_served(spec, target, items, store, retry, args, constrained, run) -> Summary:
-    from eval.server_utils import VllmServer
+    from eval.judging.server import VllmServer
 
     model_dir = resolve_judge_model(spec.model, target)
     log = target.out.logs / f"vllm_serve_{spec.judge_id}.log"
@@ -219,7 +219,7 @@ def _judge_served(spec, target, items, store, retry, args, constrained, run) -> 
 
 
 def _judge_local(spec, target, items, store, args, constrained, run) -> Summary:
-    from eval.local_judge import LocalBackend
+    from eval.judging.local import LocalBackend
 
     model_dir = resolve_judge_model(spec.model, target)
     backend = LocalBackend(model_dir, args.local_backend or target.defaults.backend, args.dtype, constrained,

@@ -18,7 +18,6 @@ the held-out losses of baseline and model side by side, a measured effect next t
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 from collections import Counter, defaultdict
 from dataclasses import dataclass
@@ -26,14 +25,13 @@ from pathlib import Path
 from typing import Any, Optional
 
 from eval.common import EvalError, atomic_write_json, atomic_write_text
-from eval.judging import JudgmentStore
+from eval.judging.engine import JudgmentStore
 from eval.questions import MT_BENCH_CATEGORIES, load_answers
 from eval.stats import DEFAULT_RESAMPLES, DEFAULT_SEED, bootstrap_mean
-from eval.target import Target, resolve_target
+from eval.target import Target, read_merge_report, resolve_target, share_text
+from launch.rundir import MERGE_REPORT
 
 SLICES = {"turn1": (1,), "turn2": (2,), "all": (1, 2)}
-MERGE_REPORT = "merge_report.json"
-"""What launch.merge writes next to the weights (launch.merge.REPORT_FILE)."""
 EXIT_OK, EXIT_BAD_INPUT = 0, 2
 
 
@@ -76,39 +74,6 @@ def load_judged(target: Target, judge_id: Optional[str]) -> Judged:
     return Judged(target, path, rows, pair_rows, expected)
 
 
-def read_merge_report(model_dir: Path) -> Optional[dict[str, Any]]:
-    """merge_report.json beside a merged checkpoint, or None for a checkpoint launch.merge did not write."""
-    path = Path(model_dir) / MERGE_REPORT
-    if not path.is_file():
-        return None
-    try:
-        return json.loads(path.read_text())
-    except ValueError as e:
-        raise EvalError(f"{path} is not valid JSON ({e}); merge again with python -m launch.merge") from e
-
-
-def check_merge_report(model_dir: Path, dtype: str, allow_lossy: bool) -> None:
-    """Refuse a checkpoint that is not the trained model: launch.merge marked it lossy, or `dtype` would round it
-    to a dtype the merge measured as losing ΔW. Judge scores of it would be about another model."""
-    report = read_merge_report(model_dir)
-    if allow_lossy or report is None:
-        return
-    if report.get("lossy"):
-        probe = report.get("probe") or {}
-        raise EvalError(f"{model_dir} is marked lossy by launch.merge (--allow-lossy): rounding to "
-                        f"{report.get('dtype')} lost {_share(report.get('delta_lost_worst_layer'))} of the worst "
-                        f"layer's ΔW, logit-shift cosine {probe.get('cosine')} and residual {probe.get('residual')}; "
-                        f"merge again with --dtype auto, or pass --allow-lossy to evaluate it anyway")
-    worst = ((report.get("delta_loss") or {}).get(dtype) or {}).get("worst", 0.0) if dtype != "auto" else 0.0
-    if worst is None or worst > report.get("max_delta_loss", 1.0):
-        raise EvalError(f"--dtype {dtype} rounds {model_dir} (stored as {report.get('dtype')}) so that "
-                        f"{_share(worst)} of the worst layer's ΔW is lost; use --dtype auto, or pass --allow-lossy")
-
-
-def _share(x: Optional[float]) -> str:
-    return "all (overflow)" if x is None else f"{100 * x:.2f}%"
-
-
 def checkpoint_summary(target: Target) -> Optional[dict[str, Any]]:
     """What report.json says about the evaluated weights; None when TARGET is not a merged run."""
     if target.run is None:
@@ -141,7 +106,7 @@ def checkpoint_markdown(rep: dict[str, Any]) -> str:
              f"{p['max_abs_logit_diff']:.3g}")
     lossy = " **LOSSY: this checkpoint is not the trained model.**" if c.get("lossy") else ""
     return (f"\nCheckpoint: merged in {c['dtype']} (asked: {c['dtype_requested']}); rounding lost "
-            f"{_share(c['delta_lost_to_rounding'])} of ΔW (worst layer {_share(c['delta_lost_worst_layer'])}); "
+            f"{share_text(c['delta_lost_to_rounding'])} of ΔW (worst layer {share_text(c['delta_lost_worst_layer'])}); "
             f"agreement with the adapter at runtime: {agree}.{lossy} {held}\n")
 
 
@@ -281,7 +246,7 @@ def main(argv: Optional[list[str]] = None) -> int:
 
 
 def _write_report(rep: dict[str, Any], folder: Path) -> Path:
-    from eval.render import report_markdown, report_png
+    from eval.report_files import report_markdown, report_png
 
     folder.mkdir(parents=True, exist_ok=True)
     atomic_write_json(folder / "report.json", rep)
@@ -291,7 +256,7 @@ def _write_report(rep: dict[str, Any], folder: Path) -> Path:
 
 
 def _run(args: argparse.Namespace) -> int:
-    from eval.render import comparison_markdown, comparison_png
+    from eval.report_files import comparison_markdown, comparison_png
 
     if args.resamples < 100:
         raise EvalError(f"--resamples is {args.resamples}; expected at least 100 for a 95% interval")

@@ -8,13 +8,14 @@ file, `smollm2`) and needs `--out DIR`, which is then used like a run directory.
 
 from __future__ import annotations
 
+import json
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Optional
 
 from eval.common import EvalError, safe_id
 from launch.recipe import EvalSection
-from launch.rundir import RunDir
+from launch.rundir import MERGE_REPORT, RunDir
 
 
 @dataclass
@@ -121,3 +122,38 @@ def resolve_judge_model(spec: str, target: Optional[Target] = None) -> Path:
         return resolve_model_path(spec, work_dir)
     except ModelSpecError as e:
         raise EvalError(f"judge model: {e}") from e
+
+
+def read_merge_report(model_dir: Path) -> Optional[dict[str, Any]]:
+    """merge_report.json beside a merged checkpoint, or None for a checkpoint launch.merge did not write."""
+    path = Path(model_dir) / MERGE_REPORT
+    if not path.is_file():
+        return None
+    try:
+        return json.loads(path.read_text())
+    except ValueError as e:
+        raise EvalError(f"{path} is not valid JSON ({e}); merge again with python -m launch.merge") from e
+
+
+def check_merge_report(model_dir: Path, dtype: str, allow_lossy: bool) -> None:
+    """Refuse a checkpoint that is not the trained model: launch.merge marked it lossy, or `dtype` would round it
+    to a dtype the merge measured as losing ΔW. Judge scores of it would be about another model."""
+    report = read_merge_report(model_dir)
+    if allow_lossy or report is None:
+        return
+    if report.get("lossy"):
+        probe = report.get("probe") or {}
+        raise EvalError(f"{model_dir} is marked lossy by launch.merge (--allow-lossy): rounding to "
+                        f"{report.get('dtype')} lost {share_text(report.get('delta_lost_worst_layer'))} of the worst "
+                        f"layer's ΔW, logit-shift cosine {probe.get('cosine')} and residual {probe.get('residual')}; "
+                        f"merge again with --dtype auto, or pass --allow-lossy to evaluate it anyway")
+    worst = ((report.get("delta_loss") or {}).get(dtype) or {}).get("worst", 0.0) if dtype != "auto" else 0.0
+    if worst is None or worst > report.get("max_delta_loss", 1.0):
+        raise EvalError(f"--dtype {dtype} rounds {model_dir} (stored as {report.get('dtype')}) so that "
+                        f"{share_text(worst)} of the worst layer's ΔW is lost; use --dtype auto, "
+                        f"or pass --allow-lossy")
+
+
+def share_text(x: Optional[float]) -> str:
+    """A lost share of ΔW as a percentage for messages ("all (overflow)" when it is not finite)."""
+    return "all (overflow)" if x is None else f"{100 * x:.2f}%"

@@ -281,7 +281,8 @@ def messages_for(example: Example, kind: str) -> list[dict[str, str]]:
     return [user, {"role": "assistant", "content": example.output}]
 
 
-def render(tokenizer: Any, template: str, messages: list[dict[str, str]], generation_prompt: bool) -> str:
+def apply_template(tokenizer: Any, template: str, messages: list[dict[str, str]], generation_prompt: bool) -> str:
+    """The messages as text through the chat template (the tokenizer's apply_chat_template, untokenized)."""
     return tokenizer.apply_chat_template(messages, chat_template=template, tokenize=False,
                                          add_generation_prompt=generation_prompt)
 
@@ -322,7 +323,7 @@ def text_segments(tokenizer: Any, template: str, example: Example, kind: str) ->
 
 def _render_checked(tokenizer: Any, template: str, messages: list[dict[str, str]], generation_prompt: bool) -> str:
     try:
-        return render(tokenizer, template, messages, generation_prompt)
+        return apply_template(tokenizer, template, messages, generation_prompt)
     except Exception as e:  # jinja raise_exception (e.g. a system turn under the Alpaca template)
         raise DataError(f"the chat template refused a record: {e}") from e
 

@@ -71,13 +71,14 @@ def base_fingerprint(model: torch.nn.Module, quantize: str) -> str:
 
 def probe_prompts(recipe, tokenizer, template: str) -> list[list[int]]:
     """Token ids of a few seeded prompts from the run's training data, rendered through the run's template."""
-    from launch.data import load_records, messages_for, render
+    from launch.data import apply_template, load_records, messages_for
 
     records = load_records(recipe.data.path)
     picked = random.Random(recipe.train.seed).sample(records, min(PROBE_PROMPTS, len(records)))
     out = []
     for example in picked:
-        text = render(tokenizer, template, messages_for(example, recipe.data.template)[:1], generation_prompt=True)
+        text = apply_template(tokenizer, template, messages_for(example, recipe.data.template)[:1],
+                              generation_prompt=True)
         out.append(tokenizer(text, add_special_tokens=False)["input_ids"][:PROBE_TOKENS])
     return out
 

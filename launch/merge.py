@@ -45,11 +45,11 @@ from torch import nn
 import sspeft
 from launch.models import ModelSpecError, load_causal_lm, resolve_model_path, torch_dtype
 from launch.recipe import RecipeError, load_resolved
-from launch.rundir import RunDir, atomic_directory, atomic_write_json
+from launch.rundir import MERGE_REPORT, RunDir, atomic_directory, atomic_write_json
 
 log = logging.getLogger("launch.merge")
 SHARD_BYTES = 2 * 1024**3
-REPORT_FILE = "merge_report.json"
+REPORT_FILE = MERGE_REPORT
 DTYPES = ("bf16", "fp16", "fp32")
 AUTO_CANDIDATES = ("bf16", "fp32")
 """What `auto` picks from, narrowest first. fp16 is measured and selectable but never picked: its ±65504 range

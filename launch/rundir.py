@@ -43,6 +43,8 @@ from typing import Any, Literal
 
 JudgmentKind = Literal["single", "pair"]
 LOCK_FILE = ".lock"
+MERGE_REPORT = "merge_report.json"
+"""What launch.merge writes beside a merged checkpoint (its dtype choice, ΔW loss, logits probe, held-out loss)."""
 TRAIN_OUTPUTS = ("recipe.yaml", "template.jinja", "params.json", "adapter", "checkpoints", "logs", "base",
                  ".adapter.saving")
 """What the training stage writes; a directory holding only these (plus slurm/), without a complete checkpoint

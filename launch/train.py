@@ -63,8 +63,16 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     return args
 
 
-def adapter_peft_config(recipe: Recipe):
-    """The PEFT config for the recipe's adapter (sspeft's tuner for spectral methods, LoraConfig for lora)."""
+def adapter_peft_config(recipe: Recipe, checkpoint: Path | None = None):
+    """The PEFT config for the recipe's adapter (sspeft's tuner for spectral methods, LoraConfig for lora). Resuming
+    from `checkpoint`, a spectral adapter is built from the checkpoint's saved positions and coefficients (nothing is
+    chosen again); the recipe was checked against the run's recorded one in preflight."""
+    if checkpoint is not None and recipe.adapter.method != "lora":
+        from sspeft.peft_tuner import SspeftPeftConfig
+
+        config = SspeftPeftConfig.from_pretrained(str(checkpoint))
+        config.inference_mode = False
+        return config
     options = dict(recipe.adapter.options)
     if recipe.adapter.method == "lora":
         from peft import LoraConfig
@@ -233,10 +241,8 @@ def _check_not_empty(adapter_dir: Path) -> None:
 def train(plan: Plan, dist: distributed.Dist, flag: distributed.PreemptionFlag) -> int:
     import torch
     from transformers import AutoTokenizer
-    from trl import SFTTrainer
 
-    from launch.callbacks import (CompleteMarker, PreemptionStop, StepTimer, drop_incomplete_checkpoints,
-                                  previous_attempts)
+    from launch.callbacks import CompleteMarker, PreemptionStop, StepTimer, previous_attempts
 
     started = time.time()
     recipe, run = plan.recipe, plan.run
@@ -246,30 +252,18 @@ def train(plan: Plan, dist: distributed.Dist, flag: distributed.PreemptionFlag) 
         tokenizer.pad_token = tokenizer.eos_token
     template, dataset, eval_dataset, dropped = prepare_data(plan, tokenizer)
     tokenizer.chat_template = template
-    if dist.is_main:
-        run.root.mkdir(parents=True, exist_ok=True)
-        if not run.recipe.is_file():
-            recipe.dump(run.recipe)
-        atomic_write_text(run.template, template)
-        for path in drop_incomplete_checkpoints(run):
-            log.warning("removed incomplete checkpoint %s (killed while saving)", path)
-    distributed.barrier()
+    write_run_files(plan, dist, template)
     torch.manual_seed(recipe.train.seed)
     zero3 = plan.zero_stage == 3
     device_map = None if (zero3 or plan.zero_stage is not None) else {"": str(dist.device)}
     model = load_causal_lm(base, recipe.model, zero3=zero3, device_map=device_map)
     if distributed.any_rank(flag.set, dist.device):
         return PREEMPTED_EXIT_CODE  # preempted before the first step: nothing new to save
-    args = sft_config(recipe, run, dist, has_eval=eval_dataset is not None)
     resumed_at = int(plan.resume_from.name.rsplit("-", 1)[1]) if plan.resume_from else 0
     timer = StepTimer(previous_attempts(plan.resume_from), resumed_at, dist.world_size, started)
     stop = PreemptionStop(flag, dist)
-    # rotation happens in CompleteMarker, after the new checkpoint is marked complete
-    args.save_total_limit = None
-    trainer = SFTTrainer(model=model, args=args, train_dataset=dataset, eval_dataset=eval_dataset,
-                         processing_class=tokenizer, peft_config=adapter_peft_config(recipe),
-                         callbacks=[CompleteMarker(run, dist, recipe.train.save_total_limit, timer), stop, timer])
-    _keep_adapters_fp32(trainer.model)
+    callbacks = [CompleteMarker(run, dist, recipe.train.save_total_limit, timer), stop, timer]
+    trainer = build_trainer(plan, dist, model, tokenizer, dataset, eval_dataset, callbacks)
     counts = count_params(trainer.model)
     if dist.is_main:
         log.info("trainable parameters: %d of %d (%s)", counts["trainable"], counts["total"],
@@ -282,23 +276,60 @@ def train(plan: Plan, dist: distributed.Dist, flag: distributed.PreemptionFlag) 
             log.warning("preempted (signal %s): checkpoint at step %d written; exiting with %d; rerun to resume",
                         flag.received, stop.stopped_at, PREEMPTED_EXIT_CODE)
         return PREEMPTED_EXIT_CODE
-    digests = positions_digests(trainer.model)
-    if len(set(digests)) != 1:
-        raise TrainError(f"adapter positions differ between ranks (digests {digests}); every rank must choose "
-                         f"them from the same gathered weights")
-    timer.positions_digests = digests
-    if not zero3:  # ZeRO-3 ranks hold different partitions; everywhere else the trained values must be replicas
-        weights = trainable_digests(trainer.model)
-        if len(set(weights)) != 1:
-            raise TrainError(f"trained adapter weights differ between ranks (digests {weights}): gradients were "
-                             f"not synchronised, so each rank trained its own adapter")
-        timer.weights_digests = weights
+    check_ranks_agree(trainer.model, timer, zero3)
     if eval_dataset is not None and not recipe.train.eval_steps:
         trainer.evaluate()  # held-out loss at the end (logged through the callbacks)
     write_final(trainer, plan, dist, counts, timer, dropped)
     if dist.is_main:
         print(f"training finished: adapter in {run.adapter}; next: python -m launch.merge {run.root}")
     return 0
+
+
+def write_run_files(plan: Plan, dist: distributed.Dist, template: str) -> None:
+    """Rank 0 writes recipe.yaml (once) and the chat template, and removes checkpoints a kill left incomplete; every
+    rank waits for it."""
+    from launch.callbacks import drop_incomplete_checkpoints
+
+    run = plan.run
+    if dist.is_main:
+        run.root.mkdir(parents=True, exist_ok=True)
+        if not run.recipe.is_file():
+            plan.recipe.dump(run.recipe)
+        atomic_write_text(run.template, template)
+        for path in drop_incomplete_checkpoints(run):
+            log.warning("removed incomplete checkpoint %s (killed while saving)", path)
+    distributed.barrier()
+
+
+def build_trainer(plan: Plan, dist: distributed.Dist, model, tokenizer, dataset, eval_dataset, callbacks: list):
+    """TRL's SFTTrainer for the recipe's adapter, its adapters kept fp32. Checkpoint rotation is left to the
+    CompleteMarker among ``callbacks``."""
+    from trl import SFTTrainer
+
+    recipe = plan.recipe
+    args = sft_config(recipe, plan.run, dist, has_eval=eval_dataset is not None)
+    args.save_total_limit = None  # rotation happens in CompleteMarker, after the new checkpoint is marked complete
+    trainer = SFTTrainer(model=model, args=args, train_dataset=dataset, eval_dataset=eval_dataset,
+                         processing_class=tokenizer, peft_config=adapter_peft_config(recipe, plan.resume_from),
+                         callbacks=callbacks)
+    _keep_adapters_fp32(trainer.model)
+    return trainer
+
+
+def check_ranks_agree(model, timer, zero3: bool) -> None:
+    """Every rank trained the same adapter: identical positions, and (outside ZeRO-3, where ranks hold different
+    partitions) identical trained values; the digests go to the summary through ``timer``."""
+    digests = positions_digests(model)
+    if len(set(digests)) != 1:
+        raise TrainError(f"adapter positions differ between ranks (digests {digests}); every rank must choose "
+                         f"them from the same gathered weights")
+    timer.positions_digests = digests
+    if not zero3:
+        weights = trainable_digests(model)
+        if len(set(weights)) != 1:
+            raise TrainError(f"trained adapter weights differ between ranks (digests {weights}): gradients were "
+                             f"not synchronised, so each rank trained its own adapter")
+        timer.weights_digests = weights
 
 
 def positions_digests(model) -> list[str]:
@@ -336,7 +367,9 @@ def _all_ranks(mine: str) -> list[str]:
 
 
 def _keep_adapters_fp32(model) -> None:
-    """TRL casts trainable parameters of 4-bit models to bf16; tiny updates to coefficients then vanish."""
+    """Undo TRL's cast of trainable parameters of 4-bit models to bf16 (tiny updates to them would vanish): sspeft
+    coefficients get their exact fp32 values back (`sspeft.restore_fp32`); any trainable parameter still not fp32
+    (LoRA's) is upcast."""
     import torch
 
     import sspeft

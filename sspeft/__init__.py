@@ -9,7 +9,9 @@
 
 With PEFT installed (tested range 0.21.x), importing sspeft registers the "SSPEFT" tuner, so
 ``peft.get_peft_model(model, sspeft.peft_config(cfg))``, TRL's ``SFTTrainer(peft_config=...)`` and
-``PeftModel.from_pretrained`` work; loading a saved adapter through PEFT needs ``import sspeft`` first.
+``PeftModel.from_pretrained`` work; loading a saved adapter through PEFT needs ``import sspeft`` first. TRL casts
+the coefficients of a 4-bit model to bf16 when its trainer is built: pass ``callbacks=[sspeft.KeepFP32Callback()]``
+(needs transformers) or call ``sspeft.restore_fp32(trainer.model)`` once after.
 """
 
 from __future__ import annotations
@@ -53,8 +55,18 @@ def _peft_missing(*_args, **_kwargs):
 if not PEFT_REGISTERED:
     peft_config = _peft_missing  # type: ignore[assignment]
 
+
+def __getattr__(name: str):
+    if name == "KeepFP32Callback":  # imports transformers: only on first use
+        from .callbacks import KeepFP32Callback
+
+        return KeepFP32Callback
+    raise AttributeError(f"module 'sspeft' has no attribute {name!r}")
+
+
 __all__ = [
     "METHODS", "METHOD_DEFAULTS", "SpectralConfig", "SpectralLinear", "inject", "adapted_layers", "adapter_config",
     "AdapterFileError", "save_adapter", "load_adapter", "read_adapter", "merge", "unmerge", "merge_and_unload",
-    "disabled", "count_trainable", "restore_fp32", "prepare_4bit", "peft_config", "PEFT_REGISTERED", "export_lora",
+    "disabled", "count_trainable", "restore_fp32", "KeepFP32Callback", "prepare_4bit", "peft_config", "PEFT_REGISTERED",
+    "export_lora",
 ]

@@ -42,7 +42,10 @@ def _closest(value: str, allowed) -> str:
 @dataclass
 class SpectralConfig:
     """Configuration of one sparse spectral adapter. ΔW = scaling · T⁻¹(S), S zero except the trainable
-    coefficients at fixed positions; the layer computes x·(W0 + ΔW)ᵀ + b."""
+    coefficients at fixed positions; the layer computes x·(W0 + ΔW)ᵀ + b.
+
+    The PEFT config `sspeft.peft_tuner.SspeftPeftConfig` declares these fields too, with the same names, types and
+    defaults (tests/test_sspeft_loading.py keeps them equal): a field added here is added there."""
 
     method: str
     """One of ssh, lfma, waveft, fourierft, shira."""

@@ -16,6 +16,9 @@
 `auto` picks per layer and per call from the shape, n and the tokens in flight (`estimate_costs`); the choice
 depends on nothing else, so a checkpointed forward recomputes on the same path. Plans (index tables, never out×in)
 are cached on each layer, keyed on every input they are built from. See docs/speed.md for measured figures.
+
+Coefficients found in another dtype than fp32 (cast outside sspeft, DeepSpeed aside) are used as they are, with a
+warning naming the fix, given once per layer and adapter.
 """
 
 from __future__ import annotations
@@ -29,6 +32,7 @@ import torch.nn.functional as F
 
 from . import atoms, weights
 from .config import SpectralConfig
+from .layer import FP32_FIX
 
 # Relative costs for `auto`, in multiply-adds of a large fp32 matmul. Measured on the 2-core CPU machines of
 # docs/speed.md; the CUDA row is an estimate (FFTs and gathers are memory-bound there, matmuls far faster).
@@ -350,11 +354,26 @@ def _branch(layer, name: str, path: str, x: torch.Tensor, dtype: torch.dtype) ->
     return _SplitAdapter.apply(x, w, plan, dtype)
 
 
+def _warn_low_precision(layer) -> None:
+    """Warn, once per layer and adapter, about active coefficients cast away from fp32 outside sspeft."""
+    warned = _state(layer)["warned"]
+    for name in layer.low_precision_adapters():
+        if ("dtype", name) in warned:
+            continue
+        warned.add(("dtype", name))
+        dtype = layer.sspeft_coefficients[name].dtype
+        warnings.warn(
+            f"sspeft: the coefficients of adapter {name!r} are {dtype}, not fp32 (cast outside sspeft: TRL casts "
+            f"trainable parameters of 4-bit models to bf16); small updates to them are lost. Used as they are: "
+            f"{FP32_FIX}", stacklevel=5)
+
+
 def forward(layer, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
     """SpectralLinear's adapted forward (adapters active, not merged): dispatch each adapter to its path."""
     names = [a for a in layer.active_adapters if a in layer.sspeft_coefficients]
     if not names:
         return layer.base_layer(x, *args, **kwargs)
+    _warn_low_precision(layer)
     tokens = x.numel() // max(x.shape[-1], 1)
     chosen = [choose(layer, name, tokens)[0] for name in names]
     if len(names) > 1 or args or kwargs:  # several adapters each add their own branch; merging needs exactly one

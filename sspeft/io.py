@@ -7,8 +7,8 @@
                                base_model.model.<module>.sspeft_positions     int64 (2, n)
 
 Loading never unpickles, and the saved positions are the ones used (SSH/LFMA positions depend on the base weight):
-`load_adapter` builds each layer from them; `PeftModel.from_pretrained` builds each layer with positions derived from
-the base, then PEFT loads the saved positions and coefficients over them.
+`load_adapter` and `PeftModel.from_pretrained` (see peft_tuner.py) read the directory with `read_adapter` and build
+each recorded layer from its saved positions and coefficients through `saved_layers`; nothing is chosen again.
 """
 
 from __future__ import annotations
@@ -28,7 +28,8 @@ from torch import nn
 
 from . import methods, weights
 from .config import SpectralConfig
-from .model import _apply_plan, adapted_layers, adapter_config, already_adapted, warn_base_mismatch
+from .layer import SpectralLinear
+from .model import adapted_layers, adapter_config, already_adapted, apply_plan, warn_base_mismatch
 
 CONFIG_NAME = "adapter_config.json"
 WEIGHTS_NAME = "adapter_model.safetensors"
@@ -231,25 +232,45 @@ def load_adapter(base_model: nn.Module, path: str | os.PathLike, adapter_name: s
     one recorded at training time (SSH/LFMA positions were chosen from that weight).
     """
     cfg, tensors = read_adapter(path)
-    layers = cfg.layers
     weights.prepare_4bit(base_model)  # before anything dequantizes or runs a forward
-    modules = dict(base_model.named_modules())
+    targets, plan, mismatched = saved_layers(cfg, tensors, base_model, path)
+    if mismatched:
+        warn_base_mismatch(mismatched, f"at {path}", stacklevel=2)
+    cfg.layers = {}  # recorded again as each layer is built
+    return apply_plan(base_model, cfg, targets, plan, adapter_name)
+
+
+def saved_layers(
+    cfg: SpectralConfig, tensors: dict[str, torch.Tensor], model: nn.Module, source: str | os.PathLike,
+    onto_spectral: bool = False,
+) -> tuple[dict[str, nn.Module], dict[str, tuple[torch.Tensor, torch.Tensor, str]], list[str]]:
+    """The layers of a saved adapter (``cfg`` and ``tensors`` as `read_adapter` returns them) on ``model``: shared
+    by `load_adapter` and the PEFT tuner, so both build the same layers.
+
+    Returns ({module name in ``model``: base Linear}, {module name: (saved positions, saved coefficients, recorded
+    fingerprint)}, [recorded names whose base weight has another fingerprint]). A recorded name is looked up as it
+    is and under PeftModel's prefix (a PeftModel base carrying LoRA on other modules). Every recorded layer must be
+    an unadapted Linear of the recorded shape (with ``onto_spectral``, a layer carrying sspeft adapters adds one
+    more, as PEFT's multi-adapter API does); nothing is chosen or initialised: the saved tensors are the adapter.
+    """
+    modules = dict(model.named_modules())
     targets, plan, mismatched = {}, {}, []
-    for name, info in layers.items():
-        # a PeftModel base (e.g. LoRA on other modules) holds the user's modules under its own prefix
+    for name, info in cfg.layers.items():
         key = name if name in modules or KEY_PREFIX + name not in modules else KEY_PREFIX + name
         module = modules.get(key)
-        if module is not None and _is_wrapped(module):
-            raise ValueError(f"{path}: {already_adapted(name, module)}")
+        if onto_spectral and isinstance(module, SpectralLinear):
+            module = module.base_layer
+        elif module is not None and _is_wrapped(module):
+            raise ValueError(f"{source}: {already_adapted(name, module)}")
         if module is None or not weights.is_supported_base(module):
             raise ValueError(
-                f"{path}: adapted layer {name!r} does not exist as a Linear layer in the base model "
+                f"{source}: adapted layer {name!r} does not exist as a Linear layer in the base model "
                 f"({type(module).__name__ if module is not None else 'missing'})"
             )
         shape = [module.out_features, module.in_features]
         if shape != list(info["shape"]):
             raise ValueError(
-                f"{path}: layer {name!r} was trained on a {info['shape'][0]}×{info['shape'][1]} weight, the base "
+                f"{source}: layer {name!r} was trained on a {info['shape'][0]}×{info['shape'][1]} weight, the base "
                 f"model's is {shape[0]}×{shape[1]}; load the adapter onto the base it was trained on"
             )
         coeff = tensors[f"{KEY_PREFIX}{name}.sspeft_coefficients"]
@@ -259,10 +280,7 @@ def load_adapter(base_model: nn.Module, path: str | os.PathLike, adapter_name: s
             mismatched.append(name)
         targets[key] = module
         plan[key] = (positions, coeff, info.get("fingerprint", fp))
-    if mismatched:
-        warn_base_mismatch(mismatched, f"at {path}", stacklevel=2)
-    cfg.layers = {}
-    return _apply_plan(base_model, cfg, targets, plan, adapter_name)
+    return targets, plan, mismatched
 
 
 def check_layer_tensors(source, name, cfg, shape, n, positions, coeff) -> None:

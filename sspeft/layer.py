@@ -4,7 +4,13 @@
 
 Adapters are kept per name (ParameterDict / buffer dict), with the attribute names PEFT's BaseTunerLayer expects,
 so the same class serves `sspeft.inject` and the PEFT tuner (see peft_tuner.py). Coefficients are fp32 Parameters
-whatever the model dtype (LFMA: (n, 2) real/imag pairs); transforms run in fp32.
+whatever the model dtype (LFMA: (n, 2) real/imag pairs); transforms run in fp32. A cast of them made outside sspeft
+(TRL casts trainable parameters of 4-bit models to bf16 when its trainer is built) is undone by `restore_fp32`,
+called once after it; the forward only warns about it.
+
+Merge state is explicit: `merge` and `unmerge` change it, and disabling the adapters (`enable_adapters(False)`,
+`set_disabled(True)`) unmerges first and enabling merges back, so a disabled layer never holds a merged ΔW. The
+forward never changes the layer.
 """
 
 from __future__ import annotations
@@ -46,6 +52,17 @@ def _deepspeed_active() -> bool:
     return ds is not None and hasattr(ds, "comm") and ds.comm.is_initialized()
 
 
+def deepspeed_owns(param: torch.Tensor) -> bool:
+    """Whether DeepSpeed manages ``param`` (a ZeRO-3 parameter, or any parameter once DeepSpeed is initialised): its
+    dtype is then the engine's business, not sspeft's."""
+    return hasattr(param, "ds_id") or _deepspeed_active()
+
+
+FP32_FIX = ("call sspeft.restore_fp32(model) once after the trainer is built, or pass "
+            "callbacks=[sspeft.KeepFP32Callback()] to it")
+"""How to undo an outside cast of the coefficients (named by the warnings about one)."""
+
+
 class SpectralLinear(nn.Module):
     """A target Linear wrapped with sparse spectral adapters. Works on nn.Linear and bitsandbytes Linear4bit.
 
@@ -83,6 +100,7 @@ class SpectralLinear(nn.Module):
         self._active_adapter: str | list[str] = adapter_name
         self._disable_adapters = False
         self.merged_adapters: list[str] = []
+        self._merge_on_enable: list[str] = []  # adapters unmerged by disabling, merged back by enabling
         self._quantized_stash: list[nn.Module] = []  # the 4-bit base while merged (a list: not a submodule)
         self.kwargs: dict = {}
         self.add_adapter(adapter_name, config, positions, coefficients)
@@ -139,20 +157,34 @@ class SpectralLinear(nn.Module):
         return self.base_layer
 
     def restore_fp32(self) -> None:
-        """Undo an outside cast of the coefficients to a low-precision dtype (TRL casts trainable params of 4-bit
-        models to bf16), restoring the exact fp32 values. Skipped once DeepSpeed owns the parameters."""
+        """Undo an outside cast of the coefficients to another dtype (TRL casts trainable parameters of 4-bit models
+        to bf16 when its trainer is built; call this once after that). The exact fp32 values come back while the cast
+        values are those fp32 values rounded (no update since the cast); otherwise the cast values are upcast, with a
+        warning. Coefficients already fp32 are left as they are; skipped where DeepSpeed owns the parameters."""
         for name, param in self.sspeft_coefficients.items():
             if param.dtype == torch.float32:
                 self._fp32_master[name] = param.data
                 continue
-            if hasattr(param, "ds_id") or _deepspeed_active():
+            if deepspeed_owns(param):
                 continue
             master = self._fp32_master.get(name)
-            if master is not None and master.shape == param.shape and master.device == param.device:
-                param.data = master
-            else:
-                param.data = param.data.float()
-                self._fp32_master[name] = param.data
+            if master is not None and master.shape == param.shape:
+                master = master.to(param.device)
+                if torch.equal(master.to(param.dtype), param.data):
+                    param.data = master
+                    continue
+            warnings.warn(
+                f"sspeft: the {param.dtype} coefficients of adapter {name!r} changed since they were fp32; upcast "
+                f"to fp32, the values lost by the cast cannot be recovered (call sspeft.restore_fp32 right after "
+                f"the cast, before any update)", stacklevel=3)
+            param.data = param.data.float()
+            self._fp32_master[name] = param.data
+
+    def low_precision_adapters(self) -> list[str]:
+        """Active adapters whose coefficients are not fp32 though sspeft owns their dtype (not DeepSpeed)."""
+        return [name for name in self.active_adapters if name in self.sspeft_coefficients
+                and self.sspeft_coefficients[name].dtype != torch.float32
+                and not deepspeed_owns(self.sspeft_coefficients[name])]
 
     # ------------------------------------------------------------------ ΔW
     def delta_weight(self, adapter: str | None = None) -> torch.Tensor:
@@ -167,21 +199,50 @@ class SpectralLinear(nn.Module):
 
     # ------------------------------------------------------------------ forward
     def forward(self, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
-        if self.disable_adapters:
-            if self.merged:
-                self.unmerge()
+        if self.disable_adapters and self.merged:
+            raise RuntimeError(
+                f"sspeft: adapters {self.merged_adapters} are merged into a layer whose adapters are disabled, so "
+                f"its forward would not run the base; disable adapters with enable_adapters(False), set_disabled(True) "
+                f"or sspeft.disabled(model), which unmerge first")
+        if self.disable_adapters or self.merged:
             return self.base_layer(x, *args, **kwargs)
-        if self.merged:
-            return self.base_layer(x, *args, **kwargs)
-        self.restore_fp32()
         from . import forward  # execution paths (merged/split/factorized/reference), chosen per layer and call
 
         return forward.forward(self, x, *args, **kwargs)
 
+    # ------------------------------------------------------------------ enable / disable
+    def set_disabled(self, disabled: bool) -> None:
+        """Run the base layer alone (True) or with the active adapters (False). Disabling unmerges the merged
+        adapters and enabling merges those of them still active back, so a disabled layer never holds a merged
+        ΔW; which coefficients train is unchanged."""
+        if disabled and not self._disable_adapters:
+            merged = list(self.merged_adapters)
+            if merged:
+                self.unmerge()
+            self._merge_on_enable = merged
+            self._disable_adapters = True
+        elif not disabled and self._disable_adapters:
+            pending, self._merge_on_enable = self._merge_on_enable, []
+            self._disable_adapters = False
+            names = [a for a in pending if a in self.active_adapters]
+            if names:
+                self.merge(adapter_names=names)
+
+    def enable_adapters(self, enabled: bool) -> None:
+        """PEFT's switch (BaseTunerLayer.enable_adapters): `set_disabled(not enabled)`, then, as PEFT does,
+        disabling freezes every adapter's coefficients and enabling makes the active adapters' trainable."""
+        self.set_disabled(not enabled)
+        for name, param in self.sspeft_coefficients.items():
+            param.requires_grad_(enabled and name in self.active_adapters)
+
     # ------------------------------------------------------------------ merge
     def merge(self, safe_merge: bool = False, adapter_names: list[str] | None = None) -> None:
         """Add the active adapters' ΔW to the base weight. A 4-bit base is swapped for a dense copy (dequantized
-        W0 + ΔW) and restored exactly by `unmerge`; a dense base is updated in place."""
+        W0 + ΔW) and restored exactly by `unmerge`; a dense base is updated in place. Raises on a disabled layer
+        (enable the adapters first)."""
+        if self.disable_adapters:
+            raise RuntimeError("sspeft: cannot merge adapters into a layer whose adapters are disabled; enable them "
+                               "first (enable_adapters(True), set_disabled(False), or leave sspeft.disabled)")
         names = [a for a in (adapter_names or self.active_adapters) if a in self.sspeft_coefficients]
         names = [a for a in names if a not in self.merged_adapters]
         if not names:
@@ -193,7 +254,7 @@ class SpectralLinear(nn.Module):
             if weights.is_linear4bit(self.base_layer):
                 dense = weights.dense_weight(self.base_layer) + delta
                 self._quantized_stash = [self.base_layer]
-                self.base_layer = weights.dense_linear(self.base_layer, dense)
+                self.base_layer = weights.dense_linear(self.base_layer, dense).requires_grad_(False)  # frozen, as W0
             else:
                 weight = self.base_layer.weight
                 with weights.gathered(weight):
@@ -204,7 +265,12 @@ class SpectralLinear(nn.Module):
         self.merged_adapters.extend(names)
 
     def unmerge(self) -> None:
+        """Take the merged adapters' ΔW out of the base weight again (a 4-bit base gets its quantized layer back).
+        On a disabled layer, cancels the merge that enabling it would restore."""
         if not self.merged:
+            if self._merge_on_enable:
+                self._merge_on_enable = []
+                return
             warnings.warn("sspeft: unmerge called on a layer with no merged adapter; nothing to do")
             return
         with torch.no_grad():

@@ -196,10 +196,12 @@ def inject(model: nn.Module, cfg: SpectralConfig, adapter_name: str = "default")
     targets = find_targets(model, resolved)
     weights.prepare_4bit(model)
     plan = plan_positions(resolved, targets)
-    return _apply_plan(model, resolved, targets, plan, adapter_name)
+    return apply_plan(model, resolved, targets, plan, adapter_name)
 
 
-def _apply_plan(model, resolved, targets, plan, adapter_name):
+def apply_plan(model, resolved, targets, plan, adapter_name):
+    """Freeze ``model``'s base parameters and wrap each of ``targets`` in a SpectralLinear holding its ``plan`` entry
+    (positions, coefficients, fingerprint), recording the layer in ``resolved``; the one sspeft adapter per model."""
     existing = adapted_layers(model)
     if existing:
         # One sspeft adapter per model: save_adapter records one config, and freezing the base would freeze the
@@ -249,25 +251,25 @@ def count_trainable(model: nn.Module) -> int:
 
 
 def restore_fp32(model: nn.Module) -> None:
-    """Put adapter coefficients back to exact fp32 after an outside cast (call after TRL's SFTTrainer init)."""
+    """Put adapter coefficients cast outside sspeft back to exact fp32 (see `SpectralLinear.restore_fp32`). Call it
+    once after TRL's SFTTrainer is built (it casts them to bf16 on 4-bit models), or pass
+    ``callbacks=[sspeft.KeepFP32Callback()]`` to the trainer."""
     for layer in adapted_layers(model).values():
         layer.restore_fp32()
 
 
 @contextlib.contextmanager
 def disabled(model: nn.Module):
-    """Run the base model without adapters inside the block."""
-    layers = adapted_layers(model).values()
-    previous = [layer._disable_adapters for layer in layers]
+    """Run the base model without adapters inside the block. Merged adapters are unmerged on entry and merged again
+    on exit; which coefficients train is unchanged."""
+    layers = [layer for layer in adapted_layers(model).values() if not layer.disable_adapters]
     for layer in layers:
-        if layer.merged:
-            layer.unmerge()
-        layer._disable_adapters = True
+        layer.set_disabled(True)
     try:
         yield model
     finally:
-        for layer, flag in zip(layers, previous):
-            layer._disable_adapters = flag
+        for layer in layers:
+            layer.set_disabled(False)
 
 
 def merge(model: nn.Module) -> nn.Module:

@@ -3,9 +3,21 @@ sspeft adapters on a 4-bit base, and `get_peft_model`, `save_pretrained`, `PeftM
 `merge_and_unload` work. One PEFT type serves all five methods (the method is a config field), under a name of our
 own that never collides with PEFT's FOURIERFT/SHIRA/WAVEFT.
 
-PEFT's `register_peft_method` accepts only names in its closed `PeftType` enum; `_extend_peft_type` adds ours. That
-relies on PEFT internals: the supported PEFT range is pinned below and tests/test_sspeft_peft.py fails loudly if it
-stops working. Loading a saved adapter with PEFT needs `import sspeft` first.
+`SspeftPeftConfig` is a PEFT config like PEFT's own: a dataclass subclass of PeftConfig holding SpectralConfig's
+fields (same names and defaults; tests/test_sspeft_loading.py keeps them equal), converted by `spectral()` and
+`from_spectral()`.
+
+Loading (`PeftModel.from_pretrained`, `PeftModel.load_adapter` of a new adapter name): `SspeftPeftConfig.from_pretrained`
+reads the adapter directory with `sspeft.read_adapter` (every check) and keeps its tensors on the config; the tuner
+builds each recorded layer from its saved positions and coefficients with `sspeft.io.saved_layers`, the step
+`sspeft.load_adapter` uses, so nothing is chosen again on load. A config without saved tensors (built in code, or taken
+from another model) makes a new adapter, its positions chosen as `sspeft.inject` chooses them. A Trainer resume loads
+saved tensors into the existing adapter; `_check_loaded_state` runs `sspeft.io.check_adapter` on them first.
+
+Registration: PEFT's `register_peft_method` accepts only names in its closed `PeftType` enum; `_extend_peft_type` adds
+the member SSPEFT through the internals of Python's Enum. The supported PEFT range is pinned below, and
+tests/test_sspeft_peft.py fails if the extension stops working. Loading a saved adapter with PEFT needs `import sspeft`
+first.
 """
 
 from __future__ import annotations
@@ -13,7 +25,7 @@ from __future__ import annotations
 import dataclasses
 import os
 import warnings
-from dataclasses import field
+from dataclasses import dataclass, field
 from typing import Any
 
 import peft
@@ -21,9 +33,9 @@ from peft import PeftConfig
 from peft.tuners.tuners_utils import BaseTuner, BaseTunerLayer
 from peft.utils import PeftType
 
-from . import methods, weights
+from . import weights
 from .config import SpectralConfig
-from .io import CONFIG_NAME, KEY_PREFIX, WEIGHTS_NAME, check_adapter, config_from_json, read_adapter
+from .io import CONFIG_NAME, KEY_PREFIX, WEIGHTS_NAME, check_adapter, config_from_json, read_adapter, saved_layers
 from .layer import SpectralLinear
 from .model import already_adapted, find_targets, plan_positions, record_layer, warn_base_mismatch
 
@@ -32,6 +44,8 @@ SUPPORTED_PEFT = ((0, 21), (0, 22))  # [lower, upper)
 
 
 def _extend_peft_type() -> None:
+    """Add the member SSPEFT to PEFT's closed `PeftType` enum (idempotent): what `Enum` itself records for a member
+    (name and value maps, member list, class attribute), so `PeftType("SSPEFT")` and `PeftType.SSPEFT` work."""
     if PEFT_TYPE_NAME in PeftType.__members__:
         return
     member = str.__new__(PeftType, PEFT_TYPE_NAME)
@@ -44,59 +58,95 @@ def _extend_peft_type() -> None:
     PeftType._member_names_.append(PEFT_TYPE_NAME)
 
 
-_SPECTRAL_FIELDS = [f for f in dataclasses.fields(SpectralConfig)]
+SPECTRAL_FIELDS = tuple(f.name for f in dataclasses.fields(SpectralConfig))
 
 
-def _peft_field(f: dataclasses.Field) -> tuple[str, Any, dataclasses.Field]:
-    if f.name == "method":
-        return (f.name, str, field(default="ssh"))
-    if f.default is not dataclasses.MISSING:
-        return (f.name, f.type, field(default=f.default))
-    return (f.name, f.type, field(default_factory=f.default_factory))
+@dataclass
+class SspeftPeftConfig(PeftConfig):
+    """PEFT config for sspeft adapters: PEFT's fields plus SpectralConfig's, with SpectralConfig's names, types,
+    defaults and meaning (see its field docs) and its validation on construction."""
 
+    method: str = field(kw_only=True)
+    n: int | None = None
+    target_modules: list[str] | str = field(default_factory=lambda: ["q_proj", "v_proj"])
+    exclude_modules: list[str] | None = None
+    scaling: float | None = None
+    seed: int = 0
+    init: str | None = None
+    init_scale: float | None = None
+    normalization: str | None = None
+    delta: float = 0.7
+    dht: str = "standard"
+    budget: str = "layer"
+    top_k_ratio: float | None = None
+    half_spectrum: bool = False
+    wavelet: str = "haar"
+    construction: str = "reference"
+    r: int | None = None
+    shared_positions: bool | None = None
+    path: str = "auto"
+    cache_delta: bool = False
+    layers: dict[str, dict[str, Any]] = field(default_factory=dict)
+    version: str = ""
 
-SspeftPeftConfig = dataclasses.make_dataclass(
-    "SspeftPeftConfig", [_peft_field(f) for f in _SPECTRAL_FIELDS], bases=(PeftConfig,), namespace={}
-)
+    # Not a dataclass field, so never saved or compared: (source, tensors) of the adapter `from_pretrained` read,
+    # taken by the tuner when it builds the layers.
+    _saved = None
 
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        self.peft_type = PeftType.SSPEFT
+        self.adopt(self.spectral(resolve=False))  # SpectralConfig validates every field, with its messages
 
-def _post_init(self) -> None:
-    PeftConfig.__post_init__(self)
-    self.peft_type = PeftType.SSPEFT
-    spectral = self.spectral(resolve=False)  # validates every field with SpectralConfig's messages
-    self.target_modules = spectral.target_modules
+    # ------------------------------------------------------------------ conversion
+    def spectral(self, resolve: bool = True) -> SpectralConfig:
+        """The SpectralConfig of these fields; ``resolve``: with every method default filled in."""
+        values = {name: getattr(self, name) for name in SPECTRAL_FIELDS}
+        if isinstance(values["target_modules"], (set, frozenset)):  # PEFT turns target lists into sets
+            values["target_modules"] = sorted(values["target_modules"])
+        values["layers"] = dict(values["layers"])
+        cfg = SpectralConfig(**values)
+        return cfg.resolved() if resolve else cfg
 
+    @classmethod
+    def from_spectral(cls, cfg: SpectralConfig, **peft_fields) -> "SspeftPeftConfig":
+        """The PEFT config holding ``cfg``'s fields, plus PEFT's own given as keywords (task_type, ...)."""
+        return cls(**{name: getattr(cfg, name) for name in SPECTRAL_FIELDS}, **peft_fields)
 
-def _spectral(self, resolve: bool = True) -> SpectralConfig:
-    values = {f.name: getattr(self, f.name) for f in _SPECTRAL_FIELDS}
-    if isinstance(values["target_modules"], (set, tuple)):
-        values["target_modules"] = sorted(values["target_modules"])
-    cfg = SpectralConfig(**values)
-    return cfg.resolved() if resolve else cfg
+    def adopt(self, cfg: SpectralConfig) -> None:
+        """Take every SpectralConfig field from ``cfg`` (validated values, resolved defaults, layer records)."""
+        for name in SPECTRAL_FIELDS:
+            setattr(self, name, getattr(cfg, name))
 
+    # ------------------------------------------------------------------ PEFT's loading hooks
+    @classmethod
+    def check_kwargs(cls, **kwargs):
+        """A saved config's entries, checked as `sspeft.read_adapter` checks them; fields an older file left out are
+        filled in as they were when it was written (see SpectralConfig.saved_fields)."""
+        config_from_json(kwargs, CONFIG_NAME)
+        return SpectralConfig.saved_fields(kwargs)
 
-def _from_pretrained(cls, pretrained_model_name_or_path, subfolder=None, **kwargs):
-    # A local adapter directory is validated as a whole (config entries and every tensor) before PEFT builds
-    # anything from it; a Hub download is checked by `_check_kwargs` and, tensor by tensor, by the tuner's
-    # load_state_dict hook.
-    path = os.path.join(pretrained_model_name_or_path, subfolder) if subfolder else pretrained_model_name_or_path
-    if os.path.isfile(os.path.join(path, CONFIG_NAME)) and os.path.isfile(os.path.join(path, WEIGHTS_NAME)):
-        read_adapter(path)
-    return PeftConfig.from_pretrained.__func__(cls, pretrained_model_name_or_path, subfolder=subfolder, **kwargs)
+    @classmethod
+    def from_pretrained(cls, pretrained_model_name_or_path: str, subfolder: str | None = None, **kwargs):
+        """PEFT's config loading, after the whole adapter (a local directory, or both files fetched from the Hub) has
+        passed `sspeft.read_adapter`; the config keeps the saved tensors for the tuner to build the layers from."""
+        path = os.path.join(pretrained_model_name_or_path, subfolder) if subfolder else pretrained_model_name_or_path
+        if not os.path.isdir(path):
+            from huggingface_hub import hf_hub_download
 
+            hub_kwargs, _, _ = cls._split_kwargs(kwargs)
+            files = [hf_hub_download(pretrained_model_name_or_path, name, subfolder=subfolder, **hub_kwargs)
+                     for name in (CONFIG_NAME, WEIGHTS_NAME)]
+            path = os.path.dirname(files[-1])
+        _, tensors = read_adapter(path)
+        config = super().from_pretrained(pretrained_model_name_or_path, subfolder=subfolder, **kwargs)
+        config._saved = (os.path.join(path, WEIGHTS_NAME), tensors)
+        return config
 
-def _check_kwargs(cls, **kwargs):
-    config_from_json(kwargs, CONFIG_NAME)
-    # fields an older file left out are filled in as they were when it was written (see SpectralConfig.saved_fields)
-    return SpectralConfig.saved_fields(kwargs)
-
-
-SspeftPeftConfig.__post_init__ = _post_init
-SspeftPeftConfig.spectral = _spectral
-SspeftPeftConfig.from_pretrained = classmethod(_from_pretrained)
-SspeftPeftConfig.check_kwargs = classmethod(_check_kwargs)
-SspeftPeftConfig.__doc__ = "PEFT config for sspeft adapters: SpectralConfig's fields plus PEFT's own."
-SspeftPeftConfig.__module__ = __name__
+    def take_saved(self) -> tuple[str, dict] | None:
+        """(source, tensors) of the adapter this config was read with, once; None for a config built in code."""
+        saved, self._saved = self._saved, None
+        return saved
 
 
 class PeftSpectralLinear(SpectralLinear, BaseTunerLayer):
@@ -107,6 +157,10 @@ class SspeftTuner(BaseTuner):
     prefix: str = "sspeft_"
     tuner_layer_cls = PeftSpectralLinear
     target_module_mapping: dict = {}
+
+    def __init__(self, *args, **kwargs) -> None:
+        super().__init__(*args, **kwargs)
+        self.register_load_state_dict_pre_hook(_check_loaded_state)
 
     def _prepare_adapter_config(self, peft_config, model_config):
         if peft_config.target_modules is None:
@@ -119,50 +173,56 @@ class SspeftTuner(BaseTuner):
         weights.prepare_4bit(model)
 
     def inject_adapter(self, model, adapter_name, *args, **kwargs):
-        # Per-adapter state for _create_and_replace: the resolved config, SSH's global-budget plan (it ranks all
-        # target layers together, so it cannot be made one layer at a time) and fingerprint mismatches (warned once).
+        # The layers' (positions, coefficients, fingerprint) are planned here for every layer that cannot be planned
+        # alone: a saved adapter's recorded layers (checked against the model before anything is replaced) and SSH's
+        # global budget (it ranks all target layers together); _create_and_replace plans the others one by one.
         peft_config = self.peft_config[adapter_name]
         weights.prepare_4bit(model)
-        cfg = peft_config.spectral()
-        plan = {}
-        if cfg.budget == "global" and not peft_config.layers:
-            plan = plan_positions(cfg, find_targets(model, cfg))
-        state = {"cfg": cfg, "plan": plan, "mismatched": []}
-        self.__dict__.setdefault("_sspeft_state", {})[adapter_name] = state
-        if not self.__dict__.get("_sspeft_load_check"):
-            self.register_load_state_dict_pre_hook(_check_loaded_state)
-            self.__dict__["_sspeft_load_check"] = True
-        super().inject_adapter(model, adapter_name, *args, **kwargs)
-        if state["mismatched"]:
-            warn_base_mismatch(state["mismatched"], repr(adapter_name), stacklevel=3)
+        saved = peft_config.take_saved()
+        mismatched = []
+        if saved is not None:
+            cfg = peft_config.spectral(resolve=False)  # a saved config is resolved; its version is the writer's
+            source, tensors = saved
+            _, plan, mismatched = saved_layers(cfg, tensors, model, source, onto_spectral=True)
+            cfg.layers = {}  # recorded again as each layer is built
+        else:
+            cfg = peft_config.spectral()
+            cfg.layers = {}  # a new adapter: records from another model's config are not this one's
+            plan = plan_positions(cfg, find_targets(model, cfg)) if cfg.budget == "global" else {}
+        self._sspeft_build = {"cfg": cfg, "plan": plan, "saved": saved is not None}
+        try:
+            super().inject_adapter(model, adapter_name, *args, **kwargs)
+        finally:
+            del self._sspeft_build
+        unbuilt = sorted(set(plan) - set(cfg.layers))
+        if saved is not None and unbuilt:
+            raise ValueError(
+                f"{saved[0]}: layer {unbuilt[0]!r} is recorded in the adapter but not selected by "
+                f"target_modules={cfg.target_modules!r} ({len(unbuilt)} such layer(s)); the saved config is inconsistent"
+            )
+        peft_config.adopt(cfg)  # resolved defaults and the layer records, as save_pretrained writes them
+        if mismatched:
+            warn_base_mismatch(mismatched, repr(adapter_name), stacklevel=3)
 
     def _create_and_replace(self, peft_config, adapter_name, target, target_name, parent, current_key, **kwargs):
-        state = self._sspeft_state[adapter_name]
-        cfg = state["cfg"]
+        build = self._sspeft_build
+        cfg, plan = build["cfg"], build["plan"]
         base = target.get_base_layer() if isinstance(target, BaseTunerLayer) else target
         if isinstance(target, BaseTunerLayer) and not isinstance(target, SpectralLinear):
             raise ValueError(already_adapted(current_key, target))
         if not weights.is_supported_base(base):
             raise TypeError(f"sspeft adapts nn.Linear and bitsandbytes Linear4bit, not {type(base).__name__} ({current_key})")
         weights.prepare_4bit(base)
-        recorded = (peft_config.layers or {}).get(current_key)
-        if current_key in state["plan"]:
-            positions, coefficients, fp = state["plan"][current_key]
-        else:
-            # Loading (recorded layers): positions are re-derived here only to build the layer; PEFT then loads the
-            # saved positions and coefficients over them.
-            weight = weights.dense_weight(base)
-            positions = methods.select_positions(cfg, weight, current_key, recorded["n"] if recorded else None)
-            coefficients = methods.init_coefficients(cfg, weight, positions, current_key)
-            fp = weights.fingerprint(weight)
-        if recorded and recorded.get("fingerprint"):
-            if recorded["fingerprint"] != fp:
-                state["mismatched"].append(current_key)
-            fp = recorded["fingerprint"]  # the saved positions belong to the base they were chosen on
+        if current_key not in plan:
+            if build["saved"]:
+                raise ValueError(
+                    f"module {current_key!r} is selected by target_modules={cfg.target_modules!r}, but the adapter "
+                    f"being loaded records no layer of that name (it records {len(plan)}: {', '.join(sorted(plan)[:3])}"
+                    f"{', ...' if len(plan) > 3 else ''}); load it onto the base it was trained on"
+                )
+            plan.update(plan_positions(cfg, {current_key: base}))
+        positions, coefficients, fp = plan[current_key]
         record_layer(cfg, current_key, base, positions, fp)
-        peft_config.layers = dict(cfg.layers)
-        for key in ("n", "scaling", "normalization", "init", "init_scale", "shared_positions", "version"):
-            setattr(peft_config, key, getattr(cfg, key))
         if isinstance(target, SpectralLinear):
             target.add_adapter(adapter_name, cfg, positions, coefficients)
             return
@@ -193,10 +253,9 @@ def _check_loaded_state(tuner, state_dict, prefix, *_args) -> None:
         check_adapter(cfg, tensors, f"adapter weights of {adapter!r}")
 
 
-def peft_config(cfg: SpectralConfig, task_type: str | None = "CAUSAL_LM", **peft_kwargs) -> "SspeftPeftConfig":
+def peft_config(cfg: SpectralConfig, task_type: str | None = "CAUSAL_LM", **peft_kwargs) -> SspeftPeftConfig:
     """The PEFT config for ``cfg``: pass it to ``peft.get_peft_model`` or ``SFTTrainer(peft_config=...)``."""
-    values = {f.name: getattr(cfg, f.name) for f in _SPECTRAL_FIELDS}
-    return SspeftPeftConfig(task_type=task_type, **values, **peft_kwargs)
+    return SspeftPeftConfig.from_spectral(cfg, task_type=task_type, **peft_kwargs)
 
 
 def register() -> bool:

@@ -59,6 +59,18 @@ def session_tmp() -> Path:
 
 
 @pytest.fixture(scope="session")
+def tiny_llama(session_tmp) -> tuple[Path, Path]:
+    """(model directory, Alpaca records file): the tiny random LLaMA and records of tests/launch_helpers.py, built
+    once per test session."""
+    from launch_helpers import build_tiny_llama, write_records
+
+    model = session_tmp / "tiny-llama"
+    if not (model / "config.json").is_file():
+        build_tiny_llama(model)
+    return model, write_records(session_tmp / "tiny-data" / "alpaca.json")
+
+
+@pytest.fixture(scope="session")
 def shared_dir() -> Path:
     require("the shared data directory (../shared or $SSPEFT_SHARED_DIR)", SHARED.is_dir(), str(SHARED))
     return SHARED

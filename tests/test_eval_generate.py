@@ -7,7 +7,8 @@ import shutil
 
 import pytest
 
-from eval.backends import GenRequest, HFGenerator, load_tokenizer, render
+from eval.answers.chat_template import load_tokenizer, tokenize_chat
+from eval.answers.generators import GenRequest, HFGenerator
 from eval.generate import main as generate_main
 from eval.judge import main as judge_main
 from eval_helpers import make_questions, make_tiny_llama, write_jsonl
@@ -57,7 +58,7 @@ def test_generate_through_the_run_template_and_resume(tmp_path, tiny, capsys):
     conv = [{"role": "user", "content": q["turns"][0]}, {"role": "assistant", "content": a1},
             {"role": "user", "content": q["turns"][1]}]
     gen = HFGenerator(run / "merged")
-    assert gen.generate([GenRequest(render(tok, conv), 0.0, 6, 0)])[0].text.strip() == a2
+    assert gen.generate([GenRequest(tokenize_chat(tok, conv), 0.0, 6, 0)])[0].text.strip() == a2
 
     # a rerun with a larger limit answers only the new question and keeps the old answers as they were
     capsys.readouterr()

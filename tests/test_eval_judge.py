@@ -278,7 +278,7 @@ class _ListBackend:
         self.path, self.fail_after, self.lines_seen = path, fail_after, []
 
     def run(self, requests, done):
-        from eval.client import CallResult
+        from eval.judging.calls import CallResult
 
         for i, _ in enumerate(requests):
             if self.fail_after is not None and i == self.fail_after:
@@ -288,8 +288,8 @@ class _ListBackend:
 
 
 def _engine(tmp_path, n_per_category=2):
-    from eval.judging import JudgmentStore, build_items
-    from eval.prompts import load_prompt_set
+    from eval.judging.engine import JudgmentStore, build_items
+    from eval.judging.prompts import load_prompt_set
     from eval.questions import load_answers, load_questions
 
     root = make_run(tmp_path / "run", questions=make_questions(n_per_category=n_per_category))
@@ -303,7 +303,7 @@ RUN = dict(samples=1, temperature=0.0, max_tokens=8, seed=0, meta={"judge": "j"}
 
 
 def test_judgments_are_appended_per_call_and_compacted_at_the_end(tmp_path):
-    from eval.judging import run_judging
+    from eval.judging.engine import run_judging
 
     items, path, store = _engine(tmp_path)
     backend = _ListBackend(path)
@@ -315,7 +315,7 @@ def test_judgments_are_appended_per_call_and_compacted_at_the_end(tmp_path):
 
 
 def test_ctrl_c_keeps_every_returned_call_and_a_torn_line_is_redone(tmp_path):
-    from eval.judging import run_judging
+    from eval.judging.engine import run_judging
 
     items, path, store = _engine(tmp_path)
     with pytest.raises(KeyboardInterrupt):

@@ -6,8 +6,9 @@ from __future__ import annotations
 import pytest
 import torch
 
-from eval.judging import CallRequest
-from eval.rating import RATING_CHOICES, VERDICT_CHOICES
+from eval.answers.chat_template import tokenize_chat
+from eval.judging.calls import CallRequest
+from eval.judging.verdicts import RATING_CHOICES, VERDICT_CHOICES
 from eval_helpers import make_tiny_llama
 
 PROMPTS = ["Rate the answer: the quick brown fox.", "Which is better, one or two?", "seven eight nine ten"]
@@ -27,8 +28,8 @@ def _oracle(model, tokenizer, ids: list[int], choices: list[str]) -> str:
 
 @pytest.fixture(scope="module")
 def judge(tmp_path_factory):
-    from eval.backends import HFGenerator
-    from eval.local_judge import LocalBackend
+    from eval.answers.generators import HFGenerator
+    from eval.judging.local import LocalBackend
 
     model_dir = make_tiny_llama(tmp_path_factory.mktemp("tiny-judge"))
     engine = HFGenerator(model_dir, "fp32")
@@ -43,7 +44,7 @@ def test_constrained_choice_matches_a_greedy_walk(judge, output):
     texts: dict[int, str] = {}
     backend.run(requests, lambda i, result: texts.__setitem__(i, result.text))
     for i, r in enumerate(requests):
-        assert texts[i] == _oracle(engine.model, backend.tokenizer, backend.tokenizer_ids(r), list(choices))
+        assert texts[i] == _oracle(engine.model, backend.tokenizer, tokenize_chat(backend.tokenizer, r.messages), list(choices))
     # sampled: always one of the allowed strings, reproducible for a seed
     hot = [CallRequest(r.messages, 1.5, 16, seed, output) for r in requests[:2] for seed in (1, 2)]
     first: dict[int, str] = {}

@@ -5,7 +5,7 @@ import json
 import pytest
 
 from eval.common import EvalError
-from eval.prompts import FASTCHAT_NAMES, builtin_prompts, load_prompt_set
+from eval.judging.prompts import FASTCHAT_NAMES, builtin_prompts, load_prompt_set
 from eval.questions import (CATEGORY_TEMPERATURE, DEFAULT_QUESTIONS, REFERENCE_CATEGORIES, answer_temperature,
                             load_answers, load_questions, load_references)
 

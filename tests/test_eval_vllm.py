@@ -43,11 +43,12 @@ def test_vllm_and_transformers_greedy_agree_on_smollm2(session_tmp):
     require_module("vllm")
     import torch
 
-    from eval.backends import GenRequest, HFGenerator, VLLMGenerator, load_tokenizer, render
+    from eval.answers.chat_template import load_tokenizer, tokenize_chat
+    from eval.answers.generators import GenRequest, HFGenerator, VLLMGenerator
 
     model_dir = _smollm2(session_tmp)
     tok = load_tokenizer(model_dir)
-    prompts = [render(tok, [{"role": "user", "content": text}]) for text in (
+    prompts = [tokenize_chat(tok, [{"role": "user", "content": text}]) for text in (
         "What is the capital of France?", "Explain in two sentences why the sky is blue.")]
     requests = [GenRequest(ids, 0.0, 32, 0) for ids in prompts]
     hf = HFGenerator(model_dir, "fp32")
@@ -77,10 +78,9 @@ def test_vllm_and_transformers_greedy_agree_on_smollm2(session_tmp):
 
 def _constrained_judgments(model_dir, engines):
     """The in-process judge's constrained output with each engine on two real judge prompts."""
-    from eval.client import CallResult
-    from eval.judging import CallRequest
-    from eval.local_judge import LocalBackend
-    from eval.prompts import builtin_prompts
+    from eval.judging.calls import CallRequest, CallResult
+    from eval.judging.local import LocalBackend
+    from eval.judging.prompts import builtin_prompts
 
     prompt = builtin_prompts()["single"]
     requests = [CallRequest(prompt.messages(question=q, answer=a), 0.0, 8, 0, "rating") for q, a in (

@@ -7,8 +7,8 @@ import json
 
 import pytest
 
-from launch.data import (ALPACA_HEADER, ALPACA_HEADER_WITH_INPUT, DataError, Example, build_template,
-                         load_records, render, split_prompt_completion, tokenize_records)
+from launch.data import (ALPACA_HEADER, ALPACA_HEADER_WITH_INPUT, DataError, Example, apply_template,
+                         build_template, load_records, split_prompt_completion, tokenize_records)
 from launch_helpers import build_tokenizer
 
 STANFORD_NO_INPUT = (
@@ -39,12 +39,12 @@ def test_two_turn_rule_and_system_turn(tok):
     template = build_template("alpaca", tok)
     messages = [{"role": "user", "content": "q1"}, {"role": "assistant", "content": "a1"},
                 {"role": "user", "content": "q2"}]
-    text = render(tok, template, messages, generation_prompt=True)
+    text = apply_template(tok, template, messages, generation_prompt=True)
     assert text == (STANFORD_NO_INPUT.format(instruction="q1") + "a1" + tok.eos_token
                     + "\n\n### Instruction:\nq2\n\n### Response:\n")
     assert text.count("Below is an instruction") == 1
     with pytest.raises(Exception, match="no system turn"):
-        render(tok, template, [{"role": "system", "content": "s"}] + messages, generation_prompt=True)
+        apply_template(tok, template, [{"role": "system", "content": "s"}] + messages, generation_prompt=True)
 
 
 def test_labels_cover_only_the_response(tok):

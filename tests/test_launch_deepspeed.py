@@ -23,7 +23,7 @@ from sspeft import METHODS
 from launch.process import PREEMPTED_EXIT_CODE, free_port
 from launch.rundir import COMPLETE_MARKER, RunDir
 from launch.train import SUMMARY_FILE
-from launch_helpers import REPO, build_tiny_llama, child_env, write_recipe, write_records
+from launch_helpers import REPO, child_env, write_recipe
 from test_launch_train import stored_numel
 
 pytestmark = pytest.mark.slow
@@ -34,14 +34,6 @@ def deepspeed_cmd(*args: str) -> list[str]:
     exe = shutil.which("deepspeed", path=str(Path(__import__("sys").executable).parent))
     require("the deepspeed launcher", exe is not None)
     return [exe, "--num_gpus", "2", "--master_port", str(free_port()), *args]
-
-
-@pytest.fixture(scope="module")
-def tiny(session_tmp):
-    model = session_tmp / "tiny-llama"
-    if not (model / "config.json").is_file():
-        build_tiny_llama(model)
-    return model, write_records(session_tmp / "tiny-data" / "alpaca.json")
 
 
 def launch(cmd: list[str], log: Path, timeout: float = 900) -> int:
@@ -79,8 +71,8 @@ def check_run(run: RunDir, log: Path, method: str = "ssh", model: Path | None = 
     ("zero2", ("ssh", "lfma"), "none", "fp32"),
     ("zero3", ("lora", *METHODS), "nf4", "bf16"),
 ], ids=["zero2", "zero3-nf4"])
-def test_two_ranks(tmp_path, tiny, stage, methods, quantize, dtype, record_property):
-    model, data = tiny
+def test_two_ranks(tmp_path, tiny_llama, stage, methods, quantize, dtype, record_property):
+    model, data = tiny_llama
     recipes, runs = [], {}
     for method in methods:
         run = RunDir(tmp_path / method)
@@ -98,8 +90,8 @@ def test_two_ranks(tmp_path, tiny, stage, methods, quantize, dtype, record_prope
         print(f"{stage} {method}: mean step {summary['mean_step_s']:.3f}s over {summary['step_times_s']}")
 
 
-def test_torchrun_two_ranks_train_one_adapter_with_ddp(tmp_path, tiny):
-    model, data = tiny
+def test_torchrun_two_ranks_train_one_adapter_with_ddp(tmp_path, tiny_llama):
+    model, data = tiny_llama
     run = RunDir(tmp_path / "run")
     recipe = write_recipe(tmp_path / "r.yaml", model, data, run.root, method="lfma")
     exe = shutil.which("torchrun", path=str(Path(__import__("sys").executable).parent))
@@ -116,8 +108,8 @@ def test_torchrun_two_ranks_train_one_adapter_with_ddp(tmp_path, tiny):
     assert "parallel_mode != ParallelMode.DISTRIBUTED" not in text, text[-4000:]
 
 
-def test_sigusr1_to_one_rank_stops_both_at_one_step(tmp_path, tiny):
-    model, data = tiny
+def test_sigusr1_to_one_rank_stops_both_at_one_step(tmp_path, tiny_llama):
+    model, data = tiny_llama
     run = RunDir(tmp_path / "run")
     recipe = write_recipe(tmp_path / "r.yaml", model, data, run.root, method="ssh",
                           train={"deepspeed": str(REPO / "launch/ds_zero2.json"), "max_steps": 30,
@@ -156,8 +148,8 @@ def test_sigusr1_to_one_rank_stops_both_at_one_step(tmp_path, tiny):
     assert summary["global_step"] == 30
 
 
-def test_accelerate_launch_records_its_deepspeed_config(tmp_path, tiny):
-    model, data = tiny
+def test_accelerate_launch_records_its_deepspeed_config(tmp_path, tiny_llama):
+    model, data = tiny_llama
     run = RunDir(tmp_path / "run")
     recipe = write_recipe(tmp_path / "r.yaml", model, data, run.root, method="ssh", train={"max_steps": 2})
     exe = shutil.which("accelerate", path=str(Path(__import__("sys").executable).parent))

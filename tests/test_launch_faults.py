@@ -22,15 +22,7 @@ from launch import train as train_stage
 from launch.preflight import TrainError, adopt_launcher_deepspeed
 from launch.recipe import load_recipe
 from launch.rundir import RunDir, RunDirLock, atomic_directory, atomic_write_json, atomic_write_text
-from launch_helpers import PYTHON, REPO, build_tiny_llama, child_env, write_recipe, write_records
-
-
-@pytest.fixture(scope="module")
-def tiny(session_tmp):
-    model = session_tmp / "tiny-llama"
-    if not (model / "config.json").is_file():
-        build_tiny_llama(model)
-    return model, write_records(session_tmp / "tiny-data" / "alpaca.json")
+from launch_helpers import PYTHON, REPO, child_env, write_recipe
 
 
 def snapshot(root: Path) -> dict[str, tuple]:
@@ -50,8 +42,8 @@ def refused(capsys, recipe: Path, *overrides: str) -> str:
 
 # ---------------------------------------------------------------- directories that are not ours
 
-def test_foreign_directory_is_refused_and_untouched(tmp_path, tiny, capsys):
-    model, data = tiny
+def test_foreign_directory_is_refused_and_untouched(tmp_path, tiny_llama, capsys):
+    model, data = tiny_llama
     foreign = tmp_path / "someone-elses"
     (foreign / "checkpoints" / "checkpoint-7").mkdir(parents=True)
     (foreign / "checkpoints" / "checkpoint-7" / "model.bin").write_bytes(b"weights")
@@ -64,8 +56,8 @@ def test_foreign_directory_is_refused_and_untouched(tmp_path, tiny, capsys):
 
 
 @pytest.mark.parametrize("case", ["root", "home", "file", "unreadable-recipe"])
-def test_unusable_run_dir_is_refused(tmp_path, tiny, capsys, monkeypatch, case):
-    model, data = tiny
+def test_unusable_run_dir_is_refused(tmp_path, tiny_llama, capsys, monkeypatch, case):
+    model, data = tiny_llama
     home = tmp_path / "home"
     home.mkdir()
     monkeypatch.setenv("HOME", str(home))
@@ -97,9 +89,9 @@ def test_unusable_run_dir_is_refused(tmp_path, tiny, capsys, monkeypatch, case):
     ("lora", ["adapter.target_modules=[nope_proj]"], "nope_proj"),
     ("lora", ["data.max_length=300"], "data.max_length = 300 is larger than the context length of model.path"),
 ], ids=["n-too-large", "no-target", "bad-pattern", "lora-no-target", "max-length-over-context"])
-def test_adapter_and_length_checked_against_model_before_writing(tmp_path, tiny, capsys, method, overrides,
+def test_adapter_and_length_checked_against_model_before_writing(tmp_path, tiny_llama, capsys, method, overrides,
                                                                   needle):
-    model, data = tiny
+    model, data = tiny_llama
     run = RunDir(tmp_path / "run")
     err = refused(capsys, write_recipe(tmp_path / "r.yaml", model, data, run.root, method=method), *overrides)
     assert needle in err
@@ -108,8 +100,8 @@ def test_adapter_and_length_checked_against_model_before_writing(tmp_path, tiny,
     assert not run.root.exists()
 
 
-def test_failed_first_start_leaves_nothing_and_corrected_rerun_trains(tmp_path, tiny, monkeypatch, caplog):
-    model, data = tiny
+def test_failed_first_start_leaves_nothing_and_corrected_rerun_trains(tmp_path, tiny_llama, monkeypatch, caplog):
+    model, data = tiny_llama
     run = RunDir(tmp_path / "runs" / "run")
     recipe = write_recipe(tmp_path / "r.yaml", model, data, run.root, method="lora")
 
@@ -142,8 +134,8 @@ HOLDER = textwrap.dedent("""
 """)
 
 
-def test_lock_refuses_a_second_process_and_is_released_by_kill_9(tmp_path, tiny, capsys):
-    model, data = tiny
+def test_lock_refuses_a_second_process_and_is_released_by_kill_9(tmp_path, tiny_llama, capsys):
+    model, data = tiny_llama
     run = RunDir(tmp_path / "run")
     holder = subprocess.Popen([PYTHON, "-c", HOLDER, str(run.root)], cwd=REPO, env=child_env(),
                               stdout=subprocess.PIPE, text=True)
@@ -207,8 +199,8 @@ def test_atomic_writers_respect_the_umask(tmp_path, mask, file_mode, dir_mode):
     assert stat.S_IMODE((tmp_path / "out").stat().st_mode) == dir_mode
 
 
-def test_run_outputs_respect_the_umask(tmp_path, tiny):
-    model, data = tiny
+def test_run_outputs_respect_the_umask(tmp_path, tiny_llama):
+    model, data = tiny_llama
     run = RunDir(tmp_path / "run")
     recipe = write_recipe(tmp_path / "r.yaml", model, data, run.root, method="lora")
     previous = os.umask(0o022)
@@ -224,8 +216,8 @@ def test_run_outputs_respect_the_umask(tmp_path, tiny):
 
 # ---------------------------------------------------------------- DeepSpeed through accelerate launch
 
-def test_accelerate_deepspeed_config_is_recorded_or_refused(tmp_path, tiny, monkeypatch, capsys):
-    model, data = tiny
+def test_accelerate_deepspeed_config_is_recorded_or_refused(tmp_path, tiny_llama, monkeypatch, capsys):
+    model, data = tiny_llama
     run = RunDir(tmp_path / "run")
     recipe_file = write_recipe(tmp_path / "r.yaml", model, data, run.root)
     monkeypatch.chdir(REPO)
@@ -266,10 +258,10 @@ KILL_AFTER_FIRST_ROTATION = textwrap.dedent("""
 
 
 @pytest.mark.slow
-def test_kill_between_rotation_and_marker_keeps_newest_complete_checkpoint(tmp_path, tiny):
+def test_kill_between_rotation_and_marker_keeps_newest_complete_checkpoint(tmp_path, tiny_llama):
     """save_total_limit 1: the process dies at the instant an old checkpoint is deleted. The newest complete
     checkpoint must still be there, the rerun resumes from it, and the summary holds both attempts."""
-    model, data = tiny
+    model, data = tiny_llama
     run = RunDir(tmp_path / "run")
     recipe = write_recipe(tmp_path / "r.yaml", model, data, run.root, method="lora",
                           train={"max_steps": 6, "save_steps": 2, "save_total_limit": 1})

@@ -15,17 +15,9 @@ import torch
 from launch.process import PREEMPTED_EXIT_CODE
 from launch.rundir import COMPLETE_MARKER, RunDir
 from launch.train import SUMMARY_FILE
-from launch_helpers import PYTHON, REPO, build_tiny_llama, child_env, read_positions, write_recipe, write_records
+from launch_helpers import PYTHON, REPO, child_env, read_positions, write_recipe
 
 pytestmark = pytest.mark.slow
-
-
-@pytest.fixture(scope="module")
-def tiny(session_tmp):
-    model = session_tmp / "tiny-llama"
-    if not (model / "config.json").is_file():
-        build_tiny_llama(model)
-    return model, write_records(session_tmp / "tiny-data" / "alpaca.json")
 
 
 def start(recipe: Path, log: Path, *overrides: str) -> subprocess.Popen:
@@ -56,8 +48,8 @@ def complete(run: RunDir) -> list[Path]:
     return run.complete_checkpoints()
 
 
-def test_kill_9_then_rerun_resumes_from_last_complete_checkpoint(tmp_path, tiny):
-    model, data = tiny
+def test_kill_9_then_rerun_resumes_from_last_complete_checkpoint(tmp_path, tiny_llama):
+    model, data = tiny_llama
     run = RunDir(tmp_path / "run")
     recipe = write_recipe(tmp_path / "r.yaml", model, data, run.root, method="ssh", quantize="nf4", dtype="bf16",
                           train={"max_steps": 12, "save_steps": 2, "save_total_limit": 3})
@@ -95,9 +87,9 @@ def test_kill_9_then_rerun_resumes_from_last_complete_checkpoint(tmp_path, tiny)
     assert not fake.exists()
 
 
-def test_sigterm_checkpoints_and_exits_75(tmp_path, tiny):
+def test_sigterm_checkpoints_and_exits_75(tmp_path, tiny_llama):
     """(SIGUSR1 to one rank of two is tested in test_launch_deepspeed.py.)"""
-    model, data = tiny
+    model, data = tiny_llama
     run = RunDir(tmp_path / "run")
     recipe = write_recipe(tmp_path / "r.yaml", model, data, run.root, method="lora",
                           train={"max_steps": 30, "save_steps": 1000})
@@ -117,3 +109,44 @@ def test_sigterm_checkpoints_and_exits_75(tmp_path, tiny):
     assert finish(proc2, log2) == 0, log2.read_text()[-4000:]
     assert f"resuming from {done[0]}" in log2.read_text()
     assert json.loads((run.logs / SUMMARY_FILE).read_text())["global_step"] == 30
+
+
+@pytest.mark.parametrize("method", ["ssh", "lfma"])
+def test_resume_builds_the_adapter_from_the_checkpoint_choosing_nothing(tmp_path, tiny_llama, monkeypatch, method):
+    """A rerun resumes from the checkpoint's own positions and coefficients: with every position / initial
+    coefficient choice made to raise, the resumed run still trains, keeps the positions and ends at the last step."""
+    from trl import SFTTrainer
+
+    from launch import train as train_stage
+    from sspeft import methods
+
+    model, data = tiny_llama
+    run = RunDir(tmp_path / "run")
+    recipe = write_recipe(tmp_path / "r.yaml", model, data, run.root, method=method,
+                          train={"max_steps": 4, "save_steps": 2})
+    step = SFTTrainer.training_step
+
+    def stop_after_the_checkpoint(self, *args, **kwargs):
+        if self.state.global_step >= 2:
+            raise RuntimeError("stopped after the first checkpoint")
+        return step(self, *args, **kwargs)
+
+    monkeypatch.setattr(SFTTrainer, "training_step", stop_after_the_checkpoint)
+    with pytest.raises(RuntimeError, match="stopped after the first checkpoint"):
+        train_stage.main([str(recipe)])
+    monkeypatch.setattr(SFTTrainer, "training_step", step)
+    (checkpoint,) = complete(run)
+    saved = read_positions(checkpoint)
+    assert saved
+
+    def refuse(*_args, **_kwargs):
+        raise AssertionError("a position or initial coefficient was chosen while resuming")
+
+    for name in ("select_positions", "init_coefficients", "ssh_energy", "lfma_init_spectrum"):
+        monkeypatch.setattr(methods, name, refuse)
+    assert train_stage.main([str(recipe)]) == 0
+    final = read_positions(run.adapter)
+    assert final.keys() == saved.keys()
+    assert all(torch.equal(final[k], saved[k]) for k in saved)
+    summary = json.loads((run.logs / SUMMARY_FILE).read_text())
+    assert summary["global_step"] == 4 and summary["attempts"][-1]["first_step"] == 3

@@ -8,7 +8,7 @@ import pytest
 
 from eval.common import EvalError
 from eval.generate import main as generate_main
-from eval.report import check_merge_report
+from eval.target import check_merge_report
 from eval.report import main as report_main
 from eval_helpers import make_answers, make_questions, make_tiny_llama, write_jsonl
 

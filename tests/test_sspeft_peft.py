@@ -507,18 +507,26 @@ def test_sft_trainer_step_on_4bit_base_keeps_fp32_coefficients(tmp_path):
     assert trainer.state.global_step == 1 and torch.isfinite(torch.tensor(trainer.state.log_history[0]["loss"]))
 
 
-def test_forward_restores_fp32_after_an_outside_bf16_cast():
-    """What TRL does to trainable parameters of 4-bit models (param.data = param.data.bfloat16()); the next forward
-    puts the exact fp32 values back, so small updates to non-zero coefficients do not vanish."""
+def test_forward_warns_on_an_outside_bf16_cast_and_restore_fp32_undoes_it():
+    """What TRL does to trainable parameters of 4-bit models (param.data = param.data.bfloat16()): the forward uses
+    the cast coefficients as they are and warns, once per layer, naming the fix; `sspeft.restore_fp32` then puts the
+    exact fp32 values back, so small updates to non-zero coefficients do not vanish."""
     model = sspeft.inject(tiny_llama(), spectral("lfma"))
     exact = {n: l.coefficients.detach().clone() for n, l in by_module(model).items()}
     assert any(not torch.equal(v, v.bfloat16().float()) for v in exact.values())
     for p in model.parameters():
         if p.requires_grad:
             p.data = p.data.to(torch.bfloat16)
+    cast = {n: l.coefficients.detach().clone() for n, l in by_module(model).items()}
     model.train()
     x = ids()
-    model(x, labels=x).loss.backward()
+    with pytest.warns(UserWarning, match=r"not fp32.*sspeft\.restore_fp32\(model\).*KeepFP32Callback") as record:
+        model(x, labels=x).loss.backward()
+        model(x)
+    assert sum("not fp32" in str(w.message) for w in record) == len(exact), "one warning per layer and adapter"
+    for name, layer in by_module(model).items():
+        assert layer.coefficients.dtype == torch.bfloat16 and torch.equal(layer.coefficients.detach(), cast[name])
+        assert layer.coefficients.grad is not None and layer.coefficients.grad.abs().sum() > 0
+    sspeft.restore_fp32(model)
     for name, layer in by_module(model).items():
         assert layer.coefficients.dtype == torch.float32 and torch.equal(layer.coefficients.detach(), exact[name])
-        assert layer.coefficients.grad.dtype == torch.float32

@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 
 from eval.common import EvalError
-from eval.server_utils import VllmServer
+from eval.judging.server import VllmServer
 from eval_helpers import port_open
 
 
@@ -57,7 +57,7 @@ _DRIVER = r"""
 import sys, time
 from pathlib import Path
 from eval.common import terminate_on_signals
-from eval.server_utils import VllmServer
+from eval.judging.server import VllmServer
 
 class Static(VllmServer):
     # a real HTTP server answering /v1/models, in place of vLLM

@@ -17,9 +17,11 @@ import json
 import time
 from pathlib import Path
 
-from eval.backends import load_tokenizer, pick_backend
-from eval.common import EvalError, atomic_write_json, read_jsonl
-from eval.questions import DEFAULT_QUESTIONS, load_answers, load_questions
+from eval.answers.answering import answer_questions, pending_answers, save_answers
+from eval.answers.chat_template import load_tokenizer
+from eval.answers.generators import pick_backend
+from eval.common import EvalError, atomic_write_json
+from eval.questions import DEFAULT_QUESTIONS, load_questions
 from eval.target import Target, resolve_target
 
 EXPORT_REPORT = "export_report.json"
@@ -45,17 +47,9 @@ def _baseline_target(target: Target) -> Target:
     return resolve_target(str(baseline.root), None, None)
 
 
-def _pending(target: Target, questions) -> tuple[dict, dict, list]:
-    path = target.out.answers_file(target.model_id)
-    done = load_answers(path) if path.exists() else {}
-    kept = {r["question_id"]: r for _, r in read_jsonl(path, "answers")} if done else {}
-    todo = [q for q in questions if len(done.get(q.question_id, [])) < len(q.turns)]
-    return done, kept, todo
-
-
 def run_sweep(args: argparse.Namespace) -> int:
     """Generate the baselines' and every run's answers with one engine; see the module docstring."""
-    from eval.backends import VLLMLoraGenerator
+    from eval.answers.generators import VLLMLoraGenerator
 
     if args.out or args.model_id:
         raise EvalError("--out and --model-id name one model; with --adapters lora every run writes its own answers")
@@ -104,9 +98,7 @@ def run_sweep(args: argparse.Namespace) -> int:
 
 def _generate(targets: list[Target], generator, base: Path, questions, settings: dict, meta: dict) -> None:
     """Answer the questions any of `targets` still lacks, once, and save them into each target's answers file."""
-    from eval.generate import _answer, _save
-
-    state = {id(t): _pending(t, questions) for t in targets}
+    state = {id(t): pending_answers(t.out.answers_file(t.model_id), questions) for t in targets}
     todo_ids = {q.question_id for t in targets for q in state[id(t)][2]}
     todo = [q for q in questions if q.question_id in todo_ids]
     template = targets[0].template.read_text(encoding="utf-8") if targets[0].template else None
@@ -114,12 +106,13 @@ def _generate(targets: list[Target], generator, base: Path, questions, settings:
     started = time.monotonic()
     for start in range(0, len(todo), settings["batch"]):
         chunk = todo[start:start + settings["batch"]]
-        answers = _answer(chunk, tokenizer, generator, settings["max_new"], settings["temperature"], settings["seed"])
+        answers = answer_questions(chunk, tokenizer, generator, settings["max_new"], settings["temperature"],
+                                   settings["seed"])
         for t in targets:
             done, kept, pending = state[id(t)]
             wanted = {q.question_id for q in pending}
             done.update({q.question_id: turns for q, turns in zip(chunk, answers) if q.question_id in wanted})
-            _save(t.out.answers_file(t.model_id), questions, done, kept, t.model_id)
+            save_answers(t.out.answers_file(t.model_id), questions, done, kept, t.model_id)
         print(f"{', '.join(t.model_id for t in targets)}: answered {min(start + settings['batch'], len(todo))}/"
               f"{len(todo)} ({time.monotonic() - started:.0f} s)")
     for t in targets:

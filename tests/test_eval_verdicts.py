@@ -2,7 +2,7 @@
 
 import pytest
 
-from eval.rating import extract_rating, extract_verdict
+from eval.judging.verdicts import extract_rating, extract_verdict
 
 
 @pytest.mark.parametrize("text, value", [

@@ -12,12 +12,11 @@ from __future__ import annotations
 from collections.abc import Callable
 from pathlib import Path
 
-from eval.backends import (GenRequest, Generator, HFGenerator, fit_new_tokens, load_tokenizer, make_generator,
-                           render)
-from eval.client import CallResult
+from eval.answers.chat_template import load_tokenizer, tokenize_chat
+from eval.answers.generators import GenRequest, Generator, HFGenerator, fit_new_tokens, make_generator
 from eval.common import EvalError
-from eval.judging import CallRequest
-from eval.rating import RATING_CHOICES, RATING_REGEX, VERDICT_CHOICES, VERDICT_REGEX
+from eval.judging.calls import CallRequest, CallResult
+from eval.judging.verdicts import RATING_CHOICES, RATING_REGEX, VERDICT_CHOICES, VERDICT_REGEX
 
 
 class LocalBackend:
@@ -44,7 +43,7 @@ class LocalBackend:
         results: list[CallResult | None] = [None] * len(requests)
         todo: list[tuple[int, GenRequest]] = []
         for i, r in enumerate(requests):
-            ids = self.tokenizer_ids(r)
+            ids = tokenize_chat(self.tokenizer, r.messages)
             try:
                 new = fit_new_tokens(len(ids), r.max_tokens, self.generator.max_model_len, "judge prompt")
             except EvalError as e:
@@ -61,9 +60,6 @@ class LocalBackend:
                 results[i] = (CallResult(out.text) if out.text.strip()
                               else CallResult(None, "empty_response", "the judge generated no text"))
         return results  # type: ignore[return-value]
-
-    def tokenizer_ids(self, r: CallRequest) -> list[int]:
-        return render(self.tokenizer, r.messages)
 
     def _choose(self, ids: list[int], r: CallRequest) -> str:
         """transformers' `generate` with a prefix-constrained logits processor: at each step only the tokens that

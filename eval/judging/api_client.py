@@ -1,6 +1,7 @@
-"""Judge specs and the OpenAI-compatible judge client.
+"""The OpenAI-compatible judge client: an endpoint's model listing, chat completions, and the Backend running judge
+calls against it with bounded concurrency.
 
-    spec = parse_judge_spec("openai:gpt-4o@https://api.openai.com/v1")
+    spec = parse_judge_spec("openai:gpt-4o@https://api.openai.com/v1")   # eval.judging.spec
     client = OpenAIJudge(spec, api_key=..., settings=RetrySettings(timeout=120))
     result = client.complete(messages, temperature=0.0, max_tokens=2048, seed=0)
 
@@ -13,65 +14,16 @@ its reason and whether a later rerun may try it again.
 from __future__ import annotations
 
 import ipaddress
-import re
 import threading
 import urllib.parse
+from collections.abc import Callable
 from dataclasses import dataclass
-from pathlib import Path
-from typing import Any, Literal, Optional
+from typing import Any, Optional
 
-from eval.common import EvalError, safe_id
-
-DEFAULT_OPENAI_URL = "https://api.openai.com/v1"
-SpecKind = Literal["openai", "local", "serve"]
-
-
-@dataclass(frozen=True)
-class JudgeSpec:
-    """Where judgments come from: an OpenAI-compatible endpoint, an in-process model, or a model we serve."""
-
-    kind: SpecKind
-    """openai (an endpoint), local (in-process vLLM/transformers), serve (`vllm serve` started for the run)."""
-    model: str
-    """The endpoint's model name (openai) or the model path/spec (local, serve)."""
-    base_url: Optional[str] = None
-    """The endpoint, e.g. http://127.0.0.1:8000/v1 (openai only)."""
-
-    def __str__(self) -> str:
-        if self.kind == "openai":
-            return f"openai:{self.model}@{self.base_url}"
-        return f"{self.kind}:{self.model}"
-
-    @property
-    def judge_id(self) -> str:
-        """File-name id of the judge: the model name, or the model path's last component."""
-        if self.kind == "openai":
-            return safe_id(self.model)
-        return safe_id(Path(self.model).name.removesuffix(".gguf"))
-
-
-_URL = re.compile(r"^(?P<model>.+?)@(?P<url>https?://\S+)$")
-
-
-def parse_judge_spec(spec: str) -> JudgeSpec:
-    """openai:MODEL[@BASE_URL] | local:PATH | serve:PATH | PATH (same as local:PATH)."""
-    if not isinstance(spec, str) or not spec.strip():
-        raise EvalError(f"--judge is {spec!r}; expected openai:MODEL@BASE_URL, local:PATH or serve:PATH")
-    prefix, sep, rest = spec.partition(":")
-    if sep and prefix == "openai":
-        match = _URL.match(rest)
-        model, url = (match["model"], match["url"]) if match else (rest, DEFAULT_OPENAI_URL)
-        if not model or "@" in model:
-            raise EvalError(f"--judge {spec!r}: expected openai:MODEL@BASE_URL with an http(s) URL, "
-                            f"e.g. openai:gpt-4o@https://api.openai.com/v1")
-        return JudgeSpec("openai", model, url.rstrip("/"))
-    if sep and prefix in ("local", "serve"):
-        if not rest:
-            raise EvalError(f"--judge {spec!r}: expected {prefix}:PATH (a model directory, a .gguf file or smollm2)")
-        return JudgeSpec(prefix, rest)  # type: ignore[arg-type]
-    if sep and prefix in ("http", "https"):
-        raise EvalError(f"--judge {spec!r}: an endpoint needs a model name: openai:MODEL@{spec}")
-    return JudgeSpec("local", spec)
+from eval.common import EvalError
+from eval.judging.calls import CallRequest, CallResult
+from eval.judging.spec import JudgeSpec
+from eval.judging.verdicts import RATING_REGEX, VERDICT_REGEX
 
 
 def is_loopback(url: str) -> bool:
@@ -126,22 +78,6 @@ class RetrySettings:
     backoff: float = 0.5
     """First wait between attempts in seconds (the client's exponential schedule, 0.5 s by default, scaled to
     start here); a server's Retry-After is followed as the client does."""
-
-
-@dataclass(frozen=True)
-class CallResult:
-    """One judge call's text, or the failure that ended it."""
-
-    text: Optional[str]
-    """The judge's reply; None on failure."""
-    reason: Optional[str] = None
-    """Failure reason: timeout, connection, http_<code>, bad_response, empty_response, ..."""
-    detail: str = ""
-    """Error message for the failure record."""
-    attempts: int = 1
-    """Requests sent."""
-    retryable: bool = False
-    """Whether a later rerun may try this call again (transient failure)."""
 
 
 @dataclass(frozen=True)
@@ -233,8 +169,6 @@ class OpenAIJudge:
 
 def constraint_body(output: str) -> dict[str, Any]:
     """vLLM's request extension that restricts the judge's text to a bare rating or verdict."""
-    from eval.rating import RATING_REGEX, VERDICT_REGEX
-
     return {"structured_outputs": {"regex": RATING_REGEX if output == "rating" else VERDICT_REGEX}}
 
 
@@ -246,12 +180,12 @@ class EndpointBackend:
         self.concurrency = concurrency
         self.constrained = constrained
 
-    def _one(self, request) -> CallResult:
+    def _one(self, request: CallRequest) -> CallResult:
         extra = constraint_body(request.output) if self.constrained else None
         return self.judge.complete(request.messages, request.temperature, request.max_tokens, request.seed,
                                    extra_body=extra)
 
-    def run(self, requests, done) -> None:
+    def run(self, requests: list[CallRequest], done: Callable[[int, CallResult], None]) -> None:
         from concurrent.futures import ThreadPoolExecutor, as_completed
 
         pool = ThreadPoolExecutor(max_workers=self.concurrency, thread_name_prefix="judge")

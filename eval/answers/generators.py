@@ -1,14 +1,12 @@
-"""Generation backends on a transformers checkpoint directory: vLLM (offline batch) and transformers.
+"""The generators on a transformers checkpoint directory: vLLM (offline batch, optionally one engine serving many
+LoRAs) and transformers.
 
-    tok = load_tokenizer(model_dir, chat_template_text)
-    ids = render(tok, [{"role": "user", "content": "Hi"}])
     gen = make_generator("auto", model_dir, dtype="auto")
     outputs = gen.generate([GenRequest(ids, temperature=0.0, max_new_tokens=64, seed=0)])
 
-Both backends receive the same token ids, rendered once through the chat template the run recorded, so the
-prompt a model is evaluated with is the one it was trained with, whichever engine generates. Sampling settings
-are explicit (top-p 1, no top-k, no repetition penalty) instead of whatever generation_config.json holds, so the
-two engines sample from the same distribution.
+Both generators receive the same prompt token ids (eval.answers.chat_template), so whichever engine generates sees
+the prompt the model was trained with. Sampling settings are explicit (top-p 1, no top-k, no repetition penalty)
+instead of whatever generation_config.json holds, so the two engines sample from the same distribution.
 """
 
 from __future__ import annotations
@@ -30,7 +28,7 @@ class GenRequest:
     """One completion to generate."""
 
     prompt_ids: list[int]
-    """The rendered prompt's token ids."""
+    """The prompt's token ids (eval.answers.chat_template.tokenize_chat)."""
     temperature: float
     """0 means greedy."""
     max_new_tokens: int
@@ -78,25 +76,6 @@ def pick_backend(name: BackendName) -> Literal["vllm", "hf"]:
 def check_model_dir(model_dir: Path) -> None:
     if not (Path(model_dir) / "config.json").is_file():
         raise EvalError(f"{model_dir} is not a transformers checkpoint (no config.json)")
-
-
-def load_tokenizer(model_dir: Path, chat_template: Optional[str] = None):
-    """The checkpoint's tokenizer, with `chat_template` (the run's template.jinja) replacing its own."""
-    from transformers import AutoTokenizer
-
-    tok = AutoTokenizer.from_pretrained(str(model_dir))
-    if chat_template is not None:
-        tok.chat_template = chat_template
-    if not tok.chat_template:
-        raise EvalError(f"{model_dir} has no chat template and none was given; evaluation renders every "
-                        f"conversation through one (the run directory's template.jinja)")
-    return tok
-
-
-def render(tokenizer, messages: list[dict[str, str]]) -> list[int]:
-    """Token ids of the conversation plus the assistant's generation prompt (no extra special tokens)."""
-    text = tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
-    return list(tokenizer(text, add_special_tokens=False)["input_ids"])
 
 
 def _torch_dtype(dtype: DTypeName, model_dir: Path):
@@ -169,7 +148,7 @@ class HFGenerator:
         if new and new[-1] in eos:
             new = new[:-1]
         # a generation cut inside a multi-byte character decodes to a trailing U+FFFD; vLLM's detokenizer holds such
-        # incomplete bytes back, and the two backends must give the same text (turn 2 sees it in its context)
+        # incomplete bytes back, and the two generators must give the same text (turn 2 sees it in its context)
         return GenOutput(self.tokenizer.decode(new, skip_special_tokens=True).rstrip("\ufffd"), new, finish)
 
     def close(self) -> None:

@@ -1,4 +1,5 @@
-"""The judging engine: grading items from questions + answers, calls through a backend, resumable storage.
+"""The judging engine: grading items from questions + answers, calls through a Backend (eval.judging.calls),
+resumable storage.
 
 An item is one (question, turn) of one model (single grading) or of two models (pairwise, judged in both orders).
 Each item needs `samples` calls per variant ("single", or "AB"/"BA" for pairwise). A judgments file row holds
@@ -13,35 +14,16 @@ import statistics
 import threading
 import time
 from collections import Counter
-from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Optional, Protocol
+from typing import Any, Optional
 
-from eval.client import CallResult
 from eval.common import EvalError, digest, read_jsonl_lines, write_jsonl
+from eval.judging.calls import Backend, CallRequest, CallResult
+from eval.judging.prompts import JudgePrompt, PromptSet, kind_for
+from eval.judging.verdicts import extract_rating, extract_verdict
 from eval.progress import Progress
-from eval.prompts import JudgePrompt, PromptSet, kind_for
 from eval.questions import Question, QuestionId
-from eval.rating import extract_rating, extract_verdict
-
-
-@dataclass(frozen=True)
-class CallRequest:
-    """One request to the judge."""
-
-    messages: list[dict[str, str]]
-    temperature: float
-    max_tokens: int
-    seed: int
-    output: str
-    """'rating' or 'verdict': what the judge must produce (constrained judges use it)."""
-
-
-class Backend(Protocol):
-    """Runs judge calls; `done(index, result)` is called once per request as results arrive."""
-
-    def run(self, requests: list[CallRequest], done: Callable[[int, CallResult], None]) -> None: ...
 
 
 @dataclass
