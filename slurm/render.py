@@ -199,6 +199,80 @@ def _exports(opts: ClusterOptions) -> str:
     return "\n".join(lines)
 
 
+def _gpus(opts: ClusterOptions, count: int) -> dict[str, int]:
+    """The gpus-per-node request of a job using `count` GPUs (none when the chain runs CPU ranks)."""
+    return {"gpus-per-node": count} if opts.gpus_per_node > 0 else {}
+
+
+def _stage_script(opts: ClusterOptions, name: str, stage: str, label: str, recipe_comment: str, script: Path,
+                  log: str, gpus: dict[str, int], command: str) -> str:
+    """A one-node, one-task job (templates/stage_batch.sh) running `command`, logged to `log`; `label` names the
+    stage in the script's header comment and first log line, `script` is where the script itself is written."""
+    return _fill(_template("stage_batch.sh"), {
+        "RECIPE_COMMENT": recipe_comment,
+        "STAGE": label,
+        "SELF_COMMENT": _comment(str(script)),
+        "SBATCH": _sbatch_lines(opts, name, stage, log, {"nodes": 1, "ntasks": 1, **gpus}),
+        "EXPORTS": "",
+        "COMMAND": command,
+    })
+
+
+def _train_scripts(name: str, run_root: Path, slurm_dir: Path, opts: ClusterOptions, recipe_comment: str,
+                   train_module: str) -> dict[str, str]:
+    """train.sbatch (the requeueable batch script that forwards the preemption signal) and train_node.sh (the
+    torchrun launcher each node's srun task runs)."""
+    resources_: dict[str, Any] = {"nodes": opts.nodes, "ntasks-per-node": 1, "requeue": True,
+                                  "signal": f"B:{opts.signal}@{opts.signal_seconds}", **_gpus(opts, opts.gpus_per_node)}
+    handled = ["SIGTERM", "SIGINT", "SIGHUP", "SIGQUIT"]
+    if f"SIG{opts.signal}" not in handled:
+        handled.append(f"SIG{opts.signal}")
+    return {
+        "train.sbatch": _fill(_template("train_batch.sh"), {
+            "RECIPE_COMMENT": recipe_comment,
+            "SELF_COMMENT": _comment(str(slurm_dir / "train.sbatch")),
+            "SBATCH": _sbatch_lines(opts, name, "train", _log(slurm_dir, "train"), resources_),
+            "SIGNAL": opts.signal,
+            "SIGNAL_SECONDS": str(opts.signal_seconds),
+            "RUN_DIR": shlex.quote(str(run_root)),
+            "NODE_SCRIPT": shlex.quote(str(slurm_dir / "train_node.sh")),
+            "NODES": str(opts.nodes),
+            "MAX_REQUEUES": str(opts.max_requeues),
+            "PREEMPTED": str(PREEMPTED_EXIT_CODE),
+            "RDZV_PORT": str(opts.rdzv_port) if opts.rdzv_port else "$((20000 + SLURM_JOB_ID % 20000))",
+            "EXPORTS": _exports(opts),
+            "SRUN_CPUS": f"--cpus-per-task={opts.cpus_per_task} " if opts.cpus_per_task else "",
+        }),
+        "train_node.sh": _fill(_template("train_node.sh"), {
+            "NODES": str(opts.nodes),
+            "PROCS": str(opts.ranks_per_node),
+            "PYTHON": shlex.quote(opts.python),
+            "JOIN_TIMEOUT": str(opts.join_timeout_s),
+            "HANDLED_SIGNALS": ",".join(handled),
+            # torchrun's grace period for the ranks after a forwarded signal: the checkpoint must fit in it.
+            "SHUTDOWN_TIMEOUT": str(max(opts.signal_seconds - 30, 10)),
+            "COMMAND": shlex.join([opts.python, "-m", train_module, str(slurm_dir / "recipe.yaml")]),
+        }),
+    }
+
+
+def _after_training(run_root: str, judge: str | None,
+                    opts: ClusterOptions) -> dict[str, tuple[dict[str, int], list[str]]]:
+    """{stage: (GPU request, arguments to the interpreter)} for the stages after training, in submission order."""
+    return {
+        "merge": ({}, ["-m", "launch.merge", run_root]),
+        "generate": (_gpus(opts, 1), ["-m", "eval.generate", run_root]),
+        "judge": (_gpus(opts, opts.gpus_per_node) if judge_needs_gpus(judge) else {},
+                  ["-m", "eval.judge", run_root, *(["--judge", judge] if judge else [])]),
+        # The report job also runs when an earlier stage failed: slurm.finish names the failed stage.
+        "report": ({}, ["-m", "slurm.finish", run_root]),
+    }
+
+
+def _log(directory: Path, stage: str) -> str:
+    return str(directory / "logs" / f"{stage}-%j.out")
+
+
 def render_chain(recipe: Any, opts: ClusterOptions, recipe_source: str = "",
                  train_module: str = "launch.train") -> dict[str, str]:
     """{file name: script text} for RUN_DIR/slurm/; `recipe` is a resolved launch.recipe.Recipe.
@@ -209,74 +283,13 @@ def render_chain(recipe: Any, opts: ClusterOptions, recipe_source: str = "",
 
     opts.validate()
     run = RunDir(recipe.run_dir)
-    slurm_dir = run.slurm
     sbatch_token("run_dir", str(run.root))
-    python = shlex.quote(opts.python)
-    recipe_file = slurm_dir / "recipe.yaml"
-    q_run = shlex.quote(str(run.root))
-    common = {"RECIPE_COMMENT": _comment(recipe_source or str(recipe_file))}
-
-    def log(stage: str) -> str:
-        return str(slurm_dir / "logs" / f"{stage}-%j.out")
-
-    def self_comment(stage: str) -> str:
-        return _comment(str(slurm_dir / f"{stage}.sbatch"))
-
-    train_resources: dict[str, Any] = {"nodes": opts.nodes, "ntasks-per-node": 1, "requeue": True,
-                                       "signal": f"B:{opts.signal}@{opts.signal_seconds}"}
-    if opts.gpus_per_node > 0:
-        train_resources["gpus-per-node"] = opts.gpus_per_node
-    handled = ["SIGTERM", "SIGINT", "SIGHUP", "SIGQUIT"]
-    if f"SIG{opts.signal}" not in handled:
-        handled.append(f"SIG{opts.signal}")
-    rdzv_port = str(opts.rdzv_port) if opts.rdzv_port else "$((20000 + SLURM_JOB_ID % 20000))"
-    scripts = {
-        "train.sbatch": _fill(_template("train_batch.sh"), {
-            **common,
-            "SELF_COMMENT": self_comment("train"),
-            "SBATCH": _sbatch_lines(opts, recipe.name, "train", log("train"), train_resources),
-            "SIGNAL": opts.signal,
-            "SIGNAL_SECONDS": str(opts.signal_seconds),
-            "RUN_DIR": q_run,
-            "NODE_SCRIPT": shlex.quote(str(slurm_dir / "train_node.sh")),
-            "NODES": str(opts.nodes),
-            "MAX_REQUEUES": str(opts.max_requeues),
-            "PREEMPTED": str(PREEMPTED_EXIT_CODE),
-            "RDZV_PORT": rdzv_port,
-            "EXPORTS": _exports(opts),
-            "SRUN_CPUS": f"--cpus-per-task={opts.cpus_per_task} " if opts.cpus_per_task else "",
-        }),
-        "train_node.sh": _fill(_template("train_node.sh"), {
-            "NODES": str(opts.nodes),
-            "PROCS": str(opts.ranks_per_node),
-            "PYTHON": python,
-            "JOIN_TIMEOUT": str(opts.join_timeout_s),
-            "HANDLED_SIGNALS": ",".join(handled),
-            # torchrun's grace period for the ranks after a forwarded signal: the checkpoint must fit in it.
-            "SHUTDOWN_TIMEOUT": str(max(opts.signal_seconds - 30, 10)),
-            "COMMAND": shlex.join([opts.python, "-m", train_module, str(recipe_file)]),
-        }),
-    }
-    gpu_one = {"gpus-per-node": 1} if opts.gpus_per_node > 0 else {}
-    gpu_all = {"gpus-per-node": opts.gpus_per_node} if opts.gpus_per_node > 0 else {}
-    judge = recipe.eval.judge
-    stages: dict[str, tuple[dict[str, Any], list[str]]] = {
-        "merge": ({}, ["-m", "launch.merge", str(run.root)]),
-        "generate": (gpu_one, ["-m", "eval.generate", str(run.root)]),
-        "judge": (gpu_all if judge_needs_gpus(judge) else {},
-                  ["-m", "eval.judge", str(run.root), *(["--judge", judge] if judge else [])]),
-        # The report job also runs when an earlier stage failed: slurm.finish names the failed stage.
-        "report": ({}, ["-m", "slurm.finish", str(run.root)]),
-    }
-    for stage, (extra, args) in stages.items():
-        scripts[f"{stage}.sbatch"] = _fill(_template("stage_batch.sh"), {
-            **common,
-            "STAGE": stage,
-            "SELF_COMMENT": self_comment(stage),
-            "SBATCH": _sbatch_lines(opts, recipe.name, stage, log(stage), {"nodes": 1, "ntasks": 1, **extra}),
-            "EXPORTS": "",
-            "COMMAND": shlex.join([opts.python, *args]),
-        })
+    recipe_comment = _comment(recipe_source or str(run.slurm / "recipe.yaml"))
+    scripts = _train_scripts(recipe.name, run.root, run.slurm, opts, recipe_comment, train_module)
+    for stage, (gpus, args) in _after_training(str(run.root), recipe.eval.judge, opts).items():
+        scripts[f"{stage}.sbatch"] = _stage_script(opts, recipe.name, stage, stage, recipe_comment,
+                                                   run.slurm / f"{stage}.sbatch", _log(run.slurm, stage), gpus,
+                                                   shlex.join([opts.python, *args]))
     return scripts
 
 
@@ -295,14 +308,7 @@ def render_sweep_generate(recipes: list[Any], opts: ClusterOptions, sweep_dir: P
              *(["--max-error", repr(max_error)] if max_error is not None else [])]
     commands = [shlex.join([opts.python, "-m", "launch.export", root, "--to", "lora", *flags]) for root in roots]
     commands.append(shlex.join([opts.python, "-m", "eval.generate", *roots, "--backend", "vllm", "--adapters", "lora"]))
-    gpu_one = {"gpus-per-node": 1} if opts.gpus_per_node > 0 else {}
-    name = "sweep-" + "+".join(r.name for r in recipes)
-    return _fill(_template("stage_batch.sh"), {
-        "RECIPE_COMMENT": _comment(", ".join(str(RunDir(r.run_dir).recipe) for r in recipes)),
-        "STAGE": "sweep generate",
-        "SELF_COMMENT": _comment(str(sweep_dir / "generate.sbatch")),
-        "SBATCH": _sbatch_lines(opts, name, "generate", str(sweep_dir / "logs" / "generate-%j.out"),
-                                {"nodes": 1, "ntasks": 1, **gpu_one}),
-        "EXPORTS": "",
-        "COMMAND": " && \\\n    ".join(commands),
-    })
+    recipe_comment = _comment(", ".join(str(RunDir(r.run_dir).recipe) for r in recipes))
+    return _stage_script(opts, "sweep-" + "+".join(r.name for r in recipes), "generate", "sweep generate",
+                         recipe_comment, sweep_dir / "generate.sbatch", _log(sweep_dir, "generate"), _gpus(opts, 1),
+                         " && \\\n    ".join(commands))

@@ -12,6 +12,8 @@ user's model would hold.
 
 from __future__ import annotations
 
+import copy
+
 import torch
 from torch import nn
 
@@ -120,3 +122,20 @@ def dense_copy(layer) -> nn.Linear:
         if layer.bias is not None:
             out.bias.copy_(layer.bias.float())
     return out
+
+
+def linear4bit_layers(model: nn.Module) -> dict[str, nn.Module]:
+    """{name: module} of every bitsandbytes Linear4bit in ``model`` (the model itself included, named "")."""
+    import bitsandbytes as bnb
+
+    return {n: m for n, m in model.named_modules() if isinstance(m, bnb.nn.Linear4bit)}
+
+
+def dense_twin(model: nn.Module) -> nn.Module:
+    """A deep copy of a 4-bit model with every Linear4bit replaced by an fp32 nn.Linear of its dequantized weight."""
+    twin = copy.deepcopy(model)
+    for name, module in linear4bit_layers(twin).items():
+        parent_name, _, child = name.rpartition(".")
+        parent = twin.get_submodule(parent_name) if parent_name else twin
+        setattr(parent, child, dense_copy(module).train(module.training))
+    return twin

@@ -2,13 +2,16 @@
 
 from __future__ import annotations
 
+import dataclasses
+import importlib.util
 import json
 from pathlib import Path
 
 import pytest
 import yaml
 
-from launch.recipe import RecipeError, load_recipe, load_resolved, methods, parse_override
+from launch.recipe import (ModelSection, RecipeError, adapter_fields, load_recipe, load_resolved, methods,
+                           parse_override)
 from launch.rundir import RunDir, atomic_directory, atomic_write_json, atomic_write_text
 
 REPO = Path(__file__).resolve().parents[1]
@@ -98,18 +101,26 @@ def test_overrides_parse_yaml_values_and_resolve_against_cwd(tmp_path, monkeypat
     assert recipe.adapter.options["target_modules"] == ["q_proj"]
 
 
-@pytest.mark.parametrize("override, needle", [
-    ("train.max_step=5", "'train.max_steps'"),
-    ("trian.max_steps=5", "'trian'"),
-    ("adapter.dleta=0.5", "'adapter.delta'"),
-    ("model.quantise=nf4", "'model.quantize'"),
+def _valid(names) -> str:
+    return "Valid keys: " + ", ".join(names)
+
+
+@pytest.mark.parametrize("override, where, message", [
+    ("train.max_step=5", "file", "unknown key in section 'train' 'train.max_step'; did you mean 'train.max_steps'? "
+                                 "Valid keys: resume and the fields of trl.SFTConfig (transformers.TrainingArguments)"),
+    ("trian.max_steps=5", "override", "unknown section 'trian'; did you mean 'train'? "
+                                      "Valid keys: model, adapter, data, train, eval"),
+    ("adapter.dleta=0.5", "file", "unknown key in section 'adapter' for method 'ssh' 'adapter.dleta'; did you mean "
+                                  "'adapter.delta'? " + _valid(sorted(adapter_fields("ssh")))),
+    ("model.quantise=nf4", "file", "unknown key in section 'model' 'model.quantise'; did you mean 'model.quantize'? "
+                                   + _valid(f.name for f in dataclasses.fields(ModelSection))),
 ])
-def test_unknown_keys_name_the_file_and_the_closest_key(tmp_path, override, needle):
+def test_unknown_keys_name_the_source_the_key_the_closest_key_and_the_valid_ones(tmp_path, override, where, message):
     path = _write(tmp_path, BASIC)
     with pytest.raises(RecipeError) as err:
         load_recipe(path, [override])
-    assert str(path) in str(err.value) or "override" in str(err.value)
-    assert needle in str(err.value)
+    source = str(path) if where == "file" else f"override {override!r}"
+    assert str(err.value) == f"{source}: {message}"
 
 
 def test_unknown_key_in_file(tmp_path):
@@ -118,19 +129,20 @@ def test_unknown_key_in_file(tmp_path):
         load_recipe(path)
 
 
-@pytest.mark.parametrize("override, needle", [
-    ("train.max_steps=abc", "train.max_steps = 'abc'"),
-    ("model.quantize=int8", "one of ['nf4', 'none']"),
-    ("adapter.method=dora", "adapter.method = 'dora'"),
-    ("train.max_steps=0", "train.max_steps = 0"),
-    ("data.eval_fraction=1.5", "data.eval_fraction = 1.5"),
-    ("adapter.n=-3", "n=-3"),
-    ("name=a/b", "name = 'a/b'"),
+@pytest.mark.parametrize("override, message", [
+    ("train.max_steps=abc", "train.max_steps = 'abc' has the wrong type; expected an integer"),
+    ("model.quantize=int8", "model.quantize = 'int8' has the wrong type; expected one of ['nf4', 'none']"),
+    ("adapter.method=dora", f"adapter.method = 'dora' is not a known method; expected one of {list(methods())}"),
+    ("train.max_steps=0", "train.max_steps = 0 must be positive or -1 (use num_train_epochs)"),
+    ("data.eval_fraction=1.5", "data.eval_fraction = 1.5 must lie in [0, 1)"),
+    ("adapter.n=-3", "adapter section invalid for method 'ssh': SpectralConfig.n=-3 must be a positive integer"),
+    ("name=a/b", "name = 'a/b' must be a non-empty name without '/'"),
 ])
-def test_bad_values_are_named(tmp_path, override, needle):
-    with pytest.raises((RecipeError, ValueError)) as err:
-        load_recipe(_write(tmp_path, BASIC), [override])
-    assert needle in str(err.value)
+def test_bad_override_values_name_the_field_the_value_and_what_is_expected(tmp_path, override, message):
+    path = _write(tmp_path, BASIC)
+    with pytest.raises(RecipeError) as err:
+        load_recipe(path, [override])
+    assert str(err.value) == f"{path}: {message}"
 
 
 def test_zero3_with_device_map_is_refused(tmp_path):
@@ -253,7 +265,9 @@ def test_any_sftconfig_field_reaches_the_trainer_arguments(tmp_path):
     ("train.save_strategy=sometimes", "train.save_strategy = 'sometimes'"),
     ("train.adam_beta2=high", "train.adam_beta2 = 'high' has the wrong type; expected a number"),
     ("train.report_to=tensorbored", "'tensorbored' is not an integration transformers knows"),
-    ("train.report_to=[wandb]", "'wandb' is not installed here"),
+    # a known integration that is missing here (only where wandb is not installed)
+    *([("train.report_to=[wandb]", "'wandb' is not installed here")]
+      if importlib.util.find_spec("wandb") is None else []),
     ("train.lr_scheduler_type=reduce_lr_on_plateau", "requires an eval strategy"),
     ("train.eval_strategy=steps", "needs held-out data; set data.eval_fraction"),
     ("train.bf16=true", "contradicts model.dtype = 'fp32'"),
@@ -264,10 +278,6 @@ def test_any_sftconfig_field_reaches_the_trainer_arguments(tmp_path):
 def test_sftconfig_values_are_checked_by_sftconfig(tmp_path, override, needle):
     text = BASIC.replace("model: {path: ./model}", "model: {path: ./model, dtype: fp32}").replace(
         "data: {path: data.json}", "data: {path: data.json, max_length: 64}")
-    import transformers.integrations as integrations
-
-    if "wandb" in override and "wandb" in integrations.get_available_reporting_integrations():
-        pytest.skip("wandb is installed here")
     with pytest.raises(RecipeError) as err:
         load_recipe(_write(tmp_path, text), [override])
     assert needle in str(err.value) and str(tmp_path) in str(err.value)

@@ -37,13 +37,57 @@ def test_method_table_matches_defaults():
         assert float(lr) == d["lr"], method
 
 
-def test_readme_shows_the_two_commands():
-    text = README.read_text()
-    assert "make demo" in text and "make test" in text
+def _make_rules() -> tuple[dict[str, str], dict[str, tuple[list[str], list[str]]]]:
+    """The Makefile's variables {name: value} and explicit rules {target: (prerequisites, recipe lines)}."""
+    variables, rules, target = {}, {}, None
+    for line in (REPO / "Makefile").read_text().splitlines():
+        if line.startswith("\t") and target is not None:
+            if not line.lstrip().startswith("#"):
+                rules[target][1].append(line.strip())
+        elif match := re.match(r"^([A-Za-z_]+) *[:?]?= *(.*)$", line):
+            variables[match[1]] = match[2]
+            target = None
+        elif match := re.match(r"^([^\s#:=]+):(?!=) *(.*)$", line):
+            target = match[1]
+            rules[target] = (match[2].split(), [])
+        elif line.strip() and not line.startswith("#"):
+            target = None
+    return variables, rules
+
+
+def _section(title: str) -> str:
+    return README.read_text().split(f"\n## {title}\n")[1].split("\n## ")[0]
+
+
+def test_the_two_commands_are_make_targets_doing_what_the_readme_says():
+    block = _section("Two commands").split("```bash\n")[1].split("```")[0]
+    commands = dict(re.findall(r"^make (\S+) +# (.*)$", block, re.M))
+    assert list(commands) == ["demo", "test", "test-fast"]
+    variables, rules = _make_rules()
+    phony = rules[".PHONY"][0]
+    for target, says in commands.items():
+        assert target in rules and target in phony, f"README names `make {target}`, the Makefile has no such target"
+        assert "$(STAMP)" in rules[target][0], f"`make {target}` does not set up .venv first"
+    # the environment: .venv built with pip from the constraints file the README names
+    assert variables["VENV"] == ".venv" and variables["CONSTRAINTS"] == "constraints-cpu.txt"
+    assert "$(CONSTRAINTS)" in rules["$(STAMP)"][0]
+    installs = [line for line in rules["$(STAMP)"][1] if line.startswith("$(PIP) install") and "-e " in line]
+    assert installs and all("-c $(CONSTRAINTS)" in line for line in installs)
+    assert "constraints-cpu.txt" in _section("Two commands")
+    # demo: launch.demo, the module the demo section describes
+    assert rules["demo"][1] == ["$(BIN)/python -m launch.demo"]
+    assert "`make demo` (`python -m launch.demo`)" in _section("The demo")
+    # test: the whole suite after the one-node Slurm; test-fast: the suite without the slow marker
+    assert "slurm-cluster" in rules["test"][0] and "Slurm" in commands["test"]
+    assert rules["test"][1] == ["CI=$${CI:-} $(BIN)/python -m pytest $(PYTEST_ARGS)"]
+    assert rules["test-fast"][1] == ["$(BIN)/python -m pytest -m 'not slow' $(PYTEST_ARGS)"]
+    assert "pytest -m 'not slow'" in commands["test-fast"]
+    # CI runs exactly the README's test command
+    assert "make test" in (REPO / ".ci" / "run").read_text().splitlines()
 
 
 def _architecture() -> str:
-    return README.read_text().split("\n## Architecture\n")[1].split("\n## ")[0]
+    return _section("Architecture")
 
 
 def test_architecture_names_every_module_once():

@@ -14,20 +14,12 @@ import torch
 from torch import nn
 
 import sspeft
+from adapter_table import CONSTRUCTIONS, VARIANTS
+from conftest import require_module
 from sspeft import forward
 
-CASES = {
-    "ssh": dict(method="ssh"),
-    "ssh-separable": dict(method="ssh", dht="separable"),
-    "fourierft": dict(method="fourierft"),
-    "lfma": dict(method="lfma"),
-    "lfma-half": dict(method="lfma", half_spectrum=True),
-    "waveft-haar": dict(method="waveft"),
-    "waveft-db3": dict(method="waveft", wavelet="db3"),
-    "waveft-db2-periodic": dict(method="waveft", wavelet="db2", construction="periodic"),
-    "shira": dict(method="shira"),
-}
-FOURIER = {"ssh", "ssh-separable", "fourierft", "lfma", "lfma-half"}
+CASES = {name: VARIANTS[name] for name in CONSTRUCTIONS}
+FOURIER = {name for name, fields in CASES.items() if fields["method"] in ("ssh", "lfma", "fourierft")}
 SHAPES = [(24, 24), (20, 36), (15, 9)]  # (out, in): square, non-square, odd
 FAST_PATHS = ("merged", "split", "factorized")
 
@@ -98,7 +90,7 @@ def test_every_path_equals_reference_fp32(case, shape):
         compare(model, layer, path, x, g, rel=2e-5)
 
 
-@pytest.mark.parametrize("case", ["shira", "waveft-db3", "waveft-db2-periodic"])
+@pytest.mark.parametrize("case", ["shira", "waveft-db3", "waveft-periodic"])
 def test_many_positions_use_the_sampled_sparse_product(case):
     """≥ 4096 positions: the coefficient gradient is sampled with torch.sparse.sampled_addmm (CSR path) from the
     per-token analyses of x and of the output gradient."""
@@ -122,7 +114,7 @@ def test_input_without_grad_and_1d_input():
 
 
 # ---------------------------------------------------------------------------------------------------- bf16, autocast
-@pytest.mark.parametrize("case", ["ssh", "lfma", "waveft-haar", "shira"])
+@pytest.mark.parametrize("case", ["ssh", "lfma", "waveft", "shira"])
 def test_bf16_model_paths_match_reference(case):
     model, layer = adapted(case, (32, 48), dtype=torch.bfloat16)
     x = torch.randn(4, 48, dtype=torch.bfloat16)
@@ -179,7 +171,7 @@ def test_no_out_by_in_tensor_saved_for_backward(case):
 
 
 def test_merged_sparse_path_restores_the_base_weight_bitwise():
-    model, layer = adapted("waveft-haar", (15, 9))
+    model, layer = adapted("waveft", (15, 9))
     before = layer.base_layer.weight.detach().clone()
     version = layer.base_layer.weight._version
     run(model, layer, "merged", torch.randn(4, 9), torch.randn(4, 15))
@@ -293,7 +285,7 @@ def llama_losses(method_kw: dict, path: str, checkpointing: str | None, dtype=to
 
 
 @pytest.mark.parametrize("checkpointing", ["non-reentrant", "reentrant"])
-@pytest.mark.parametrize("case", ["ssh", "lfma", "waveft-haar", "shira"])
+@pytest.mark.parametrize("case", ["ssh", "lfma", "waveft", "shira"])
 def test_gradient_checkpointing_on_llama(case, checkpointing):
     ref_loss, ref_grads, _ = llama_losses(CASES[case], "reference", None)
     for path in paths_for(case):
@@ -307,7 +299,7 @@ def test_gradient_checkpointing_on_llama(case, checkpointing):
 # ---------------------------------------------------------------------------------------------------- 4-bit bases
 @pytest.mark.parametrize("case", ["ssh", "fourierft", "lfma-half", "waveft-db3", "shira"])
 def test_4bit_base_paths_match_reference(case):
-    pytest.importorskip("bitsandbytes")
+    require_module("bitsandbytes")
     from sspeft_helpers import linear4bit_from
 
     torch.manual_seed(0)

@@ -1,9 +1,8 @@
-"""sspeft on real bitsandbytes NF4 Linear4bit bases (CPU): equivalence with the dequantized dense path, merging
-into a dequantized copy, the AVX512-BF16 repack guard, and bf16 compute."""
+"""sspeft on a real bitsandbytes NF4 tiny LLaMA (CPU): merge_and_unload keeping the layers it did not adapt in 4 bits,
+and the AVX512-BF16 repack guard. The per-method contracts on an NF4 base (equivalence with the dequantized dense
+path, merging, bf16 compute) run over the shared table in test_sspeft_contract.py."""
 
 from __future__ import annotations
-
-import copy
 
 import pytest
 import torch
@@ -15,23 +14,9 @@ from conftest import require_module
 require_module("bitsandbytes")
 import bitsandbytes as bnb  # noqa: E402
 
-from sspeft_helpers import dense_copy, dequantized, tiny_llama_4bit  # noqa: E402
+from sspeft_helpers import dense_twin, dequantized, linear4bit_layers, tiny_llama_4bit  # noqa: E402
 
-METHODS = sspeft.METHODS
 TARGETS = ["q_proj", "v_proj", "down_proj"]  # square 64×64, GQA 32×64, MLP 64×128
-
-
-def linear4bit_layers(model: nn.Module) -> dict[str, nn.Module]:
-    return {n: m for n, m in model.named_modules() if isinstance(m, bnb.nn.Linear4bit)}
-
-
-def dense_twin(model: nn.Module) -> nn.Module:
-    """A deep copy of a 4-bit model with every Linear4bit replaced by an fp32 nn.Linear of its dequantized weight."""
-    twin = copy.deepcopy(model)
-    for name, module in linear4bit_layers(twin).items():
-        parent_name, _, child = name.rpartition(".")
-        setattr(twin.get_submodule(parent_name), child, dense_copy(module).train(module.training))
-    return twin
 
 
 def config(method: str, **kw) -> sspeft.SpectralConfig:
@@ -47,15 +32,6 @@ def randomize(model: nn.Module, seed: int = 0, scale: float = 0.5) -> None:
             c.copy_(torch.randn(c.shape, generator=g) * scale * (c.abs().max().clamp_min(0.05)))
 
 
-def copy_adapters(src: nn.Module, dst: nn.Module) -> None:
-    s, d = sspeft.adapted_layers(src), sspeft.adapted_layers(dst)
-    assert list(s) == list(d)
-    with torch.no_grad():
-        for name in s:
-            assert torch.equal(s[name].positions, d[name].positions), name
-            d[name].coefficients.copy_(s[name].coefficients)
-
-
 def tokens(batch: int = 2, length: int = 7, seed: int = 0) -> torch.Tensor:
     return torch.randint(3, 128, (batch, length), generator=torch.Generator().manual_seed(seed))
 
@@ -64,57 +40,6 @@ def coefficient_grads(model: nn.Module, ids: torch.Tensor) -> dict[str, torch.Te
     model.zero_grad(set_to_none=True)
     model(ids, labels=ids).loss.backward()
     return {n: layer.coefficients.grad.clone() for n, layer in sspeft.adapted_layers(model).items()}
-
-
-@pytest.mark.parametrize("method", METHODS)
-def test_4bit_base_equals_dequantized_dense_path(method):
-    """Same adapter on the NF4 model and on a dense model holding the dequantized weights: positions (chosen from
-    the dequantized weight), logits and coefficient gradients agree."""
-    q = tiny_llama_4bit().train()
-    d = dense_twin(q)
-    sspeft.inject(q, config(method))
-    sspeft.inject(d, config(method))
-    randomize(q)
-    copy_adapters(q, d)
-    ids = tokens()
-    with torch.no_grad():
-        lq, ld = q(ids).logits, d(ids).logits
-    assert not torch.equal(lq, dense_twin_without_adapter_logits(d, ids)), "adapter had no effect"
-    torch.testing.assert_close(lq, ld, rtol=1e-5, atol=1e-5)
-    gq, gd = coefficient_grads(q, ids), coefficient_grads(d, ids)
-    for name in gq:
-        assert gq[name].abs().sum() > 0, name
-        torch.testing.assert_close(gq[name], gd[name], rtol=1e-4, atol=1e-6)
-    for layer in sspeft.adapted_layers(q).values():
-        assert isinstance(layer.base_layer, bnb.nn.Linear4bit)
-        assert layer.coefficients.dtype == torch.float32 and layer.coefficients.grad.dtype == torch.float32
-
-
-def dense_twin_without_adapter_logits(model: nn.Module, ids: torch.Tensor) -> torch.Tensor:
-    with torch.no_grad(), sspeft.disabled(model):
-        return model(ids).logits
-
-
-@pytest.mark.parametrize("method", METHODS)
-def test_merge_and_unload_4bit_adds_delta_to_dequantized_copy(method):
-    q = tiny_llama_4bit()
-    sspeft.inject(q, config(method))
-    randomize(q, seed=1)
-    layers = sspeft.adapted_layers(q)
-    expected = {n: dequantized(layer.base_layer) + layer.delta_weight().detach() for n, layer in layers.items()}
-    ids = tokens(seed=2)
-    with torch.no_grad():
-        before = q(ids).logits
-    merged = sspeft.merge_and_unload(q)
-    assert not sspeft.adapted_layers(merged)
-    assert not linear4bit_layers(merged), "merge_and_unload left 4-bit layers (dequantize_all=True)"
-    modules = dict(merged.named_modules())
-    for name, weight in expected.items():
-        assert type(modules[name]) is nn.Linear
-        assert torch.equal(modules[name].weight.detach(), weight), f"{name}: merged weight is not deq(W0) + ΔW"
-    with torch.no_grad():
-        after = merged(ids).logits
-    torch.testing.assert_close(after, before, rtol=1e-5, atol=1e-5)
 
 
 def test_merge_and_unload_keeps_other_4bit_layers_when_asked():
@@ -129,30 +54,6 @@ def test_merge_and_unload_keeps_other_4bit_layers_when_asked():
     assert remaining and not any(n.endswith(tuple(TARGETS)) for n in remaining)
     with torch.no_grad():
         torch.testing.assert_close(merged(ids).logits, before, rtol=1e-5, atol=1e-5)
-
-
-@pytest.mark.parametrize("method", METHODS)
-def test_layer_merge_unmerge_restores_the_4bit_layer_exactly(method):
-    q = tiny_llama_4bit()
-    sspeft.inject(q, config(method))
-    randomize(q, seed=3)
-    layer = sspeft.adapted_layers(q)["model.layers.1.self_attn.v_proj"]
-    original = layer.base_layer
-    packed = original.weight.data.clone()
-    absmax = original.weight.quant_state.absmax.clone()
-    x = torch.randn(3, 5, 64, generator=torch.Generator().manual_seed(0))
-    with torch.no_grad():
-        unmerged_out, base_out = layer(x), original(x)
-        layer.merge()
-        assert layer.merged and type(layer.base_layer) is nn.Linear
-        torch.testing.assert_close(layer(x), unmerged_out, rtol=1e-5, atol=1e-5)
-        layer.merge()  # idempotent
-        torch.testing.assert_close(layer(x), unmerged_out, rtol=1e-5, atol=1e-5)
-        layer.unmerge()
-        assert not layer.merged and layer.base_layer is original
-        assert torch.equal(original.weight.data, packed) and torch.equal(original.weight.quant_state.absmax, absmax)
-        assert torch.equal(layer(x), unmerged_out)
-        assert torch.equal(original(x), base_out)
 
 
 # ---------------------------------------------------------------------------------------------- AVX512-BF16 guard
@@ -259,51 +160,3 @@ def test_prepare_4bit_repairs_an_already_repacked_layer():
     layer = q.model.layers[0].self_attn.q_proj.train()
     layer(x).sum().backward()
     torch.testing.assert_close(x.grad, torch.ones(2, 64) @ dequantized(layer), rtol=1e-5, atol=1e-5)
-
-
-# ---------------------------------------------------------------------------------------------- bf16
-@pytest.mark.parametrize("method", METHODS)
-def test_bf16_compute_dtype_keeps_fp32_coefficients(method):
-    q = tiny_llama_4bit(dtype=torch.bfloat16).train()
-    d = dense_twin(q).float()
-    sspeft.inject(q, config(method))
-    sspeft.inject(d, config(method))
-    randomize(q, seed=6)
-    copy_adapters(q, d)
-    for layer in sspeft.adapted_layers(q).values():
-        assert layer.base_layer.compute_dtype == torch.bfloat16
-        assert layer.coefficients.dtype == torch.float32
-        assert layer.delta_weight().dtype == torch.float32
-    ids = tokens()
-    out = q(ids, labels=ids)
-    assert out.logits.dtype == torch.bfloat16 and torch.isfinite(out.loss)
-    out.loss.backward()
-    with torch.no_grad():
-        ref = d(ids).logits
-    assert (out.logits.float() - ref).abs().max() < 0.1  # bf16 rounding through 2 blocks, not a wrong path
-    for layer in sspeft.adapted_layers(q).values():
-        g = layer.coefficients.grad
-        assert g is not None and g.dtype == torch.float32 and torch.isfinite(g).all() and g.abs().sum() > 0
-
-
-@pytest.mark.parametrize("method", ["ssh", "lfma"])
-def test_peft_merge_and_unload_on_4bit_base(method):
-    """PEFT's own merge_and_unload (what PEFT cannot do for its spectral tuners on 4-bit bases): adapted layers become
-    nn.Linear with deq(W0) + ΔW, the other layers stay 4-bit, outputs unchanged."""
-    require_module("peft")
-    import peft
-
-    model = peft.get_peft_model(tiny_llama_4bit(), sspeft.peft_config(config(method)))
-    randomize(model, seed=8)
-    expected = {n.removeprefix("base_model.model."): dequantized(l.base_layer) + l.delta_weight().detach()
-                for n, l in sspeft.adapted_layers(model).items()}
-    ids = tokens(seed=5)
-    with torch.no_grad():
-        before = model.eval()(ids).logits
-    merged = model.merge_and_unload()
-    modules = dict(merged.named_modules())
-    for name, weight in expected.items():
-        assert type(modules[name]) is nn.Linear and torch.equal(modules[name].weight.detach(), weight), name
-    assert linear4bit_layers(merged) and not sspeft.adapted_layers(merged)
-    with torch.no_grad():
-        torch.testing.assert_close(merged(ids).logits, before, rtol=1e-5, atol=1e-5)
