@@ -388,16 +388,9 @@ def _build_train(values: dict[str, Any], data_values: dict[str, Any], recipe: Re
 
 
 def _check_option(source: str, key: str, value: Any, hint: Any) -> Any:
-    """Type-check an SFTConfig field the recipe sets; numbers written like 1e-3 (a YAML string) become floats."""
-    if isinstance(value, str) and _matches(1.0, hint)[0] and not _matches(value, hint)[0]:
-        try:
-            value = float(value)
-        except ValueError:
-            pass
-    ok, expected = _matches(value, hint)
-    if not ok:
-        raise RecipeError(f"{source}: {key} = {value!r} has the wrong type; expected {expected}")
-    return value
+    """Type-check an SFTConfig field the recipe sets (integers stay integers: TrainingArguments reads some float
+    fields, such as save_steps, as step counts when they are whole)."""
+    return _check_type(source, key, value, hint, ints_to_float=False)
 
 
 def _build_section(cls: type, section: str, values: dict[str, Any], source: str) -> Any:
@@ -503,7 +496,9 @@ def _check_combinations(recipe: Recipe, source: str) -> None:
         raise RecipeError(f"{source}: name = {recipe.name!r} must be a non-empty name without '/'")
 
 
-def _check_type(source: str, key: str, value: Any, hint: Any) -> Any:
+def _check_type(source: str, key: str, value: Any, hint: Any, ints_to_float: bool = True) -> Any:
+    """`value` checked against the type `hint`; numbers written like 1e-3 (a YAML string) become floats, and with
+    `ints_to_float` an integer given for a float-only field becomes a float."""
     union = typing.get_args(hint) if typing.get_origin(hint) in (Union, types.UnionType) else ()
     wants_float = hint is float or float in union
     if wants_float and isinstance(value, str):
@@ -515,7 +510,7 @@ def _check_type(source: str, key: str, value: Any, hint: Any) -> Any:
     ok, expected = _matches(value, hint)
     if not ok:
         raise RecipeError(f"{source}: {key} = {value!r} has the wrong type; expected {expected}")
-    if wants_float and int not in union and isinstance(value, int) and not isinstance(value, bool):
+    if ints_to_float and wants_float and int not in union and isinstance(value, int) and not isinstance(value, bool):
         return float(value)
     return value
 

@@ -139,3 +139,15 @@ def dense_twin(model: nn.Module) -> nn.Module:
         parent = twin.get_submodule(parent_name) if parent_name else twin
         setattr(parent, child, dense_copy(module).train(module.training))
     return twin
+
+
+def token_ids(seed: int = 0, vocab: int = 128) -> torch.Tensor:
+    """A (2, 9) batch of token ids for the tiny models, seeded."""
+    return torch.randint(3, vocab, (2, 9), generator=torch.Generator().manual_seed(seed))
+
+
+def eval_logits(model, seed: int = 0) -> torch.Tensor:
+    """The model's logits on token_ids(seed), in eval mode without gradients."""
+    model.eval()
+    with torch.no_grad():
+        return model(token_ids(seed)).logits

@@ -16,7 +16,7 @@ from safetensors.torch import load_file, save_file
 
 import sspeft
 from conftest import require_module
-from sspeft_helpers import tiny_llama
+from sspeft_helpers import eval_logits, token_ids, tiny_llama
 
 require_module("peft")
 import peft  # noqa: E402
@@ -43,16 +43,6 @@ def randomize(model, seed: int = 0) -> None:
     with torch.no_grad():
         for layer in sspeft.adapted_layers(model).values():
             layer.coefficients.copy_(torch.randn(layer.coefficients.shape, generator=g) * 0.05)
-
-
-def ids(seed: int = 0) -> torch.Tensor:
-    return torch.randint(3, 128, (2, 9), generator=torch.Generator().manual_seed(seed))
-
-
-def logits(model) -> torch.Tensor:
-    model.eval()
-    with torch.no_grad():
-        return model(ids()).logits
 
 
 # Everything that chooses positions or initial coefficients; a load must call none of them.
@@ -153,7 +143,7 @@ def _save(writer: str, method: str, path) -> torch.Tensor:
         model = sspeft.inject(tiny_llama(), spectral(method))
         randomize(model)
         sspeft.save_adapter(model, path)
-    return logits(model)
+    return eval_logits(model)
 
 
 def _load(loader: str, path, base=None, before_load=lambda: None):
@@ -185,7 +175,7 @@ def test_loading_builds_layers_from_the_saved_tensors(method, writer, loader, tm
     tensors = load_file(str(tmp_path / "a" / "adapter_model.safetensors"))
     recorded = json.loads((tmp_path / "a" / "adapter_config.json").read_text())["layers"]
     model, adapter = _load(loader, tmp_path / "a", before_load=forbid_choosing)
-    torch.testing.assert_close(logits(model), want, rtol=0, atol=0)
+    torch.testing.assert_close(eval_logits(model), want, rtol=0, atol=0)
     layers = by_module(model)
     assert sorted(layers) == sorted(recorded)
     for name, layer in layers.items():
@@ -229,7 +219,7 @@ def test_hub_adapter_is_read_whole_and_built_from_its_tensors(tmp_path, monkeypa
     forbid_choosing()
     model = PeftModel.from_pretrained(tiny_llama(), "someone/sspeft-adapter")
     assert {"adapter_config.json", "adapter_model.safetensors"} <= set(fetched)
-    torch.testing.assert_close(logits(model), want, rtol=0, atol=0)
+    torch.testing.assert_close(eval_logits(model), want, rtol=0, atol=0)
 
 
 def test_trainer_resume_loads_the_checkpoint_without_choosing(tmp_path, forbid_choosing):
@@ -237,7 +227,7 @@ def test_trainer_resume_loads_the_checkpoint_without_choosing(tmp_path, forbid_c
     adapter's (its positions are scrambled here to show they are not kept), nothing is chosen while resuming."""
     from transformers import Trainer, TrainingArguments
 
-    data = [{"input_ids": ids(i)[0], "labels": ids(i)[0]} for i in range(4)]
+    data = [{"input_ids": token_ids(i)[0], "labels": token_ids(i)[0]} for i in range(4)]
     cfg = spectral("ssh", init="normal", init_scale=0.01)
 
     def trainer(model):
@@ -250,7 +240,7 @@ def test_trainer_resume_loads_the_checkpoint_without_choosing(tmp_path, forbid_c
     initial = {n: l.coefficients.detach().clone() for n, l in by_module(first.model).items()}
     first.train()
     checkpoint = tmp_path / "run" / "checkpoint-1"
-    want = logits(first.model)
+    want = eval_logits(first.model)
     assert any(not torch.equal(l.coefficients, initial[n]) for n, l in by_module(first.model).items())
     saved = load_file(str(checkpoint / "adapter_model.safetensors"))
 
@@ -262,7 +252,7 @@ def test_trainer_resume_loads_the_checkpoint_without_choosing(tmp_path, forbid_c
     second.train(resume_from_checkpoint=str(checkpoint))
     for name, layer in by_module(second.model).items():
         assert torch.equal(layer.positions, saved[f"{PEFT_PREFIX}{name}.sspeft_positions"]), name
-    torch.testing.assert_close(logits(second.model), want, rtol=0, atol=0)
+    torch.testing.assert_close(eval_logits(second.model), want, rtol=0, atol=0)
 
 
 @pytest.mark.parametrize("loader", LOADERS)
@@ -271,14 +261,14 @@ def test_waveft_file_without_construction_loads_as_periodic(loader, tmp_path, fo
     model = sspeft.inject(tiny_llama(), spectral("waveft", construction="periodic"))
     randomize(model)
     sspeft.save_adapter(model, tmp_path / "old")
-    want = logits(model)
+    want = eval_logits(model)
     cfg_file = tmp_path / "old" / "adapter_config.json"
     data = json.loads(cfg_file.read_text())
     del data["construction"]
     cfg_file.write_text(json.dumps(data))
     loaded, adapter = _load(loader, tmp_path / "old", before_load=forbid_choosing)
     assert {l.sspeft_config[adapter].construction for l in by_module(loaded).values()} == {"periodic"}
-    torch.testing.assert_close(logits(loaded), want, rtol=0, atol=0)
+    torch.testing.assert_close(eval_logits(loaded), want, rtol=0, atol=0)
 
 
 # ---------------------------------------------------------------------------------------------- new adapters

@@ -13,7 +13,8 @@ import torch
 
 import sspeft
 from conftest import require_module
-from sspeft_helpers import load_tiny_llama_bnb4, save_tiny_llama, tiny_llama, tiny_llama_4bit
+from sspeft_helpers import (eval_logits, load_tiny_llama_bnb4, save_tiny_llama, tiny_llama, tiny_llama_4bit,
+                            token_ids)
 
 TARGETS = ["q_proj", "v_proj"]
 BASES = {"dense": tiny_llama, "nf4": tiny_llama_4bit}
@@ -21,16 +22,6 @@ BASES = {"dense": tiny_llama, "nf4": tiny_llama_4bit}
 
 def config(method: str = "lfma") -> sspeft.SpectralConfig:
     return sspeft.SpectralConfig(method=method, n=20, target_modules=TARGETS, seed=7)
-
-
-def ids(seed: int = 0) -> torch.Tensor:
-    return torch.randint(3, 128, (2, 9), generator=torch.Generator().manual_seed(seed))
-
-
-def logits(model) -> torch.Tensor:
-    model.eval()
-    with torch.no_grad():
-        return model(ids()).logits
 
 
 def randomize(model, seed: int = 0) -> None:
@@ -95,7 +86,7 @@ def test_forward_and_backward_leave_the_layer_unchanged(base, state):
         warnings.simplefilter("ignore")  # bf16 coefficients warn (tested in test_sspeft_peft.py)
         before = snapshot(model)
         model.train()
-        x = ids(1)
+        x = token_ids(1)
         loss = model(x, labels=x).loss
         assert loss.requires_grad == (state in ("adapted", "bf16-coefficients"))  # merged or disabled: no adapter
         if loss.requires_grad:
@@ -111,7 +102,7 @@ def test_forward_of_a_disabled_and_merged_layer_raises():
     for layer in sspeft.adapted_layers(model).values():
         layer._disable_adapters = True
     with pytest.raises(RuntimeError, match=r"merged into a layer whose adapters are disabled.*unmerge first"):
-        model(ids())
+        model(token_ids())
     assert all(layer.merged for layer in sspeft.adapted_layers(model).values())
 
 
@@ -119,18 +110,18 @@ def test_forward_of_a_disabled_and_merged_layer_raises():
 @pytest.mark.parametrize("base", BASES)
 def test_disabled_unmerges_inside_and_merges_back_on_exit(base):
     model = adapted(base)
-    plain = logits(BASES[base]())
-    unmerged = logits(model)
+    plain = eval_logits(BASES[base]())
+    unmerged = eval_logits(model)
     assert (unmerged - plain).abs().max() > 1e-3, "the adapter must change the output for this test to see anything"
     sspeft.merge(model)
-    merged = logits(model)
+    merged = eval_logits(model)
     torch.testing.assert_close(merged, unmerged, rtol=1e-4, atol=1e-4)
     with sspeft.disabled(model):
         assert not any(layer.merged for layer in sspeft.adapted_layers(model).values())
-        torch.testing.assert_close(logits(model), plain, rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(eval_logits(model), plain, rtol=1e-5, atol=1e-5)
     layers = sspeft.adapted_layers(model).values()
     assert all(layer.merged_adapters == ["default"] and not layer.disable_adapters for layer in layers)
-    torch.testing.assert_close(logits(model), merged, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(eval_logits(model), merged, rtol=1e-5, atol=1e-5)
 
 
 def test_disabled_keeps_which_coefficients_train_and_nests():
@@ -156,9 +147,9 @@ def test_merging_a_disabled_layer_raises_and_unmerging_cancels_the_merge_back():
         for layer in sspeft.adapted_layers(model).values():
             layer.unmerge()
     assert not any(layer.merged for layer in sspeft.adapted_layers(model).values())
-    plain = logits(tiny_llama())
-    torch.testing.assert_close(logits(model), logits(sspeft.merge(model)), rtol=1e-4, atol=1e-4)
-    assert (logits(model) - plain).abs().max() > 1e-3
+    plain = eval_logits(tiny_llama())
+    torch.testing.assert_close(eval_logits(model), eval_logits(sspeft.merge(model)), rtol=1e-4, atol=1e-4)
+    assert (eval_logits(model) - plain).abs().max() > 1e-3
 
 
 @pytest.mark.parametrize("base", BASES)
@@ -172,16 +163,16 @@ def test_peft_disable_adapter_unmerges_and_merges_back(base):
         require_module("bitsandbytes")
     model = peft.get_peft_model(BASES[base](), sspeft.peft_config(config()))
     randomize(model)
-    plain = logits(BASES[base]())
-    unmerged = logits(model)
+    plain = eval_logits(BASES[base]())
+    unmerged = eval_logits(model)
     model.base_model.merge_adapter()
     layers = sspeft.adapted_layers(model).values()
     assert all(layer.merged for layer in layers)
     with model.disable_adapter():
         assert not any(layer.merged or layer.coefficients.requires_grad for layer in layers)
-        torch.testing.assert_close(logits(model), plain, rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(eval_logits(model), plain, rtol=1e-5, atol=1e-5)
     assert all(layer.merged and layer.coefficients.requires_grad for layer in layers)
-    torch.testing.assert_close(logits(model), unmerged, rtol=1e-4, atol=1e-4)
+    torch.testing.assert_close(eval_logits(model), unmerged, rtol=1e-4, atol=1e-4)
     model.base_model.enable_adapter_layers()  # enabling enabled layers changes nothing
     assert all(layer.merged_adapters == ["default"] for layer in layers)
 
@@ -278,7 +269,7 @@ def test_enabling_merges_back_only_adapters_still_active():
     assert all(layer.active_adapters == ["other"] and not layer.merged for layer in layers)
     assert all(layer.sspeft_coefficients["other"].requires_grad for layer in layers)
     assert not any(layer.sspeft_coefficients["default"].requires_grad for layer in layers)
-    with_other = logits(model)
+    with_other = eval_logits(model)
     model.base_model.merge_adapter()
-    torch.testing.assert_close(logits(model), with_other, rtol=1e-4, atol=1e-4)
-    assert (with_other - logits(tiny_llama())).abs().max() > 1e-3
+    torch.testing.assert_close(eval_logits(model), with_other, rtol=1e-4, atol=1e-4)
+    assert (with_other - eval_logits(tiny_llama())).abs().max() > 1e-3
