@@ -331,7 +331,7 @@ def lr_ranges(train: dict) -> dict[str, dict]:
     LR_TOLERANCE of the best ({"chosen", "lo", "hi"}, absolute lrs)."""
     out = {}
     for label, c in train["chosen"].items():
-        if c["mult"] is None or c["edge"] or not c["grid"]:
+        if c["mult"] is None or c["edge"] or len(c["grid"]) < 3:  # no lr grid (an equal-settings method) or unfinished
             continue
         lr0 = next(r for r in train["done"].values() if r["label"] == label)
         lr0 = lr0["lr"] / lr0["mult"]

@@ -61,6 +61,10 @@ kept constant so stored runs stay comparable; the library's suggested lrs (sspef
 lrs this part chooses."""
 
 
+LIBRARY_LABELS = {"ssh": "SSH δ=0.7", "lfma": "LFMA", "waveft": "WaveFT", "fourierft": "FourierFT", "shira": "SHiRA"}
+"""The part-2 method that runs each library method at its defaults: its chosen lr is the suggested lr."""
+
+
 def methods(budget: int, r: int) -> list[Method]:
     """Every method of part 2 at `budget` scalars per module (LoRA at rank r), in the order they run: each
     contrast's pair together, the paper's headline claim (SSH vs LoRA) and the FourierFT fidelity check first."""

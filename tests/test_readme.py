@@ -5,6 +5,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 import sspeft
 from sspeft.config import METHOD_DEFAULTS
 
@@ -29,12 +31,31 @@ def test_method_table_matches_defaults():
     assert set(rows) == set(sspeft.METHODS)
     for method, cells in rows.items():
         d = METHOD_DEFAULTS[method]
-        _, _, norm, _, init, scaling, n, lr = cells
+        _, _, norm, _, init, scaling, n, lr, _worked = cells
         assert norm == d["normalization"], method
         assert init == d["init"], method
         assert float(scaling) == d["scaling"], method
         assert int(n) == d["n"], method
         assert float(lr) == d["lr"], method
+
+
+def test_suggested_lrs_are_what_the_quality_benchmark_chose():
+    """Where part 2 of benchmarks.quality chose an interior lr for a method at its defaults, that lr is the
+    suggested one and the README's range is the report's; elsewhere the README says the lr was not chosen there."""
+    from benchmarks.quality_report import lr_ranges, train_view
+    from benchmarks.quality_train import LIBRARY_LABELS
+
+    view = train_view(REPO / "benchmarks" / "results")
+    ranges = lr_ranges(view) if view else {}
+    for method, cells in _table_rows().items():
+        worked = cells[-1]
+        r = ranges.get(LIBRARY_LABELS[method])
+        if r is None:
+            assert worked.startswith("not chosen"), (method, worked)
+            continue
+        assert METHOD_DEFAULTS[method]["lr"] == pytest.approx(r["chosen"], rel=1e-9), method
+        span = f"{r['lo']:.0e}" if r["lo"] == r["hi"] else f"{r['lo']:.0e} – {r['hi']:.0e}"
+        assert worked == span, (method, worked, span)
 
 
 def _make_rules() -> tuple[dict[str, str], dict[str, tuple[list[str], list[str]]]]:
