@@ -190,9 +190,9 @@ def time_methods(methods: list[str], args, tokens: int, checkpointing: bool, qua
 
 def _paths_used(model) -> str:
     import sspeft
-    from sspeft import paths
+    from sspeft import forward
 
-    used = sorted({p for layer in sspeft.adapted_layers(model).values() for p in paths.last_paths(layer).values()})
+    used = sorted({p for layer in sspeft.adapted_layers(model).values() for p in forward.last_paths(layer).values()})
     return ",".join(used)
 
 
