@@ -41,8 +41,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--docs", default=str(qc.REPO / "docs"), help="where results.md and plots/ are written")
     p.add_argument("--profile", choices=sorted(PROFILES), default="full")
     p.add_argument("--max-runs", type=int, default=None, help="train: stop after this many runs")
-    p.add_argument("--only", default=None, help="train: comma-separated method labels this process runs (two "
-                                                "processes with disjoint labels share the work; default: all)")
+    p.add_argument("--only", default=None, help="coverage, train: comma-separated method labels this process runs "
+                                                "(two processes with disjoint labels share the work; default: all)")
     p.add_argument("--threads", type=int, default=None, help="torch threads (default: the profile's)")
     return p.parse_args(argv)
 
@@ -74,6 +74,13 @@ def main(argv: list[str] | None = None) -> int:
     from launch.data import load_records
     from launch.models import resolve_model_path
 
+    only = args.only.split(",") if args.only else None
+    if only is not None:  # before any data or model work
+        known = ([v.label for v in quality_coverage.VARIANTS] if args.part == "coverage"
+                 else [m.label for m in quality_train.methods(budget=1, r=1)])
+        unknown = sorted(set(only) - set(known))
+        if unknown:
+            raise SystemExit(f"--only: unknown {args.part} labels {unknown}; expected some of {known}")
     data = data_path(args)
     profile = PROFILES[args.profile]
     setup = qc.Setup(model_dir="", data=str(data), **profile.get("setup", {}))
@@ -91,11 +98,11 @@ def main(argv: list[str] | None = None) -> int:
     progress = lambda msg: print(msg, flush=True)  # noqa: E731
     if args.part == "coverage":
         cfg = quality_coverage.CoverageConfig(**profile.get("coverage", {}))
-        out = quality_coverage.run(setup, cfg, results / "coverage", cache, progress)
+        out = quality_coverage.run(setup, cfg, results / "coverage", cache, progress, only=only)
     else:
         cfg = quality_train.TrainConfig(**profile.get("train", {}))
         out = quality_train.run(setup, cfg, results / "train", cache, progress, max_runs=args.max_runs,
-                                only=args.only.split(",") if args.only else None)
+                                only=only)
     print(f"[quality] {args.part}: {out}")
     return 0
 

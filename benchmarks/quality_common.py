@@ -61,10 +61,15 @@ def settings_of(setup: Setup, **parts) -> dict:
     return json.loads(json.dumps({"setup": base, **{k: asdict(v) for k, v in parts.items()}}))
 
 
+PLANNING_KEYS = {"setup": ("threads",), "train": ("max_extensions",)}
+"""Settings that change how long a part runs or which runs it plans, never what a stored result measured."""
+
+
 def same_settings(a: dict | None, b: dict | None) -> bool:
-    """Whether two results were measured under the same settings (`threads` in either is ignored)."""
+    """Whether two results were measured under the same settings (`PLANNING_KEYS` in either are ignored)."""
     def key(x):
-        return {**x, "setup": {k: v for k, v in x.get("setup", {}).items() if k != "threads"}}
+        return {part: ({k: v for k, v in val.items() if k not in PLANNING_KEYS.get(part, ())}
+                       if isinstance(val, dict) else val) for part, val in x.items()}
     return isinstance(a, dict) and isinstance(b, dict) and key(a) == key(b)
 
 

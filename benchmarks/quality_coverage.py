@@ -372,11 +372,18 @@ def project_all(proj: dict, delta: dict) -> dict:
 
 # ---------------------------------------------------------------------------------------------------- the run
 def run(setup: qc.Setup, cfg: CoverageConfig, results: Path, cache: Path, progress=print,
-        variants: tuple = VARIANTS) -> dict:
+        variants: tuple = VARIANTS, only: list[str] | None = None) -> dict:
     """Part 1, in three phases so a run cut short keeps the most: (1) the gradient's captured fractions for every
     (variant, budget, seed), LoRA-r1's budget first; (2) the full fine-tune and the base losses; (3) per record,
     the ΔW_FT fractions and the η search. One JSON per (variant, budget, seed), rewritten as phases complete;
-    a rerun skips what is stored under the same settings. Returns {"written": n, "skipped": n}."""
+    a rerun skips what is stored under the same settings. `only`: the variant labels this process measures
+    (processes with disjoint labels share the work). Returns {"written": n, "skipped": n}."""
+    if only is not None:
+        unknown = sorted(set(only) - {v.label for v in variants})
+        if unknown:
+            raise SystemExit(f"--only: unknown variant labels {unknown}; expected some of "
+                             f"{[v.label for v in variants]}")
+        variants = tuple(v for v in variants if v.label in only)
     torch.manual_seed(0)
     results.mkdir(parents=True, exist_ok=True)
     settings = qc.settings_of(setup, coverage=cfg)

@@ -140,7 +140,8 @@ def train_view(results: Path) -> dict | None:
         return None
     base = json.loads(base_path.read_text())
     done = qt.load_done(results / "train", base["settings"])
-    cfg = qt.TrainConfig(**{k: tuple(v) if isinstance(v, list) else v for k, v in base["settings"]["train"].items()})
+    cfg = qt.TrainConfig(**{k: tuple(v) if isinstance(v, list) else v for k, v in base["settings"]["train"].items()
+                            if k not in qc.PLANNING_KEYS["train"]})  # the grid's limit is today's, like the runs
     labels = list(dict.fromkeys(r["label"] for r in done.values()))
     chosen: dict[str, dict] = {}
     gridded_labels = {m.label: m.grid for m in qt.methods(budget=1, r=1)}

@@ -37,8 +37,9 @@ class TrainConfig:
     """Trainable real scalars per module as a multiple of LoRA-r1's mean over the targets (960 on SmolLM2 q,v);
     LoRA runs at this rank."""
     grid_factor: float = 3.0
-    max_extensions: int = 3
-    """Grid points added past an edge, per side, before the method is reported with its optimum at the edge."""
+    max_extensions: int = 4
+    """Grid points added past an edge, per side, before the method is reported with its optimum at the edge (a
+    planning limit: results stored under another limit are reused)."""
     warmup_frac: float = 0.1
 
 
@@ -224,7 +225,7 @@ def train_run(base, run: Run, setup: qc.Setup, cfg: TrainConfig, splits: dict, s
         loss.backward()
         opt.step()
         opt.zero_grad(set_to_none=True)
-        losses.append(float(loss))
+        losses.append(loss.item())
         if (step + 1) % max(1, cfg.steps // 4) == 0:
             progress(f"  {run.name}: step {step + 1}/{cfg.steps} loss {sum(losses[-10:]) / len(losses[-10:]):.4f}")
     train_s = time.time() - t0

@@ -218,6 +218,15 @@ def test_lr_grid_extends_past_an_edge_until_interior():
     assert (run.mult, run.seed) == (3.0, 1) and run.name == "x_x3_s1"  # then the second seed at the chosen lr
 
 
+def test_results_are_reused_across_planning_settings_only():
+    setup = qc.Setup(model_dir="m", data="d")
+    stored = qc.settings_of(setup, train=qt.TrainConfig(max_extensions=3))
+    assert qc.same_settings(stored, qc.settings_of(setup, train=qt.TrainConfig(max_extensions=5)))
+    assert qc.same_settings({**stored, "setup": {**stored["setup"], "threads": 7}}, stored)
+    assert not qc.same_settings(stored, qc.settings_of(setup, train=qt.TrainConfig(max_extensions=3, steps=61)))
+    assert not qc.same_settings(stored, qc.settings_of(qc.Setup(model_dir="m", data="other"), train=qt.TrainConfig()))
+
+
 def test_bad_inputs_fail_before_work(tmp_path, env):
     from launch.data import DataError
 
@@ -231,4 +240,7 @@ def test_bad_inputs_fail_before_work(tmp_path, env):
         quality.main(_argv(env, "train", "--data", str(small)))
     with pytest.raises(SystemExit, match="does not exist"):
         quality.main(_argv(env, "coverage", "--data", str(tmp_path / "missing.json")))
+    for part in ("coverage", "train"):
+        with pytest.raises(SystemExit, match=r"--only: unknown .* \['nope'\]"):
+            quality.main(_argv(env, part, "--only", "nope", "--data", str(tmp_path / "missing.json")))
     assert not (env["root"] / "results" / "x").exists()
