@@ -320,7 +320,24 @@ def train_section(train: dict | None, plots: Path) -> list[str]:
     curves = {label: c["grid"] for label, c in train["chosen"].items() if len(c["grid"]) > 1}
     made = quality_plots.loss_vs_lr(curves, train["base"]["val"]["loss"], plots / "quality_train_lr.png")
     out += [*([f"![lr grids](plots/{made.name})", ""] if made else [])]
-    return out + lr_section(train)
+    return out + lr_section(train) + grid_test_section(train)
+
+
+def grid_test_section(train: dict) -> list[str]:
+    """Seed 0's test loss at every lr of each grid: reported beside the validation loss that chose the lr, never
+    used to choose, so a reader sees how much a verdict leans on the lr choice."""
+    rows = []
+    for label, c in train["chosen"].items():
+        runs = sorted((r["mult"], r["val"]["loss"], r["test"]["loss"]) for r in train["done"].values()
+                      if r["label"] == label and r["seed"] == train["cfg"].seeds[0])
+        if len(runs) > 1:
+            rows.append(f"| {label} | " + ", ".join(f"×{m:.3g}: {v:.4f} / {t:.4f}" for m, v, t in runs) + " |")
+    if not rows:
+        return []
+    return ["### Validation and test loss over each lr grid", "",
+            "Seed 0, validation / test loss at each grid point. Only the validation loss chooses the lr; the test "
+            "column shows how far a verdict depends on that choice where neighbouring lrs validate alike.", "",
+            "| method | × grid centre: validation / test |", "|---|---|", *rows, ""]
 
 
 LR_TOLERANCE = 0.005
