@@ -15,8 +15,7 @@ METHODS = ("ssh", "lfma", "waveft", "fourierft", "shira")
 
 # Per-method defaults; the README's method table is generated from (and tested against) this dict.
 # lr is the suggested AdamW learning rate for the default scaling: the lr part 2 of benchmarks.quality chose for the
-# method at its defaults where that grid has an interior optimum (docs/results.md, "Learning rates"); SHiRA's is the
-# best lr its grid measured, at the grid's edge.
+# method at its defaults (an interior optimum of its grid; docs/results.md, "Learning rates").
 METHOD_DEFAULTS: dict[str, dict[str, Any]] = {
     "ssh": dict(n=750, normalization="ortho", init="zeros", init_scale=0.0, scaling=1.0, lr=9e-2),
     "lfma": dict(n=500, normalization="ortho", init="weight", init_scale=0.01, scaling=1.0, lr=9e-2),

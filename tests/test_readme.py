@@ -54,8 +54,13 @@ def test_suggested_lrs_are_what_the_quality_benchmark_chose():
             assert worked.startswith("not chosen"), (method, worked)
             continue
         assert METHOD_DEFAULTS[method]["lr"] == pytest.approx(r["chosen"], rel=1e-9), method
-        span = f"{r['lo']:.0e}" if r["lo"] == r["hi"] else f"{r['lo']:.0e} – {r['hi']:.0e}"
+        span = _lr_text(r["lo"]) if r["lo"] == r["hi"] else f"{_lr_text(r['lo'])} – {_lr_text(r['hi'])}"
         assert worked == span, (method, worked, span)
+
+
+def _lr_text(lr: float) -> str:
+    """An lr as the README writes it: two significant digits, a trailing zero dropped (9e-02, 8.1e-02)."""
+    return f"{lr:.1e}".replace(".0e", "e")
 
 
 def _make_rules() -> tuple[dict[str, str], dict[str, tuple[list[str], list[str]]]]:
