@@ -7,6 +7,7 @@ verdict (supported / contradicted / unresolved, with the reason) and the interva
 from __future__ import annotations
 
 import json
+import math
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -221,6 +222,7 @@ def verdict(claim: Claim, cov: dict | None, train: dict | None) -> tuple[str, st
            f"over {len(la['sums'])} test records, {len(train['cfg'].seeds)} seeds averaged)")
     edges = [x for x in (claim.a, claim.b) if train["chosen"][x]["edge"]]
     note = f"; the lr optimum of {', '.join(edges)} is at its grid's edge" if edges else ""
+    note += "".join(f"; {close}" for x in (claim.a, claim.b) if (close := close_lrs(train, x)))
     if claim.relation == "matches":
         if d["hi"] < EPS:
             return "supported", fig + note
@@ -234,6 +236,29 @@ def verdict(claim: Claim, cov: dict | None, train: dict | None) -> tuple[str, st
     if -EPS < d["lo"] and d["hi"] < EPS:
         return "contradicted", fig + f" (no advantage beyond ±{EPS})" + note
     return "unresolved", fig + " (the interval contains 0)" + note
+
+
+LR_CLOSE = 0.002
+"""Validation losses this close (nats) do not tell two lrs apart on the validation records."""
+
+
+def close_lrs(train: dict, label: str) -> str:
+    """A note naming the grid lrs of `label` whose seed-0 validation loss is within LR_CLOSE of the chosen one's,
+    with seed 0's test loss at each (reported, never used to choose): where a verdict leans on the lr choice."""
+    c = train["chosen"].get(label)
+    if not c or c["mult"] is None:
+        return ""
+    seed0 = {r["mult"]: r for r in train["done"].values() if r["label"] == label and r["seed"] == train["cfg"].seeds[0]}
+    chosen = next((r for m, r in seed0.items() if math.isclose(m, c["mult"])), None)
+    if chosen is None:
+        return ""
+    close = [r for m, r in sorted(seed0.items()) if r is not chosen
+             and abs(r["val"]["loss"] - chosen["val"]["loss"]) < LR_CLOSE]
+    if not close:
+        return ""
+    alts = ", ".join(f"×{r['mult']:.3g} (test {r['test']['loss']:.4f})" for r in close)
+    return (f"{label}'s validation loss at {alts} is within {LR_CLOSE} of its chosen ×{c['mult']:.3g} "
+            f"(test {chosen['test']['loss']:.4f}; seed 0)")
 
 
 def _main_budget(cov: dict) -> int:

@@ -218,6 +218,21 @@ def test_lr_grid_extends_past_an_edge_until_interior():
     assert (run.mult, run.seed) == (3.0, 1) and run.name == "x_x3_s1"  # then the second seed at the chosen lr
 
 
+def test_verdicts_name_lrs_the_validation_loss_cannot_tell_apart():
+    from benchmarks import quality_report as qr
+
+    def rec(mult, val, test):
+        return {"label": "X", "seed": 0, "mult": mult, "val": {"loss": val}, "test": {"loss": test}}
+
+    done = {str(i): r for i, r in enumerate([rec(1.0, 1.750, 1.75), rec(3.0, 1.7440, 1.7399), rec(9.0, 1.7437, 1.7470),
+                                             rec(27.0, 1.7458, 1.76), {**rec(9.0, 1.7450, 1.748), "seed": 1}])}
+    train = {"done": done, "cfg": qt.TrainConfig(), "chosen": {"X": {"mult": 9.0}}}
+    assert qr.close_lrs(train, "X") == ("X's validation loss at ×3 (test 1.7399) is within 0.002 of its chosen ×9 "
+                                        "(test 1.7470; seed 0)")
+    train["chosen"]["X"]["mult"] = 1.0
+    assert qr.close_lrs(train, "X") == ""
+
+
 def test_results_are_reused_across_planning_settings_only():
     setup = qc.Setup(model_dir="m", data="d")
     stored = qc.settings_of(setup, train=qt.TrainConfig(max_extensions=3))
