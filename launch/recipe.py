@@ -15,6 +15,7 @@ recipe may name cluster paths); each stage checks what it needs when it starts.
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 import difflib
 import inspect
@@ -251,10 +252,34 @@ def load_recipe(path: str | os.PathLike[str], overrides: list[str] | tuple[str, 
     if not isinstance(raw, dict):
         raise RecipeError(f"{path}: the top level must be a mapping of sections, got {type(raw).__name__}")
     base = path.resolve().parent
-    resolved = _resolve_paths(raw, base)
-    for item in overrides:
-        _apply_override(resolved, item)
-    return _build(resolved, str(path))
+
+    def build(items) -> Recipe:
+        resolved = _resolve_paths(copy.deepcopy(raw), base)  # overrides write into the sections
+        for item in items:
+            _apply_override(resolved, item)
+        return _build(resolved, str(path))
+
+    try:
+        return build(overrides)
+    except RecipeError as e:
+        raise _blame(e, str(path), overrides, build) from None
+
+
+def _blame(error: RecipeError, source: str, overrides, build) -> RecipeError:
+    """The error with its source: the first override after which it appears (`FILE, override 'k=v': ...`), else
+    the file alone.
+    Found by rebuilding with the overrides one at a time (only on this error path; a build is validation only)."""
+    message, prefix = str(error), f"{source}: "
+    if not overrides or not message.startswith(prefix):
+        return error
+    for i in range(len(overrides) + 1):
+        try:
+            build(overrides[:i])
+        except RecipeError as e:
+            if str(e) == message:
+                return error if i == 0 else RecipeError(f"{source}, override {overrides[i - 1]!r}: "
+                                                        f"{message[len(prefix):]}")
+    return error
 
 
 def load_resolved(run_dir: str | os.PathLike[str]) -> Recipe:

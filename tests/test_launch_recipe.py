@@ -119,7 +119,7 @@ def test_unknown_keys_name_the_source_the_key_the_closest_key_and_the_valid_ones
     path = _write(tmp_path, BASIC)
     with pytest.raises(RecipeError) as err:
         load_recipe(path, [override])
-    source = str(path) if where == "file" else f"override {override!r}"
+    source = f"{path}, override {override!r}" if where == "file" else f"override {override!r}"
     assert str(err.value) == f"{source}: {message}"
 
 
@@ -142,7 +142,18 @@ def test_bad_override_values_name_the_field_the_value_and_what_is_expected(tmp_p
     path = _write(tmp_path, BASIC)
     with pytest.raises(RecipeError) as err:
         load_recipe(path, [override])
-    assert str(err.value) == f"{path}: {message}"
+    assert str(err.value) == f"{path}, override {override!r}: {message}"
+
+
+def test_errors_name_the_override_that_caused_them_or_the_file(tmp_path):
+    path = _write(tmp_path, BASIC.replace("data: {path: data.json}", "data: {path: data.json, eval_fraction: 1.5}"))
+    with pytest.raises(RecipeError) as err:  # the file's own error, whatever overrides come with it
+        load_recipe(path, ["train.max_steps=4"])
+    assert str(err.value) == f"{path}: data.eval_fraction = 1.5 must lie in [0, 1)"
+    path = _write(tmp_path, BASIC)
+    with pytest.raises(RecipeError) as err:  # the second of two overrides: only together do they contradict
+        load_recipe(path, ["train.deepspeed=launch/ds_zero3.json", "model.device_map=auto"])
+    assert str(err.value).startswith(f"{path}, override 'model.device_map=auto': ")
 
 
 def test_zero3_with_device_map_is_refused(tmp_path):
