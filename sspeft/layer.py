@@ -140,6 +140,11 @@ class SpectralLinear(nn.Module):
         return bool(self.merged_adapters)
 
     @property
+    def merge_pending(self) -> bool:
+        """Disabled with adapters that enabling will merge back (`unmerge` cancels that)."""
+        return bool(self._merge_on_enable)
+
+    @property
     def positions(self) -> torch.Tensor:
         """(2, n) (row, col) positions of the active adapter in its coefficient matrix."""
         return self.sspeft_positions[self.active_adapter]

@@ -280,8 +280,10 @@ def merge(model: nn.Module) -> nn.Module:
 
 
 def unmerge(model: nn.Module) -> nn.Module:
+    """Take every merged adapter out of its base again; inside `disabled`, cancel the merge the block's exit would
+    restore."""
     for layer in adapted_layers(model).values():
-        if layer.merged:
+        if layer.merged or layer.merge_pending:
             layer.unmerge()
     return model
 

@@ -147,6 +147,10 @@ def test_merging_a_disabled_layer_raises_and_unmerging_cancels_the_merge_back():
         for layer in sspeft.adapted_layers(model).values():
             layer.unmerge()
     assert not any(layer.merged for layer in sspeft.adapted_layers(model).values())
+    sspeft.merge(model)
+    with sspeft.disabled(model):
+        sspeft.unmerge(model)  # the model-level call cancels the merge-back too
+    assert not any(layer.merged or layer.merge_pending for layer in sspeft.adapted_layers(model).values())
     plain = eval_logits(tiny_llama())
     torch.testing.assert_close(eval_logits(model), eval_logits(sspeft.merge(model)), rtol=1e-4, atol=1e-4)
     assert (eval_logits(model) - plain).abs().max() > 1e-3
