@@ -134,3 +134,13 @@ def test_bad_input_fails_before_writing(tmp_path, tiny_model, tiny_data, capsys,
     assert run_train(recipe, *overrides) == 2
     assert needle in capsys.readouterr().err
     assert run.is_fresh(), sorted(p.name for p in run.root.iterdir())
+
+
+def test_trainable_parameters_are_upcast_to_fp32_unless_deepspeed_owns_them():
+    model = torch.nn.Sequential(torch.nn.Linear(4, 4), torch.nn.Linear(4, 4), torch.nn.Linear(4, 4)).bfloat16()
+    model[1].weight.ds_id = 0  # a ZeRO-3 parameter: its dtype is the engine's
+    model[2].requires_grad_(False)
+    train_stage._keep_adapters_fp32(model)
+    assert model[0].weight.dtype == model[0].bias.dtype == torch.float32
+    assert model[1].weight.dtype == torch.bfloat16 and model[1].bias.dtype == torch.float32
+    assert model[2].weight.dtype == torch.bfloat16
