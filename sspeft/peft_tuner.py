@@ -152,6 +152,16 @@ class SspeftPeftConfig(PeftConfig):
 class PeftSpectralLinear(SpectralLinear, BaseTunerLayer):
     """SpectralLinear as a PEFT tuner layer (same attributes; PEFT's adapter switching applies)."""
 
+    def unload_and_optionally_merge_module(self, merge: bool, safe_merge: bool, adapter_names: list[str] | None):
+        """PEFT's unload hook (`merge_and_unload`, `unload`): PEFT keeps the returned layer's weight from
+        `base_layer`, so merging happens there. Inside `disable_adapter()` merging still gives W0 + ΔW, as for PEFT's
+        LoRA: the layer is leaving, so it is enabled for the merge and nothing is left to merge back."""
+        if merge:
+            self._merge_on_enable = []
+            self._disable_adapters = False
+            self.merge(safe_merge=safe_merge, adapter_names=adapter_names)
+        return self.get_base_layer()
+
 
 class SspeftTuner(BaseTuner):
     prefix: str = "sspeft_"

@@ -181,6 +181,28 @@ def test_peft_disable_adapter_unmerges_and_merges_back(base):
     assert all(layer.merged_adapters == ["default"] for layer in layers)
 
 
+@pytest.mark.parametrize("base", BASES)
+def test_peft_merge_and_unload_inside_disable_adapter_merges_as_for_lora(base):
+    """PEFT's merge_and_unload() inside disable_adapter() gives W0 + ΔW (PEFT's LoRA merges there too), whether the
+    adapter was merged before or not."""
+    require_module("peft")
+    import peft
+
+    if base == "nf4":
+        require_module("bitsandbytes")
+    for merged_first in (False, True):
+        model = peft.get_peft_model(BASES[base](), sspeft.peft_config(config()))
+        randomize(model)
+        adapted = eval_logits(model)
+        if merged_first:
+            model.base_model.merge_adapter()
+        with model.disable_adapter():
+            plain = model.merge_and_unload()
+        assert not sspeft.adapted_layers(plain)
+        torch.testing.assert_close(eval_logits(plain), adapted, rtol=1e-4, atol=1e-4)
+        assert (eval_logits(plain) - eval_logits(BASES[base]())).abs().max() > 1e-3
+
+
 # ---------------------------------------------------------------------------------------------- fp32
 def test_restore_fp32_upcasts_with_a_warning_when_the_cast_values_were_updated():
     """Exact restoration needs the cast values to be the rounding of the fp32 ones; after an update in bf16 the
