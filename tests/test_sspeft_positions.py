@@ -66,6 +66,27 @@ def test_lfma_takes_exactly_the_top_k_magnitudes(half):
     assert sspeft.count_trainable(model) == 20
 
 
+@pytest.mark.parametrize("half", [False, True])
+def test_lfma_full_spectrum_top_k_spans_half_its_trainable_reals(half):
+    """|FFT(W0)| of a real W0 is conjugate-symmetric, so full-spectrum top-k picks frequencies in pairs (f, −f) whose
+    real inverse parts span the same ΔW: 2k trainable reals reach ~k dimensions. The rfft2 half-plane does not."""
+    model = _single(16, 12, seed=3)
+    cfg = sspeft.SpectralConfig(method="lfma", n=20, half_spectrum=half, target_modules=["q_proj"])
+    layer = sspeft.adapted_layers(sspeft.inject(model, cfg))["q_proj"]
+    rows, cols = layer.positions.tolist()
+    chosen = set(zip(rows, cols))
+    paired = sum(((-r) % 16, (-c) % 12) in chosen for r, c in chosen)
+    jac = torch.autograd.functional.jacobian(lambda c: methods.delta_weight(
+        layer.sspeft_config["default"], c, layer.positions, (16, 12)), layer.coefficients.detach())
+    dims = torch.linalg.matrix_rank(jac.reshape(16 * 12, -1).double()).item()
+    assert sspeft.count_trainable(model) == 40
+    if half:  # pairs remain only inside rfft2's self-conjugate columns (0 and n/2); each costs 2 reals
+        assert all(c in (0, 6) for r, c in chosen if ((-r) % 16, (-c) % 12) in chosen)
+        assert paired <= 6 and dims >= 40 - 2 * paired
+    else:
+        assert paired >= 18 and dims <= 22
+
+
 def test_lfma_top_k_ratio_and_shira_rank_counts():
     lfma = sspeft.inject(_single(40, 50), sspeft.SpectralConfig(method="lfma", top_k_ratio=0.01, target_modules=["q_proj"]))
     assert sspeft.adapted_layers(lfma)["q_proj"].positions.shape[1] == math.floor(0.01 * 40 * 50)
