@@ -61,8 +61,10 @@ def settings_of(setup: Setup, **parts) -> dict:
     return json.loads(json.dumps({"setup": base, **{k: asdict(v) for k, v in parts.items()}}))
 
 
-PLANNING_KEYS = {"setup": ("threads",), "train": ("max_extensions",)}
-"""Settings that change how long a part runs or which runs it plans, never what a stored result measured."""
+PLANNING_KEYS = {"setup": ("threads",), "train": ("max_extensions",), "coverage": ("eta_evals", "eta_growth")}
+"""Settings that change how long a part runs or which runs it plans, never what a stored result measured (the
+coverage part's η-search settings are stored with each η search instead, and a search made under others is
+redone)."""
 
 
 def same_settings(a: dict | None, b: dict | None) -> bool:

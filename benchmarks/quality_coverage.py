@@ -44,8 +44,10 @@ class CoverageConfig:
     ft_steps: int = 16
     """Full fine-tune steps over the gradient records (batch = setup.batch_size records each, in split order)."""
     ft_lr: float = 1e-4
-    eta_evals: int = 6
-    """Validation evaluations per η line search (at most)."""
+    eta_evals: int = 16
+    """Validation evaluations per η line search (at most); a search that runs out reports its η as at the edge."""
+    eta_growth: float = 4.0
+    """Factor by which the η search steps out from η = 1 until the validation loss rises."""
     cg_iters: int = 60
     cg_tol: float = 1e-6
     """Relative residual at which the projection's conjugate gradients stop."""
@@ -320,9 +322,10 @@ def _mean(xs: list[float]) -> float | None:
 class Scorer:
     """Held-out loss of W0 + η·D on the top layers (lower layers cached), D a dict of ΔW per module."""
 
-    def __init__(self, model, names: list[str], splits: dict, stems: dict, batch_size: int, max_evals: int = 6):
+    def __init__(self, model, names: list[str], splits: dict, stems: dict, batch_size: int, max_evals: int = 16,
+                 growth: float = 4.0):
         self.model, self.names, self.splits, self.stems, self.bs = model, names, splits, stems, batch_size
-        self.max_evals = max_evals
+        self.max_evals, self.growth = max_evals, growth
         mods = dict(model.named_modules())
         self.weights = {n: mods[n].weight for n in names}
         self.w0 = {n: w.detach().clone() for n, w in self.weights.items()}
@@ -341,29 +344,35 @@ class Scorer:
                     w.copy_(self.w0[n])
 
     def line_search(self, delta: dict) -> dict:
-        """η minimising the validation loss: doubling/halving from η = 1 until the loss rises on both sides, then
-        one √2 refinement each side of the best point. Returns the η, its validation and test losses and the
-        evaluated points."""
+        """η minimising the validation loss: from η = 1, steps of ×growth (or ÷growth if the first step is worse)
+        until the loss rises, then ×2 and ×√2 refinements on each side of the best point, within `max_evals`
+        validation evaluations. Returns the η, its validation and test losses, the evaluated points, whether the
+        best η is an end of them (`eta_at_edge`: the optimum was not bracketed) and the search's own settings."""
         val = {}
 
         def f(eta):
-            if eta not in val:
+            if eta not in val and len(val) < self.max_evals:
                 val[eta] = self.loss(delta, eta, "val")["loss"]
-            return val[eta]
+            return val.get(eta, math.inf)
 
-        f(1.0)
-        direction = 2.0 if f(2.0) < f(1.0) else 0.5
-        eta = 2.0 if direction == 2.0 else 1.0
-        while len(val) < self.max_evals - 2 and f(eta * direction) < f(eta):
+        g = self.growth
+        direction = g if f(g) < f(1.0) else 1 / g
+        eta = g if direction == g else 1.0
+        while len(val) < self.max_evals and f(eta * direction) < f(eta):
             eta *= direction
+        for step in (2.0, math.sqrt(2)):
+            best = min(val, key=val.get)
+            for e in (best * step, best / step):
+                f(e)
         best = min(val, key=val.get)
-        for e in (best * math.sqrt(2), best / math.sqrt(2)):
-            f(e)
-        best = min(val, key=val.get)
-        edge = best in (min(val), max(val))
         test = self.loss(delta, best, "test")
         return {"eta": best, "val_loss": val[best], "test_loss": test["loss"], "test_sums": test["sums"],
-                "points": sorted(val.items()), "eta_at_edge": edge}
+                "points": sorted(val.items()), "eta_at_edge": best in (min(val), max(val)), "search": self.spec}
+
+    @property
+    def spec(self) -> dict:
+        """The settings a stored η search was made with (a search made under others is redone)."""
+        return {"max_evals": self.max_evals, "growth": self.growth}
 
 
 def project_all(proj: dict, delta: dict) -> dict:
@@ -422,7 +431,7 @@ def run(setup: qc.Setup, cfg: CoverageConfig, results: Path, cache: Path, progre
     ft = _finetune(model, splits, train_stems, top_names, first, cfg, setup, cache, settings, progress)  # phase 2
     stems = {s: qc.compute_stems(model, splits[s], first) for s in ("val", "test")}
     qc.drop_lower_layers(model, first)
-    scorer = Scorer(model, top_names, splits, stems, setup.batch_size, cfg.eta_evals)
+    scorer = Scorer(model, top_names, splits, stems, setup.batch_size, cfg.eta_evals, cfg.eta_growth)
     base = _base_record(results, settings, scorer, ft, splits, progress)
     searched: dict[str, dict] = {}
     for mult, v, seed in plan:  # phase 3
@@ -430,7 +439,7 @@ def run(setup: qc.Setup, cfg: CoverageConfig, results: Path, cache: Path, progre
         if not path.is_file():
             continue
         rec = json.loads(path.read_text())
-        if "eta_search" in rec:
+        if rec.get("eta_search", {}).get("search") == scorer.spec:
             continue
         proj = projectors(v, mult, seed, tree, top_names, cfg)
         f = capture(proj, ft["delta"])
@@ -505,7 +514,11 @@ def _prefix(data: qc.Encoded, n: int) -> qc.Encoded:
 def _base_record(results: Path, settings: dict, scorer: Scorer, ft: dict, splits: dict, progress) -> dict:
     path = results / "base.json"
     if _stored(path, settings):
-        return json.loads(path.read_text())
+        rec = json.loads(path.read_text())
+        if rec["full_ft"].get("search") != scorer.spec:  # an η search made under other search settings
+            rec.update(full_ft=scorer.line_search(ft["delta"]), settings=settings)
+            atomic_write_json(path, rec)
+        return rec
     base_val = scorer.loss(None, 0.0, "val")
     base_test = scorer.loss(None, 0.0, "test")
     full = scorer.line_search(ft["delta"])
