@@ -122,10 +122,14 @@ def coverage_table(view: dict) -> list[str]:
             done = [r for r in rs.values() if "eta_search" in r]
             f = _iv(qc.mean_interval([r["ft"]["mean_fraction"] for r in done])) if done else "–"
             t = _iv(qc.mean_interval([r["eta_search"]["test_loss"] for r in done]), 4) if done else "–"
-            etas = ", ".join(sorted({f"{r['eta_search']['eta']:.3g}" for r in done})) or "–"
+            etas = ", ".join(sorted({_eta(r["eta_search"]) for r in done})) or "–"
             one = next(iter(rs.values()))
             lines.append(f"| {label} | {one['trainable_mean']:.0f} | {_iv(g)} | {f} | {t} | {etas} |")
     return lines
+
+
+def _eta(search: dict) -> str:
+    return f"{search['eta']:.3g}" + (" (search edge)" if search.get("eta_at_edge") else "")
 
 
 def _iv(iv: dict, digits: int = 4) -> str:
@@ -304,7 +308,10 @@ def coverage_section(cov: dict | None, plots: Path) -> list[str]:
     if base:
         full = base["full_ft"]
         out += [f"Base model test loss {base['test_loss']:.4f}; the unprojected ΔW_FT reaches "
-                f"{full['test_loss']:.4f} at η {full['eta']:.3g}.", ""]
+                f"{full['test_loss']:.4f} at η {_eta(full)}. η is searched on the validation records from η = 1 in "
+                f"steps of ×{full.get('search', {}).get('growth', 2):g} until the loss rises, then refined; "
+                f"\"search edge\" marks an η at an end of the points its search evaluated (the optimum was not "
+                f"bracketed, so that loss is an upper bound).", ""]
     else:
         out += ["The full fine-tune, its projections and the η search (phases 2 and 3) have not run yet: only the "
                 "gradient's captured fractions are measured.", ""]
