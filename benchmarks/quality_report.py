@@ -78,6 +78,10 @@ def coverage_view(results: Path) -> dict | None:
     if not recs:
         return None
     settings = base["settings"] if base else recs[-1]["settings"]
+    if base:  # η searches made under other search settings than the full fine-tune's are not comparable: unmeasured
+        spec = base["full_ft"].get("search")
+        recs = [r if r.get("eta_search", {}).get("search") == spec else {k: v for k, v in r.items() if k != "eta_search"}
+                for r in recs]
     return {"base": base if base and qc.same_settings(base["settings"], settings) else None, "settings": settings,
             "recs": [r for r in recs if qc.same_settings(r["settings"], settings)]}
 
