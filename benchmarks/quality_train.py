@@ -268,9 +268,7 @@ def run(setup: qc.Setup, cfg: TrainConfig, results: Path, cache: Path, progress=
     r1 = round(sum(sum(model.get_submodule(n).weight.shape) for n in names) / len(names))
     ms = ms or methods(cfg.budget_multiple * r1, cfg.budget_multiple)
     if only is not None:
-        unknown = sorted(set(only) - {m.label for m in ms})
-        if unknown:
-            raise SystemExit(f"--only: unknown method labels {unknown}; expected some of {[m.label for m in ms]}")
+        qc.check_labels(only, [m.label for m in ms])
         ms = [m for m in ms if m.label in only or m.lr_from in only]
     stems = _stems(model, splits, first, cache, settings)
     targets = target_regex(setup, first, len(model.model.layers))

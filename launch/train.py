@@ -369,8 +369,8 @@ def _all_ranks(mine: str) -> list[str]:
 def _keep_adapters_fp32(model) -> None:
     """Undo TRL's cast of trainable parameters of 4-bit models to bf16 (tiny updates to them would vanish): sspeft
     coefficients get their exact fp32 values back (`sspeft.restore_fp32`); any trainable parameter still not fp32
-    (LoRA's) is upcast. Parameters DeepSpeed manages are left to its engine (a ZeRO-3 parameter's data is a
-    placeholder; the engine keeps its own fp32 master copy)."""
+    (LoRA's) is upcast. Parameters DeepSpeed manages are left to its engine (a ZeRO-3 parameter holds only its
+    partition locally; the engine keeps its own fp32 master copy)."""
     import torch
 
     import sspeft

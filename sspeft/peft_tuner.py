@@ -155,10 +155,12 @@ class PeftSpectralLinear(SpectralLinear, BaseTunerLayer):
     def unload_and_optionally_merge_module(self, merge: bool, safe_merge: bool, adapter_names: list[str] | None):
         """PEFT's unload hook (`merge_and_unload`, `unload`): PEFT keeps the returned layer's weight from
         `base_layer`, so merging happens there. Inside `disable_adapter()` merging still gives W0 + ΔW, as for PEFT's
-        LoRA: the layer is leaving, so it is enabled for the merge and nothing is left to merge back."""
+        LoRA: the leaving layer drops its pending merge-back, is enabled, then merges the adapters asked for."""
         if merge:
-            self._merge_on_enable = []
-            self._disable_adapters = False
+            if self.disable_adapters:
+                if self.merge_pending:
+                    self.unmerge()  # on a disabled layer: cancels the merge-back
+                self.set_disabled(False)
             self.merge(safe_merge=safe_merge, adapter_names=adapter_names)
         return self.get_base_layer()
 
