@@ -1,5 +1,5 @@
-"""Console scripts: `sspeft-train`, `sspeft-merge`, `sspeft-generate`, `sspeft-judge`, `sspeft-report`,
-`sspeft-submit` run the stages' `main()` (the same as `python -m launch.train` and the others).
+"""Console scripts: `sspeft-train`, `sspeft-merge`, `sspeft-generate`, `sspeft-judge`, `sspeft-audit`,
+`sspeft-report`, `sspeft-submit` run the stages' `main()` (the same as `python -m launch.train` and the others).
 
 The stages live in the top-level packages `launch`, `eval` and `slurm`, which import each other by those names
 (and Slurm job scripts run `python -m launch.train` on the nodes). Another distribution that installs a package
@@ -15,7 +15,7 @@ from pathlib import Path
 
 APPS = ("launch", "eval", "slurm")
 COMMANDS = {"train": "launch.train", "merge": "launch.merge", "generate": "eval.generate", "judge": "eval.judge",
-            "report": "eval.report", "submit": "slurm.submit"}
+            "audit": "eval.audit", "report": "eval.report", "submit": "slurm.submit"}
 
 
 def check_apps() -> None:
@@ -51,6 +51,10 @@ def generate() -> int:
 
 def judge() -> int:
     return _run("judge")
+
+
+def audit() -> int:
+    return _run("audit")
 
 
 def report() -> int:

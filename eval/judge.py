@@ -70,7 +70,8 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
-def _answers_path(target: Target) -> Path:
+def answers_file_of(target: Target) -> Path:
+    """The answers file TARGET names; a missing one is an error that says which exist or how to make it."""
     path = target.out.answers_file(target.model_id)
     if not path.is_file():
         others = sorted(p.stem for p in target.out.answers.glob("*.jsonl")) if target.out.answers.is_dir() else []
@@ -116,15 +117,12 @@ def _run(args: argparse.Namespace) -> int:
     ref_path = _choose(args.references, d.references)
     references = load_references(ref_path) if ref_path else {}
     prompts = load_prompt_set(args.judge_prompts)
-    answers_path = _answers_path(target)
+    answers_path = answers_file_of(target)
     if args.against and not Path(args.against).is_file():
         raise EvalError(f"--against file {args.against!r} does not exist")
-    constrained = args.constrain == "rating" or (args.constrain == "auto" and spec.kind != "openai")
-    retry = RetrySettings(timeout=args.request_timeout, max_attempts=args.max_attempts, backoff=args.backoff)
-
     if spec.kind == "openai":
         # probe first: a dead endpoint or a misspelt model fails before any answer is read
-        _probe(spec, api_key, args.request_timeout)
+        probe_judge(spec, api_key, args.request_timeout)
     selection = (all_questions, "--limit" if args.limit is not None else "the recipe's eval.limit")
     items = _items(target, answers_path, questions, references, prompts, args.against, selection)
     judge_id = args.judge_id or spec.judge_id
@@ -134,15 +132,22 @@ def _run(args: argparse.Namespace) -> int:
             "judge_temperature": temperature, "seed": seed}
     run = dict(samples=samples, temperature=temperature, max_tokens=_choose(args.judge_max_tokens,
                target.defaults.judge_max_new_tokens), seed=seed, meta=meta)
+    return report_summary(judge_with(spec, target, items, store, args, api_key, run), store.path, max_rate)
 
+
+def judge_with(spec: JudgeSpec, target: Target, items, store: JudgmentStore, args: argparse.Namespace,
+               api_key: Optional[str], run: dict) -> Summary:
+    """Judge `items` into `store` with the judge `spec` names, through the backend and call flags (`args`) of this
+    command's parser; `run` holds run_judging's samples, temperature, max_tokens, seed and meta. eval.audit uses
+    it too, so an audit's calls go through the same prompts, retries and failure records as the judge's."""
+    constrained = args.constrain == "rating" or (args.constrain == "auto" and spec.kind != "openai")
+    retry = RetrySettings(timeout=args.request_timeout, max_attempts=args.max_attempts, backoff=args.backoff)
     if spec.kind == "openai":
         backend = EndpointBackend(OpenAIJudge(spec, api_key, retry), args.concurrency, constrained)
-        summary = run_judging(items, store, backend, **run)
-    elif spec.kind == "serve":
-        summary = _judge_served(spec, target, items, store, retry, args, constrained, run)
-    else:
-        summary = _judge_local(spec, target, items, store, args, constrained, run)
-    return _report(summary, store.path, max_rate)
+        return run_judging(items, store, backend, **run)
+    if spec.kind == "serve":
+        return _judge_served(spec, target, items, store, retry, args, constrained, run)
+    return _judge_local(spec, target, items, store, args, constrained, run)
 
 
 def _check_settings(samples: int, temperature: float, max_rate: float, args: argparse.Namespace) -> None:
@@ -155,12 +160,19 @@ def _check_settings(samples: int, temperature: float, max_rate: float, args: arg
                         f"repeats the first")
     if not 0.0 <= max_rate <= 1.0:
         raise EvalError(f"--max-failure-rate is {max_rate}; expected a fraction between 0 and 1")
+    check_call_flags(args)
+
+
+def check_call_flags(args: argparse.Namespace) -> None:
+    """The request flags every judging command shares (--concurrency, --max-attempts, --request-timeout,
+    --backoff)."""
     if args.concurrency < 1 or args.max_attempts < 1 or args.request_timeout <= 0 or args.backoff < 0:
         raise EvalError("--concurrency and --max-attempts must be >= 1, --request-timeout > 0, --backoff >= 0 "
                         f"(got {args.concurrency}, {args.max_attempts}, {args.request_timeout}, {args.backoff})")
 
 
-def _probe(spec: JudgeSpec, api_key: Optional[str], timeout: float) -> None:
+def probe_judge(spec: JudgeSpec, api_key: Optional[str], timeout: float) -> None:
+    """An endpoint judge that is down or does not serve the model fails here, before any call."""
     served = probe_models(spec.base_url or "", api_key, min(timeout, 30.0))
     if served and spec.model not in served:
         raise EvalError(f"judge endpoint {spec.base_url} does not serve model {spec.model!r}; it serves "
@@ -179,7 +191,7 @@ def _items(target: Target, answers_path: Path, questions, references, prompts, a
               f"judged (first: {unanswered[:5]})", file=sys.stderr)
     other = None
     if against:
-        other = (_model_id_of(Path(against)), load_answers(against))
+        other = (model_id_of(Path(against)), load_answers(against))
     return build_items(questions, answers, target.model_id, prompts, references, other)
 
 
@@ -198,7 +210,7 @@ def _check_outside_limit(answers, answers_path: Path, questions, all_questions, 
             f"answers with limit {len(questions)}")
 
 
-def _model_id_of(path: Path) -> str:
+def model_id_of(path: Path) -> str:
     from eval.common import read_jsonl
 
     rows = read_jsonl(path, "answers")
@@ -213,7 +225,7 @@ def _judge_served(spec, target, items, store, retry, args, constrained, run) -> 
     with VllmServer(model_dir, served_name=spec.judge_id, log_path=log, dtype=args.dtype,
                     max_model_len=args.max_model_len, startup_timeout=args.serve_timeout) as server:
         served = JudgeSpec("openai", spec.judge_id, server.base_url)
-        _probe(served, None, args.request_timeout)
+        probe_judge(served, None, args.request_timeout)
         backend = EndpointBackend(OpenAIJudge(served, None, retry), args.concurrency, constrained)
         return run_judging(items, store, backend, **run)
 
@@ -231,7 +243,7 @@ def _judge_local(spec, target, items, store, args, constrained, run) -> Summary:
         backend.close()
 
 
-def _report(summary: Summary, path: Path, max_rate: float) -> int:
+def report_summary(summary: Summary, path: Path, max_rate: float) -> int:
     reasons = ", ".join(f"{k}: {v}" for k, v in sorted(summary.by_reason.items())) or "none"
     print(f"judged {summary.items} items: {summary.calls} calls ({summary.new_calls} made now), "
           f"{summary.failed_calls} failed ({summary.failure_share:.1%}; {reasons}); judgments in {path}")

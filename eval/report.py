@@ -24,6 +24,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Optional
 
+from eval.auditing.section import audit_markdown, load_audit, requirement_problems
 from eval.common import EvalError, atomic_write_json, atomic_write_text
 from eval.judging.engine import JudgmentStore
 from eval.questions import MT_BENCH_CATEGORIES, load_answers
@@ -32,7 +33,7 @@ from eval.target import Target, read_merge_report, resolve_target, share_text
 from launch.rundir import MERGE_REPORT
 
 SLICES = {"turn1": (1,), "turn2": (2,), "all": (1, 2)}
-EXIT_OK, EXIT_BAD_INPUT = 0, 2
+EXIT_OK, EXIT_JUDGE_BELOW_REQUIREMENT, EXIT_BAD_INPUT = 0, 1, 2
 
 
 @dataclass
@@ -186,6 +187,8 @@ def summarize(judged: Judged, seed: int, resamples: int) -> dict[str, Any]:
         "failures": failures(rows, judged.expected),
         "checkpoint": checkpoint_summary(judged.target),
     }
+    judge_id = report["judge"]["id"]
+    report["audit"] = load_audit(judged.target.out.root, judge_id) if isinstance(judge_id, str) else None
     if judged.pair_rows:
         report["pairwise"] = _pairwise(judged.pair_rows)
     return report
@@ -233,6 +236,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--resamples", type=int, default=DEFAULT_RESAMPLES, help="bootstrap resamples")
     p.add_argument("--fastchat", metavar="DIR", help="also write FastChat-readable judgments and answers under DIR "
                    "(model_judgment/, model_answer/; see eval/fastchat.py)")
+    p.add_argument("--max-position-inconsistency", type=float, metavar="SHARE",
+                   help="fail (exit 1) when the judge's audited position inconsistency is above SHARE, or unmeasured")
+    p.add_argument("--min-kappa", type=float, metavar="K",
+                   help="fail (exit 1) when an audited κ (repeatability, labels) is below K, or none was measured")
     return p
 
 
@@ -250,7 +257,8 @@ def _write_report(rep: dict[str, Any], folder: Path) -> Path:
 
     folder.mkdir(parents=True, exist_ok=True)
     atomic_write_json(folder / "report.json", rep)
-    atomic_write_text(folder / "report.md", report_markdown(rep) + checkpoint_markdown(rep))
+    atomic_write_text(folder / "report.md", report_markdown(rep) + checkpoint_markdown(rep)
+                      + audit_markdown(rep.get("audit")))
     report_png(rep, folder / "report.png")
     return folder / "report.md"
 
@@ -260,6 +268,11 @@ def _run(args: argparse.Namespace) -> int:
 
     if args.resamples < 100:
         raise EvalError(f"--resamples is {args.resamples}; expected at least 100 for a 95% interval")
+    if args.max_position_inconsistency is not None and not 0 <= args.max_position_inconsistency <= 1:
+        raise EvalError(f"--max-position-inconsistency is {args.max_position_inconsistency}; expected a share "
+                        f"from 0 to 1")
+    if args.min_kappa is not None and not -1 <= args.min_kappa <= 1:
+        raise EvalError(f"--min-kappa is {args.min_kappa}; expected a κ from -1 to 1")
     ids = args.model_id or []
     if ids and len(ids) != len(args.targets):
         raise EvalError(f"--model-id was given {len(ids)} times for {len(args.targets)} TARGETs; give one per TARGET")
@@ -273,7 +286,7 @@ def _run(args: argparse.Namespace) -> int:
     if len(targets) == 1:
         folder = Path(args.out) if args.out else targets[0].out.root
         print(f"report: {_write_report(reports[0], folder)}")
-        return EXIT_OK
+        return _judge_requirements(reports, args)
     judges = {r["judge"]["id"] if isinstance(r["judge"]["id"], str) else str(r["judge"]["id"]) for r in reports}
     if len(judges) > 1:
         raise EvalError(f"the TARGETs were graded by different judges ({sorted(judges)}); compare scores of one "
@@ -296,7 +309,17 @@ def _run(args: argparse.Namespace) -> int:
     atomic_write_text(out / "comparison.md", comparison_markdown(cmp) + "\n" + heldout_markdown(cmp))
     comparison_png(reports, out / "comparison.png")
     print(f"comparison: {out / 'comparison.md'}")
-    return EXIT_OK
+    return _judge_requirements(reports, args)
+
+
+def _judge_requirements(reports: list[dict[str, Any]], args: argparse.Namespace) -> int:
+    """Exit 1, naming each shortfall, when an audited figure misses what --max-position-inconsistency or
+    --min-kappa requires (the reports are written either way, with the figures in them)."""
+    problems = [f"{rep['model']}: {p}" for rep in reports
+                for p in requirement_problems(rep.get("audit"), args.max_position_inconsistency, args.min_kappa)]
+    for p in problems:
+        print(f"error: judge below requirement: {p}", file=sys.stderr)
+    return EXIT_JUDGE_BELOW_REQUIREMENT if problems else EXIT_OK
 
 
 if __name__ == "__main__":

@@ -8,6 +8,8 @@ The fake judge reads markers that the test wrote into the answers, so one server
     FAIL=garbage      HTTP 200 with a non-JSON body   FAIL=empty  empty message content
     FAIL=norating     prose without a rating    FAIL=two    two different ratings
 Pairwise prompts get [[A]]/[[B]]/[[C]] by comparing the RATE values of the two assistants.
+A `script` (prompt, n-th request for it) → reply text replaces all of this: judges of known behaviour for the
+audit (always_first, by_length, random_judge below).
 Only mock of this project: the judge is a paid/networked API in real use.
 """
 
@@ -23,7 +25,7 @@ from collections import Counter
 from dataclasses import dataclass, field
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable, Optional
 
 _RATE = re.compile(r"RATE=(\d+(?:\.\d+)?)")
 _FAIL = re.compile(r"FAIL=([a-z0-9]+?)(?:x(\d+))?\b")
@@ -48,6 +50,7 @@ class FakeJudgeServer:
     model: str = "fake-judge"
     sleep_s: float = 1.5
     delay_s: float = 0.0
+    script: Optional[Callable[[str, int], str]] = None
     requests: list[Seen] = field(default_factory=list)
     _counts: Counter = field(default_factory=Counter)
     _lock: threading.Lock = field(default_factory=threading.Lock)
@@ -92,6 +95,8 @@ class FakeJudgeServer:
     def _decide(self, prompt: str, count: int, body: dict[str, Any]) -> tuple[int, bytes, dict[str, str]]:
         if self.delay_s:
             time.sleep(self.delay_s)
+        if self.script is not None:
+            return 200, _completion(self.model, self.script(prompt, count)), {}
         fail = _FAIL.search(prompt)
         if fail:
             what, times = fail.group(1), int(fail.group(2) or 10**9)
@@ -124,6 +129,22 @@ def _verdict(prompt: str) -> str:
         return "Compared. " + ("[[A]]" if a > b else "[[B]]" if b > a else "[[C]]")
     rating = rates[-1] if rates else 5
     return f"The reply is adequate. Rating: [[{rating:g}]]"
+
+
+def always_first(prompt: str, count: int) -> str:
+    """Prefers whichever answer it is shown first; scores every single answer 5."""
+    return "Compared. [[A]]" if "[[A]]" in prompt else "Rating: [[5]]"
+
+
+def by_length(prompt: str, count: int) -> str:
+    """Scores by the prompt's length: a longer answer scores higher, one point per 100 characters (single only)."""
+    return f"Rating: [[{max(1, min(10, (len(prompt) - 600) // 100))}]]"
+
+
+def random_judge(prompt: str, count: int) -> str:
+    """A verdict or a score drawn from a hash of the prompt and the request's count: random, yet reproducible."""
+    draw = int(hashlib.sha256(f"{count}:{prompt}".encode()).hexdigest(), 16)
+    return f"[[{'ABC'[draw % 3]}]]" if "[[A]]" in prompt else f"Rating: [[{1 + draw % 10}]]"
 
 
 def _completion(model: str, content: str) -> bytes:
