@@ -15,7 +15,8 @@ import pytest
 
 REPO = Path(__file__).resolve().parents[1]
 COMMANDS = {"sspeft-train": "launch.train", "sspeft-merge": "launch.merge", "sspeft-generate": "eval.generate",
-            "sspeft-judge": "eval.judge", "sspeft-audit": "eval.audit", "sspeft-report": "eval.report", "sspeft-submit": "slurm.submit"}
+            "sspeft-judge": "eval.judge", "sspeft-audit": "eval.audit",
+            "sspeft-report": "eval.report", "sspeft-submit": "slurm.submit"}
 
 
 def _scripts() -> dict[str, str]:

@@ -87,28 +87,40 @@ def length_figures(store: JudgmentStore, single: list[Item], padded: list[Item],
             "padding_score_change": bootstrap_statistic(changes, _mean, seed, "audit/padding_change")}
 
 
+def _sample_outcomes(store: JudgmentStore, item: Item) -> list[str]:
+    """The outcome for the first model of each sample index: sample i in order AB against sample i in BA, an
+    inconsistent pair a tie (as the judge's own outcome treats the two orders)."""
+    out = []
+    for x, y in zip(_values(store, item, "AB"), _values(store, item, "BA")):
+        if x is not None and y is not None:
+            out.append(OUTCOME["AB"][x] if OUTCOME["AB"][x] == OUTCOME["BA"][y] else "tie")
+    return out
+
+
 def label_figures(labels: Labels, store: JudgmentStore, single: list[Item], pair: list[Item],
                   seed: int) -> dict[str, Any]:
-    """The judge against reference labels on the audited items; `labels_matched_share` is the share of the labels
+    """The judge against reference labels on the audited items, one comparison per label and judge sample (a
+    single judgment is what is audited, not the median of K); `labels_matched_share` is the share of the labels
     about this model that fell on an audited item the judge gave a verdict for."""
     if labels.kind == "pair":
         if not pair:
             return {"labels": str(labels.path), "kind": "pair", "labels_about_model": 0, "labels_matched": 0,
                     "labels_matched_share": None}
         model, other = pair[0].model, pair[0].model_b
-        judged = {(i.question.question_id, i.turn): (store.rows.get(i.key) or {}).get("outcome") for i in pair}
+        judged = {(i.question.question_id, i.turn): _sample_outcomes(store, i) for i in pair}
         relevant = [(r, r.outcome_for(model, other)) for r in labels.rows]
         relevant = [(r, o) for r, o in relevant if o is not None]
     else:
         model = single[0].model
-        judged = {(i.question.question_id, i.turn): (store.rows.get(i.key) or {}).get("score") for i in single}
+        judged = {(i.question.question_id, i.turn): [float(v) for v in _values(store, i, "single") if v is not None]
+                  for i in single}
         relevant = [(r, r.score) for r in labels.rows if r.model in (None, model)]
     groups: dict[Any, list] = defaultdict(list)
+    matched = 0
     for r, label in relevant:
-        verdict = judged.get((r.question_id, r.turn))
-        if verdict is not None:
-            groups[r.question_id].append((verdict, label))
-    matched = sum(len(v) for v in groups.values())
+        verdicts = judged.get((r.question_id, r.turn)) or []
+        matched += bool(verdicts)
+        groups[r.question_id] += [(v, label) for v in verdicts]
     out: dict[str, Any] = {"labels": str(labels.path), "kind": labels.kind, "labels_about_model": len(relevant),
                            "labels_matched": matched,
                            "labels_matched_share": round(matched / len(relevant), 4) if relevant else None,
