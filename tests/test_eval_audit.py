@@ -214,3 +214,21 @@ def test_spearman_with_ties():
     rx, ry = np.array([1, 2.5, 2.5, 4]), np.array([1, 2, 3, 4])
     assert spearman([1, 2, 2, 5], [10, 20, 30, 40]) == pytest.approx(np.corrcoef(rx, ry)[0, 1])
     assert spearman([1, 2, 3], [5, 5, 5]) is None
+
+
+def test_self_preference_warning(tmp_path):
+    from eval.auditing.family import self_preference
+    from eval.judging.spec import parse_judge_spec
+    from eval.target import resolve_target
+
+    smol = resolve_target("smollm2", str(tmp_path / "out"), None)
+    same = self_preference(parse_judge_spec("local:smollm2"), smol)
+    assert same["warning"] and "share the family smollm" in same["reasons"][0]
+    assert not self_preference(parse_judge_spec("openai:gpt-4o@http://127.0.0.1:1/v1"), smol)["warning"]
+    for name, kind in (("judge", "llama"), ("model", "llama"), ("other", "qwen2")):
+        (tmp_path / name).mkdir()
+        (tmp_path / name / "config.json").write_text(json.dumps({"model_type": kind}))
+    model = resolve_target(str(tmp_path / "model"), str(tmp_path / "out"), None)
+    arch = self_preference(parse_judge_spec(f"local:{tmp_path / 'judge'}"), model)
+    assert arch["reasons"] == ["judge and model have the same architecture (config model_type 'llama')"]
+    assert not self_preference(parse_judge_spec(f"local:{tmp_path / 'other'}"), model)["warning"]

@@ -41,6 +41,8 @@ def _judged(target: Target) -> tuple[list[str], dict[str, Any]]:
         folders.append(target.base_model[1])
     if target.run is not None:
         folders += [target.run.merged, target.run.root]
+    if target.model_spec and Path(target.model_spec).expanduser().is_dir():
+        folders.append(Path(target.model_spec).expanduser())
     config = next((c for c in map(_config, folders) if c), {})
     return [n for n in names if n] + [config.get("_name_or_path", "")], config
 
