@@ -28,7 +28,7 @@ from eval.auditing.figures import audit_failures, label_figures, length_figures,
     repeatability_single
 from eval.auditing.labels import Labels, labelled_questions, load_labels
 from eval.auditing.probes import AuditItems, audit_items, sample_questions
-from eval.common import EvalError, Terminated, atomic_write_json, terminate_on_signals
+from eval.common import EvalError, atomic_write_json
 from eval.judging.api_client import api_key_for
 from eval.judging.engine import JudgmentStore
 from eval.judging.prompts import load_prompt_set
@@ -61,17 +61,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: Optional[list[str]] = None) -> int:
-    args = build_parser().parse_args(argv)
-    try:
-        with terminate_on_signals():
-            return _run(args)
-    except EvalError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return judge.EXIT_BAD_INPUT
-    except KeyboardInterrupt as e:
-        what = f"stopped by {e}" if isinstance(e, Terminated) else "interrupted"
-        print(f"{what}: audit calls so far are saved; rerun the same command to continue", file=sys.stderr)
-        return e.exit_status if isinstance(e, Terminated) else judge.EXIT_INTERRUPTED
+    return judge.run_guarded(_run, build_parser().parse_args(argv), "audit calls")
 
 
 def _settings(args: argparse.Namespace, target: Target, judge_id: str) -> dict[str, Any]:

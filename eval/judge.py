@@ -19,6 +19,7 @@ import argparse
 import os
 import sys
 from pathlib import Path
+from collections.abc import Callable
 from typing import Optional
 
 from eval.common import EvalError, Terminated, terminate_on_signals
@@ -86,16 +87,21 @@ def _choose(value, default):
 
 
 def main(argv: Optional[list[str]] = None) -> int:
-    args = build_parser().parse_args(argv)
+    return run_guarded(_run, build_parser().parse_args(argv), "judgments")
+
+
+def run_guarded(run: Callable[[argparse.Namespace], int], args: argparse.Namespace, saved: str) -> int:
+    """`run(args)` with a judging command's exit statuses: 2 for bad input, 130 when interrupted, 143/129 on
+    SIGTERM/SIGHUP (`saved`, what a rerun continues from, is named)."""
     try:
         with terminate_on_signals():
-            return _run(args)
+            return run(args)
     except EvalError as e:
         print(f"error: {e}", file=sys.stderr)
         return EXIT_BAD_INPUT
     except KeyboardInterrupt as e:
         what = f"stopped by {e}" if isinstance(e, Terminated) else "interrupted"
-        print(f"{what}: judgments so far are saved; rerun the same command to continue", file=sys.stderr)
+        print(f"{what}: {saved} so far are saved; rerun the same command to continue", file=sys.stderr)
         return e.exit_status if isinstance(e, Terminated) else EXIT_INTERRUPTED
 
 
