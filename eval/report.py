@@ -314,8 +314,11 @@ def _run(args: argparse.Namespace) -> int:
 
 def _judge_requirements(reports: list[dict[str, Any]], args: argparse.Namespace) -> int:
     """Exit 1, naming each shortfall, when an audited figure misses what --max-position-inconsistency or
-    --min-kappa requires (the reports are written either way, with the figures in them)."""
-    problems = [f"{rep['model']}: {p}" for rep in reports
+    --min-kappa requires (the reports are written either way, with the figures in them). The TARGETs share one
+    judge, so the audits found (usually the tuned run's, pairwise against its baseline) speak for it; with none,
+    a requirement fails as unmeasured."""
+    audited = [rep for rep in reports if rep.get("audit")] or reports
+    problems = [f"{rep['model']}: {p}" for rep in audited
                 for p in requirement_problems(rep.get("audit"), args.max_position_inconsistency, args.min_kappa)]
     for p in problems:
         print(f"error: judge below requirement: {p}", file=sys.stderr)

@@ -161,6 +161,14 @@ def test_report_shows_audit_and_fails_below_requirements(runs, capsys):
     err = capsys.readouterr().err
     assert "position inconsistency 1.00 is above --max-position-inconsistency 0.2" in err
     assert "--min-kappa 0.4: no κ was measured (κ undefined)" in err  # the judge gave 5 to everything
+    # baseline and run: the run's pairwise audit speaks for the judge both were graded by
+    with FakeJudgeServer(script=always_first) as server:
+        assert judge_main([str(base), "--judge", f"openai:{server.model}@{server.base_url}",
+                           "--questions", str(root / "questions.jsonl"), *FAST]) == 0
+    assert report_main([str(base), str(root), "--resamples", "200", "--max-position-inconsistency", "0.2"]) == 1
+    err = capsys.readouterr().err
+    assert "tuned: position inconsistency 1.00" in err and "base:" not in err
+    assert "Judge audit: not audited" in (base / "report.md").read_text()
 
 
 def test_bad_input_is_refused_before_any_call(runs, tmp_path, capsys):
