@@ -21,13 +21,14 @@ import sys
 from pathlib import Path
 from typing import Optional
 
-from eval.common import EvalError, Terminated, terminate_on_signals
+from eval.common import EvalError, Terminated, check_file_id, terminate_on_signals
 from eval.judging.api_client import EndpointBackend, OpenAIJudge, RetrySettings, api_key_for, probe_models
 from eval.judging.engine import JudgmentStore, Summary, build_items, run_judging
 from eval.judging.prompts import load_prompt_set
 from eval.judging.spec import JudgeSpec, parse_judge_spec
 from eval.questions import DEFAULT_QUESTIONS, check_limit, load_answers, load_questions, load_references
 from eval.target import Target, resolve_judge_model, resolve_target
+from launch.credentials import redact
 
 EXIT_OK, EXIT_FAILURES, EXIT_BAD_INPUT, EXIT_INTERRUPTED = 0, 1, 2, 130
 DEFAULT_JUDGE = "local:smollm2"
@@ -99,6 +100,8 @@ def main(argv: Optional[list[str]] = None) -> int:
 
 
 def _run(args: argparse.Namespace) -> int:
+    if args.judge_id is not None:
+        check_file_id("--judge-id", args.judge_id, "judgments/<judge_id>_single.jsonl")
     target = resolve_target(args.target, args.out, args.model_id)
     d = target.defaults
     spec = parse_judge_spec(args.judge or d.judge or DEFAULT_JUDGE)
@@ -130,7 +133,7 @@ def _run(args: argparse.Namespace) -> int:
     judge_id = args.judge_id or spec.judge_id
     kind = "pair" if args.against else "single"
     store = JudgmentStore(target.out.judgments_file(judge_id, kind))
-    meta = {"judge": judge_id, "judge_spec": str(spec), "prompts_source": prompts.source, "samples": samples,
+    meta = {"judge": judge_id, "judge_spec": redact(str(spec)), "prompts_source": prompts.source, "samples": samples,
             "judge_temperature": temperature, "seed": seed}
     run = dict(samples=samples, temperature=temperature, max_tokens=_choose(args.judge_max_tokens,
                target.defaults.judge_max_new_tokens), seed=seed, meta=meta)

@@ -29,6 +29,7 @@ from typing import Any, Literal, Optional, Union
 
 import yaml
 
+from launch.credentials import refusal
 from launch.rundir import RunDir, atomic_write_text
 
 # PEFT bookkeeping fields that a recipe must not set (the trainer fills them in)
@@ -340,6 +341,9 @@ def _resolve_one(section: str, key: str, value: Any, base: Path) -> Any:
     if not isinstance(value, str) or not value:
         return value
     if (section, key) == ("eval", "judge"):
+        problem = refusal("eval.judge", value)
+        if problem:
+            raise RecipeError(problem)
         prefix, sep, rest = value.partition(":")
         if sep and prefix in ("local", "serve") and rest:
             return f"{prefix}:{_resolve_one('', 'path', rest, base)}"

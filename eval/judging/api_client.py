@@ -14,6 +14,7 @@ its reason and whether a later rerun may try it again.
 from __future__ import annotations
 
 import ipaddress
+import re
 import threading
 import urllib.parse
 from collections.abc import Callable
@@ -24,6 +25,9 @@ from eval.common import EvalError
 from eval.judging.calls import CallRequest, CallResult
 from eval.judging.spec import JudgeSpec
 from eval.judging.verdicts import RATING_REGEX, VERDICT_REGEX
+
+
+_ENV_NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_]*")
 
 
 def is_loopback(url: str) -> bool:
@@ -37,7 +41,12 @@ def is_loopback(url: str) -> bool:
 
 
 def api_key_for(spec: JudgeSpec, env_name: str, environ: dict[str, str]) -> Optional[str]:
-    """The API key from `env_name`; required for non-loopback endpoints; never written anywhere."""
+    """The API key from `env_name`; required for non-loopback endpoints; never written anywhere. `env_name` must
+    look like a variable name: a key given in its place is refused without being echoed."""
+    if not _ENV_NAME.fullmatch(env_name):
+        raise EvalError(f"--api-key-env takes the NAME of an environment variable (letters, digits and '_', not "
+                        f"starting with a digit), e.g. OPENAI_API_KEY; the value given ({len(env_name)} characters, "
+                        f"not shown in case it is a key) is not such a name")
     key = environ.get(env_name) or None
     if spec.kind == "openai" and key is None and not is_loopback(spec.base_url or ""):
         raise EvalError(f"judge endpoint {spec.base_url} is not on this machine and the environment variable "
