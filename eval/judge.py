@@ -51,7 +51,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--max-failure-rate", type=float, help="largest failed share of calls for exit status 0")
     p.add_argument("--api-key-env", default="OPENAI_API_KEY", help="variable holding the API key")
     p.add_argument("--concurrency", type=int, default=8, help="requests in flight at once (endpoints)")
-    p.add_argument("--request-timeout", type=float, default=120.0, help="seconds per request")
+    p.add_argument("--request-timeout", type=float, default=120.0,
+                   help="seconds one attempt of a request may take in all, connect to last byte (a call ends within "
+                        "--max-attempts times this plus the backoff waits)")
     p.add_argument("--max-attempts", type=int, default=4, help="attempts per request (retryable errors only)")
     p.add_argument("--backoff", type=float, default=1.0, help="first wait between attempts, doubling")
     p.add_argument("--strict-categories", action="store_true", help="an unknown category is an error")

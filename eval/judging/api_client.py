@@ -59,8 +59,12 @@ def probe_models(base_url: str, api_key: Optional[str], timeout: float) -> list[
     OpenAI's API."""
     import openai
 
+    from eval.judging.deadline import DeadlineTransport
+
     url = base_url.rstrip("/") + "/models"
-    client = openai.OpenAI(base_url=base_url, api_key=api_key or "EMPTY", max_retries=0, timeout=timeout)
+    http = openai.DefaultHttpxClient(timeout=timeout, transport=DeadlineTransport(timeout, base_url))
+    client = openai.OpenAI(base_url=base_url, api_key=api_key or "EMPTY", max_retries=0, timeout=timeout,
+                           http_client=http)
     try:
         return [str(m.id) for m in client.models.list()]
     except openai.APIStatusError as e:
@@ -81,7 +85,8 @@ class RetrySettings:
     """How one judge request is attempted (by the openai client)."""
 
     timeout: float = 120.0
-    """Seconds before one request counts as timed out."""
+    """Seconds one attempt may take in all, from connecting to the last byte of the reply (eval.judging.deadline);
+    a call ends within max_attempts x timeout plus the backoff waits."""
     max_attempts: int = 4
     """Attempts per request, the first included; only retryable failures are retried."""
     backoff: float = 0.5
@@ -123,6 +128,8 @@ def _client(base_url: str, api_key: Optional[str], settings: RetrySettings, on_r
     """An openai client that retries by itself and reports every request it sends to `on_request`."""
     import openai
 
+    from eval.judging.deadline import DeadlineTransport
+
     class Client(openai.OpenAI):
         # the client's backoff starts at 0.5 s; --backoff rescales it (a server's Retry-After is left as it is)
         def _calculate_retry_timeout(self, remaining_retries, options, response_headers=None):
@@ -131,7 +138,8 @@ def _client(base_url: str, api_key: Optional[str], settings: RetrySettings, on_r
                 return wait  # the server's Retry-After, as the client follows it
             return wait * settings.backoff / 0.5
 
-    http = openai.DefaultHttpxClient(event_hooks={"request": [on_request]}, timeout=settings.timeout)
+    http = openai.DefaultHttpxClient(event_hooks={"request": [on_request]}, timeout=settings.timeout,
+                                     transport=DeadlineTransport(settings.timeout, base_url))
     return Client(base_url=base_url, api_key=api_key or "EMPTY", max_retries=settings.max_attempts - 1,
                   timeout=settings.timeout, http_client=http)
 

@@ -19,6 +19,7 @@ from pathlib import Path
 from typing import Any, Optional
 
 from eval.common import EvalError, digest, read_jsonl_lines, write_jsonl
+from eval.filelock import file_lock
 from eval.judging.calls import Backend, CallRequest, CallResult
 from eval.judging.prompts import JudgePrompt, PromptSet, kind_for
 from eval.judging.verdicts import extract_rating, extract_verdict
@@ -164,25 +165,36 @@ def combine(item: Item, samples: dict[str, list[Optional[Sample]]]) -> dict[str,
 class JudgmentStore:
     """The judgments file: rows keyed by (model, model_b, question, turn). Each finished call appends its item's row
     (a later row of a key supersedes earlier ones); `compact` rewrites the file atomically, one row per key in item
-    order. A last line cut short by a kill is dropped on reading (its calls are repeated)."""
+    order. A last line cut short by a kill is dropped on reading (its calls are repeated).
+
+    Several processes may judge into one file (two models of one run directory): every append and rewrite holds
+    the file's cross-process lock (eval.filelock), and a rewrite starts from the rows on disk, so rows another
+    process wrote are kept."""
 
     def __init__(self, path: Path) -> None:
         self.path = Path(path)
         self.rows: dict[tuple, dict[str, Any]] = {}
         self.compacted = True
         if self.path.exists():
-            lines = read_jsonl_lines(self.path, "judgments", torn_tail_ok=True)
-            for lineno, row, _ in lines:
-                try:
-                    key = (row["model"], row.get("model_b"), row["question_id"], row["turn"])
-                except KeyError as e:
-                    raise EvalError(f"judgments file {self.path} line {lineno}: missing field {e}; delete the "
-                                    f"file to judge again from scratch") from e
-                self.compacted &= key not in self.rows
-                self.rows[key] = row
-            self.compacted &= all(ends for _, _, ends in lines) and self.path.read_bytes().endswith(b"\n")
+            self.rows, self.compacted = self._read()
         self._lock = threading.Lock()
         self._order: dict[tuple, int] = {}
+
+    def _read(self) -> tuple[dict[tuple, dict[str, Any]], bool]:
+        """(the latest row per key on disk, whether the file is already compact: one row per key, whole lines)."""
+        rows: dict[tuple, dict[str, Any]] = {}
+        compact = True
+        lines = read_jsonl_lines(self.path, "judgments", torn_tail_ok=True)
+        for lineno, row, _ in lines:
+            try:
+                key = (row["model"], row.get("model_b"), row["question_id"], row["turn"])
+            except KeyError as e:
+                raise EvalError(f"judgments file {self.path} line {lineno}: missing field {e}; delete the "
+                                f"file to judge again from scratch") from e
+            compact &= key not in rows
+            rows[key] = row
+        compact &= all(ends for _, _, ends in lines) and self.path.read_bytes().endswith(b"\n")
+        return rows, compact
 
     def order_like(self, items: list[Item]) -> None:
         """Write rows of these items in this order (others after them), whatever order calls finish in."""
@@ -213,11 +225,10 @@ class JudgmentStore:
                "calls": {v: [s.to_dict() if s else None for s in ss] for v, ss in samples.items()},
                "tstamp": time.time()}
         line = (json.dumps(row, ensure_ascii=False) + "\n").encode("utf-8")
-        with self._lock:
+        with self._lock, file_lock(self.path):
             if not self.compacted:
                 self._compact_locked()
             self.rows[item.key] = row
-            self.path.parent.mkdir(parents=True, exist_ok=True)
             # one write of the whole line, flushed before the next call is stored: a kill leaves at most one
             # torn last line, which reading drops
             with self.path.open("ab") as f:
@@ -225,15 +236,18 @@ class JudgmentStore:
             self.compacted = False
 
     def compact(self) -> None:
-        """Rewrite the file atomically: one row per key (the latest), in item order."""
-        with self._lock:
+        """Rewrite the file atomically: one row per key (the latest on disk, whoever wrote it), in item order."""
+        if not self.rows and not self.path.exists():
+            return
+        with self._lock, file_lock(self.path):
             self._compact_locked()
 
     def _compact_locked(self) -> None:
-        if not self.rows and not self.path.exists():
-            return
+        # start from the file: another process may have appended rows since this one last read it
+        on_disk = self._read()[0] if self.path.exists() else {}
+        merged = on_disk | {key: row for key, row in self.rows.items() if key not in on_disk}
         last = len(self._order)
-        ordered = sorted(self.rows.items(), key=lambda kv: self._order.get(kv[0], last))
+        ordered = sorted(merged.items(), key=lambda kv: self._order.get(kv[0], last))
         self.rows = dict(ordered)
         write_jsonl(self.path, (r for _, r in ordered))
         self.compacted = True
