@@ -8,9 +8,10 @@
 Every conversation goes through the run's template.jinja (the one training used). Turn 2 is answered with
 turn 1 and its answer in context. Temperatures follow MT-Bench per category (writing/roleplay 0.7, stem/humanities
 0.1, others 0; unknown categories 0.7 unless --strict-categories); --temperature overrides them all. Answers go
-to answers/<model_id>.jsonl, rewritten atomically after each batch; a rerun skips answered questions (delete the
-file to answer again). A merged checkpoint whose merge_report.json says it lost the trained ΔW is refused unless
---allow-lossy. Exit status 0 on success, 2 for bad input.
+to answers/<model_id>.jsonl, rewritten atomically after each batch; a rerun skips questions answered to the same
+text (each answer records a hash of its question's turns: a question whose turns changed is answered again, and the
+rerun says which; delete the file to answer all again). A merged checkpoint whose merge_report.json says it lost the
+trained ΔW is refused unless --allow-lossy. Exit status 0 on success, 2 for bad input.
 """
 
 from __future__ import annotations

@@ -16,6 +16,7 @@ The API key is read from --api-key-env (needed only for non-loopback URLs) and n
 from __future__ import annotations
 
 import argparse
+import math
 import os
 import sys
 from pathlib import Path
@@ -160,9 +161,12 @@ def _check_settings(samples: int, temperature: float, max_rate: float, args: arg
                         f"repeats the first")
     if not 0.0 <= max_rate <= 1.0:
         raise EvalError(f"--max-failure-rate is {max_rate}; expected a fraction between 0 and 1")
-    if args.concurrency < 1 or args.max_attempts < 1 or args.request_timeout <= 0 or args.backoff < 0:
-        raise EvalError("--concurrency and --max-attempts must be >= 1, --request-timeout > 0, --backoff >= 0 "
-                        f"(got {args.concurrency}, {args.max_attempts}, {args.request_timeout}, {args.backoff})")
+    # a NaN fails every comparison, so the ranges are written to be true only for finite values
+    if args.concurrency < 1 or args.max_attempts < 1 or not 0 < args.request_timeout < math.inf \
+            or not 0 <= args.backoff < math.inf:
+        raise EvalError("--concurrency and --max-attempts must be >= 1, --request-timeout a finite number > 0, "
+                        f"--backoff a finite number >= 0 (got {args.concurrency}, {args.max_attempts}, "
+                        f"{args.request_timeout}, {args.backoff})")
 
 
 def _probe(spec: JudgeSpec, api_key: Optional[str], timeout: float) -> None:

@@ -1,0 +1,326 @@
+"""Failure classes of the eval stages, each with its reproduction and rows of a table:
+
+- answers are resumed only for the same question text (a hash of its turns), changed ones are answered again;
+- a judge request is bounded as a whole (a server that drips one byte at a time cannot hold it);
+- a credential inside a judge URL is refused everywhere the URL enters (eval.judge, recipes, Slurm), no message
+  echoes it, and a stored spec that holds one (an older judgments file) is redacted in reports;
+- two judges writing one judgments file (two models, two processes) keep every row of both;
+- ids and sizes from the command line are checked before anything is read, written or allocated.
+
+Table rows assert exit status 2, a message naming the flag/field and what was expected, that a secret in the input
+appears nowhere in the output, and that no file was created or changed (hashes before and after).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import json
+import os
+import re
+import subprocess
+import sys
+import time
+from contextlib import redirect_stderr, redirect_stdout
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable
+
+import pytest
+import yaml
+
+from drip_server import DripServer
+from eval_helpers import FakeJudgeServer, make_questions, make_run, write_jsonl
+
+SECRET = "sk-TOPSECRET0123456789"
+REPO = Path(__file__).resolve().parent.parent
+
+
+# ---------------------------------------------------------------- the table
+@dataclass
+class Row:
+    id: str
+    cli: str
+    """judge | report | generate | submit"""
+    args: Callable[[Path, str], list[str]]
+    """(case folder, a live fake judge's URL) → argv"""
+    expect: tuple[str, ...]
+    """Regexes that must all appear in the output."""
+
+
+def _judged_run(d: Path) -> Path:
+    """A run-shaped folder with answers and one judgments file (as eval.judge writes it)."""
+    root = make_run(d / "run")
+    rows = [{"question_id": q["question_id"], "model": "tuned", "model_b": None, "turn": t, "category": q["category"],
+             "judge": "fake-judge", "judge_spec": "openai:fake-judge@http://127.0.0.1:9/v1", "score": 5.0,
+             "calls": {"single": [{"value": 5.0, "judgment": "[[5]]", "attempts": 1}]}}
+            for q in make_questions() for t in (1, 2)]
+    write_jsonl(root / "judgments" / "fake-judge_single.jsonl", rows)
+    return root
+
+
+def _judge(*extra: str):
+    def args(d: Path, url: str) -> list[str]:
+        root = make_run(d / "run")
+        return [str(root), "--judge", url, "--questions", str(root / "questions.jsonl"), *extra]
+    return args
+
+
+def _judge_spec(spec: str):
+    def args(d: Path, url: str) -> list[str]:
+        root = make_run(d / "run")
+        return [str(root), "--judge", spec.replace("URL", url.split("//", 1)[1]), "--questions",
+                str(root / "questions.jsonl")]
+    return args
+
+
+def _report(*extra: str):
+    return lambda d, url: [str(_judged_run(d)), *extra]
+
+
+def _generate(*extra: str):
+    return lambda d, url: [str(make_run(d / "run")), "--out", str(d / "run"), *extra]
+
+
+def _recipe(d: Path, **eval_section) -> Path:
+    recipe = {"name": "creds", "run_dir": str(d / "out"), "model": {"path": str(d / "model")},
+              "adapter": {"method": "ssh", "n": 8, "target_modules": ["q_proj"]}, "data": {"path": str(d / "d.json")},
+              "eval": eval_section}
+    path = d / "recipe.yaml"
+    path.write_text(yaml.safe_dump(recipe))
+    return path
+
+
+def _submit(override: str = "", **eval_section):
+    def args(d: Path, url: str) -> list[str]:
+        return [str(_recipe(d, **eval_section)), *([override] if override else []), "--nodes", "1",
+                "--gpus-per-node", "0", "--dry-run"]
+    return args
+
+
+ID = r"plain file-name component"
+CRED = (r"carries a credential", r"environment variable")
+ROWS = [
+    # ids that would leave their folder
+    Row("judge --model-id ../x", "judge", _judge("--model-id", "../x"), (r"--model-id is '\.\./x'", ID)),
+    Row("judge --judge-id ../..", "judge", _judge("--judge-id", "../.."), (r"--judge-id is '\.\./\.\.'", ID)),
+    Row("judge --judge-id .", "judge", _judge("--judge-id", "."), (r"--judge-id is '\.'", ID)),
+    Row("judge --judge-id a/b", "judge", _judge("--judge-id", "a/b"), (r"--judge-id is 'a/b'", ID, r"'a-b'")),
+    Row("generate --model-id ../x", "generate", _generate("--model-id", "../x"), (r"--model-id is '\.\./x'", ID)),
+    Row("report --model-id ../x", "report", _report("--model-id", "../x"), (r"--model-id is '\.\./x'", ID)),
+    Row("report --judge-id ../..", "report", _report("--judge-id", "../.."), (r"--judge-id is '\.\./\.\.'", ID)),
+    # sizes
+    Row("report --resamples 1e9", "report", _report("--resamples", "1000000000"),
+        (r"--resamples is 1000000000", r"to 100,000")),
+    Row("report --resamples 10", "report", _report("--resamples", "10"), (r"--resamples is 10", r"from 100")),
+    Row("judge --request-timeout nan", "judge", _judge("--request-timeout", "nan"),
+        (r"--request-timeout a finite number > 0", r"nan")),
+    Row("judge --request-timeout inf", "judge", _judge("--request-timeout", "inf"),
+        (r"--request-timeout a finite number > 0", r"inf")),
+    Row("judge --backoff nan", "judge", _judge("--backoff", "nan"), (r"--backoff a finite number >= 0",)),
+    # credentials
+    Row("judge URL with user:key@", "judge", _judge_spec(f"openai:fake-judge@http://user:{SECRET}@URL"),
+        (r"--judge 'openai:fake-judge@http://\*\*\*@127\.0\.0\.1", r"user:password@", *CRED)),
+    Row("judge URL with key@", "judge", _judge_spec(f"openai:fake-judge@http://{SECRET}@URL"), CRED),
+    Row("judge URL with ?api_key=", "judge", _judge_spec(f"openai:fake-judge@http://URL?api_key={SECRET}"),
+        (r"query parameter 'api_key'", *CRED)),
+    Row("judge bare URL with a key", "judge", _judge_spec(f"http://user:{SECRET}@URL"), CRED),
+    Row("judge --api-key-env holding a key", "judge", _judge("--api-key-env", SECRET),
+        (r"--api-key-env takes the NAME", r"not shown")),
+    Row("submit recipe eval.judge with a key", "submit",
+        _submit(judge=f"openai:gpt-4o@https://u:{SECRET}@api.example.com/v1"), (r"eval\.judge", *CRED)),
+    Row("submit override eval.judge with a key", "submit",
+        _submit(f"eval.judge=openai:gpt-4o@https://api.example.com/v1?token={SECRET}"),
+        (r"eval\.judge", r"query parameter 'token'", *CRED)),
+    Row("train recipe eval.judge with a key", "train",
+        lambda d, url: [str(_recipe(d, judge=f"openai:m@http://k:{SECRET}@h/v1"))], (r"eval\.judge", *CRED)),
+]
+
+
+def _main(cli: str):
+    if cli == "judge":
+        from eval.judge import main
+    elif cli == "report":
+        from eval.report import main
+    elif cli == "generate":
+        from eval.generate import main
+    elif cli == "train":
+        from launch.train import main
+    else:
+        from slurm.submit import main
+    return main
+
+
+def _snapshot(root: Path) -> dict[str, str]:
+    return {str(p): hashlib.sha256(p.read_bytes()).hexdigest() if p.is_file() else "dir"
+            for p in sorted(root.rglob("*"))}
+
+
+def _run_in_process(cli: str, argv: list[str]) -> tuple[int, str]:
+    err, out = io.StringIO(), io.StringIO()
+    try:
+        with redirect_stderr(err), redirect_stdout(out):
+            rc = _main(cli)(argv)
+    except SystemExit as e:  # argparse
+        rc = e.code if isinstance(e.code, int) else 1
+    return rc, err.getvalue() + out.getvalue()
+
+
+@pytest.fixture(scope="module")
+def judge_server():
+    with FakeJudgeServer() as server:
+        yield server
+        assert server.chat_requests() == [], "a bad input reached the judge"
+
+
+@pytest.mark.parametrize("row", ROWS, ids=[r.id for r in ROWS])
+def test_failure_class_row(row: Row, judge_server, tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    d = tmp_path / "case"
+    d.mkdir()
+    argv = row.args(d, f"openai:{judge_server.model}@{judge_server.base_url}")
+    before = _snapshot(tmp_path)
+    rc, text = _run_in_process(row.cli, argv)
+    after = _snapshot(tmp_path)
+    assert rc == 2, f"exit status {rc}; output:\n{text[-2000:]}"
+    for pattern in row.expect:
+        assert re.search(pattern, text), f"{pattern!r} not in the message:\n{text[-2000:]}"
+    assert SECRET not in text, f"the secret is echoed:\n{text[-2000:]}"
+    assert before == after, f"files created or changed: {sorted(set(before) ^ set(after))[:10]}"
+
+
+def test_the_table_covers_every_command():
+    assert len(ROWS) >= 20 and {r.cli for r in ROWS} == {"judge", "report", "generate", "submit", "train"}
+
+
+# ---------------------------------------------------------------- answers resumed by content
+def test_a_changed_question_is_answered_again(tmp_path, capsys):
+    from eval.generate import main as generate_main
+    from eval.questions import digest
+    from eval_helpers import make_tiny_llama
+
+    model = make_tiny_llama(tmp_path / "model")
+    questions = make_questions(categories=("writing", "stem", "math"))
+    qfile = write_jsonl(tmp_path / "questions.jsonl", questions)
+    argv = [str(model), "--out", str(tmp_path / "out"), "--questions", str(qfile), "--backend", "hf",
+            "--max-new-tokens", "4", "--temperature", "0"]
+    assert generate_main(argv) == 0
+    path = tmp_path / "out" / "answers" / "model.jsonl"
+    first = path.read_text().splitlines()
+    assert [json.loads(l)["question_digest"] for l in first] == [digest(q["turns"]) for q in questions]
+
+    # the reproduction: id 1 now holds another question
+    questions[0]["turns"] = ["A different first question?", "And its follow-up?"]
+    write_jsonl(qfile, questions)
+    capsys.readouterr()
+    assert generate_main(argv) == 0
+    captured = capsys.readouterr()
+    assert "1 question(s) changed since they were answered, answering them again: [1]" in captured.err
+    assert "2 of 3 questions already answered" in captured.out
+    again = path.read_text().splitlines()
+    assert again[1:] == first[1:], "answers to unchanged questions were rewritten"
+    assert json.loads(again[0])["question_digest"] == digest(questions[0]["turns"])
+
+    # a third run with the same questions changes nothing and answers nothing
+    assert generate_main(argv) == 0
+    assert path.read_text().splitlines() == again
+    assert "3 of 3 questions already answered" in capsys.readouterr().out
+
+
+# ---------------------------------------------------------------- a request bounded as a whole
+@pytest.mark.parametrize("mode", ["body", "headers"])
+def test_a_dripping_server_cannot_hold_a_judge_call(mode):
+    """Through the real openai client: with a 1 s timeout and 2 attempts, a server that sends a byte every 0.2 s
+    (each read well inside the timeout; without a whole-request bound, unbounded) ends the call in ~2 s."""
+    from eval.judging.api_client import OpenAIJudge, RetrySettings
+    from eval.judging.spec import JudgeSpec
+
+    with DripServer(mode=mode, interval=0.2, max_seconds=30) as server:
+        judge = OpenAIJudge(JudgeSpec("openai", server.model, server.base_url), None,
+                            RetrySettings(timeout=1.0, max_attempts=2, backoff=0.1))
+        started = time.monotonic()
+        result = judge.complete([{"role": "user", "content": "grade this"}], 0.0, 16, 0)
+        elapsed = time.monotonic() - started
+    assert result.text is None and result.reason == "timeout" and result.retryable
+    assert result.attempts == 2 and server.connections == 2
+    assert elapsed < 2 * 1.0 + 1.0 + 1.5, f"the call took {elapsed:.1f} s"  # 2 attempts, backoff ≤ 1 s, slack
+
+
+def test_eval_judge_against_a_dripping_endpoint_ends_and_records_timeouts(tmp_path):
+    """The reproduction through the command line: every call times out within the bound, is recorded as a
+    retryable timeout, and the exit status says the run failed."""
+    from eval.judge import main as judge_main
+
+    root = make_run(tmp_path / "run", questions=make_questions(categories=("writing", "stem")))
+    with DripServer(mode="body", interval=0.2, max_seconds=30) as server:
+        started = time.monotonic()
+        rc = judge_main([str(root), "--judge", f"openai:{server.model}@{server.base_url}", "--questions",
+                         str(root / "questions.jsonl"), "--request-timeout", "1", "--max-attempts", "1",
+                         "--concurrency", "4"])
+        elapsed = time.monotonic() - started
+    assert rc == 1 and elapsed < 10, (rc, elapsed)
+    rows = [json.loads(l) for l in (root / "judgments" / f"{server.model}_single.jsonl").read_text().splitlines()]
+    failures = [c["failure"] for r in rows for c in r["calls"]["single"]]
+    assert len(failures) == 4 and all(f["reason"] == "timeout" and f["retryable"] for f in failures)
+
+
+# ---------------------------------------------------------------- credentials never stored
+def test_a_stored_spec_with_a_credential_is_redacted_in_reports(tmp_path):
+    """An older judgments file may hold a credentialed spec: report.json and report.md show it redacted."""
+    from eval.report import main as report_main
+
+    root = _judged_run(tmp_path)
+    path = root / "judgments" / "fake-judge_single.jsonl"
+    rows = [json.loads(l) for l in path.read_text().splitlines()]
+    write_jsonl(path, [r | {"judge_spec": f"openai:fake-judge@http://user:{SECRET}@h/v1?api_key={SECRET}"}
+                       for r in rows])
+    assert report_main([str(root)]) == 0
+    for name in ("report.json", "report.md"):
+        text = (root / name).read_text()
+        assert SECRET not in text and "http://***@h/v1?api_key=***" in text, name
+
+
+def test_no_secret_in_files_or_argv_of_a_judged_run(tmp_path):
+    """The key comes from the environment: after a real eval.judge run (a subprocess) with the key set, no file
+    under the run directory and no argument of the process holds it."""
+    root = make_run(tmp_path / "run")
+    env = dict(os.environ, PYTHONPATH=f"{REPO}{os.pathsep}{REPO / 'tests'}", JUDGE_KEY=SECRET, HF_HUB_OFFLINE="1")
+    with FakeJudgeServer() as server:
+        argv = [sys.executable, "-m", "eval.judge", str(root), "--judge", f"openai:{server.model}@{server.base_url}",
+                "--questions", str(root / "questions.jsonl"), "--api-key-env", "JUDGE_KEY"]
+        done = subprocess.run(argv, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=120)
+        auths = {r.auth for r in server.chat_requests()}
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert auths == {f"Bearer {SECRET}"}  # the key did reach the judge, through the environment
+    assert SECRET not in " ".join(argv) + done.stdout + done.stderr
+    leaked = [p for p in root.rglob("*") if p.is_file() and SECRET.encode() in p.read_bytes()]
+    assert not leaked, leaked
+
+
+# ---------------------------------------------------------------- two writers, one judgments file
+def test_two_judges_on_one_run_directory_keep_both_models_rows(tmp_path):
+    """Two real eval.judge processes grade two models into the same judgments file at the same time; both exit 0
+    and the file holds every row of both, once."""
+    questions = make_questions(n_per_category=2)
+    root = make_run(tmp_path / "run", model_id="model-a", questions=questions)
+    make_run(root, model_id="model-b", questions=questions)
+    env = dict(os.environ, PYTHONPATH=f"{REPO}{os.pathsep}{REPO / 'tests'}", HF_HUB_OFFLINE="1")
+    with FakeJudgeServer(delay_s=0.05) as server:
+        procs = [subprocess.Popen([sys.executable, "-m", "eval.judge", str(root), "--judge",
+                                   f"openai:{server.model}@{server.base_url}", "--questions",
+                                   str(root / "questions.jsonl"), "--model-id", model, "--concurrency", "2"],
+                                  cwd=tmp_path, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+                 for model in ("model-a", "model-b")]
+        outputs = []
+        for p in procs:
+            try:
+                outputs.append(p.communicate(timeout=180)[0])
+            finally:
+                p.kill()
+        calls = len(server.chat_requests())
+    assert [p.returncode for p in procs] == [0, 0], outputs
+    rows = [json.loads(l) for l in (root / "judgments" / f"{server.model}_single.jsonl").read_text().splitlines()]
+    keys = [(r["model"], r["question_id"], r["turn"]) for r in rows]
+    expected = {(m, q["question_id"], t) for m in ("model-a", "model-b") for q in questions for t in (1, 2)}
+    assert len(keys) == len(set(keys)) and set(keys) == expected
+    assert calls == len(expected)  # each item judged once: no row was lost and judged again
