@@ -17,6 +17,7 @@ taken from the environment here (HTTP(S)_PROXY, ALL_PROXY, NO_PROXY, as urllib r
 
 from __future__ import annotations
 
+import importlib
 import socket
 import threading
 import urllib.parse
@@ -24,7 +25,11 @@ import urllib.request
 from collections.abc import Iterator
 from typing import Any, Optional
 
-import httpx2 as httpx  # the HTTP library the openai client is built on (a fork of httpx with the same API)
+import openai
+
+# the HTTP library the openai client is built on: httpx, or from openai 3 its fork httpx2 (the same API); a transport
+# must be of that library's classes
+httpx = importlib.import_module(openai.DefaultHttpxClient.__mro__[1].__module__.partition(".")[0])
 
 
 class _Guard:

@@ -19,11 +19,11 @@ from pathlib import Path
 from typing import Any, Optional
 
 from eval.common import EvalError, digest, read_jsonl_lines, write_jsonl
-from eval.filelock import file_lock
 from eval.judging.calls import Backend, CallRequest, CallResult
 from eval.judging.prompts import JudgePrompt, PromptSet, kind_for
 from eval.judging.verdicts import extract_rating, extract_verdict
 from eval.progress import Progress
+from launch.filelock import exclusive
 from eval.questions import Question, QuestionId
 
 
@@ -168,8 +168,8 @@ class JudgmentStore:
     order. A last line cut short by a kill is dropped on reading (its calls are repeated).
 
     Several processes may judge into one file (two models of one run directory): every append and rewrite holds
-    the file's cross-process lock (eval.filelock), and a rewrite starts from the rows on disk, so rows another
-    process wrote are kept."""
+    the file's cross-process lock (`<file>.lock`, launch.filelock), and a rewrite starts from the rows on disk, so
+    rows another process wrote are kept."""
 
     def __init__(self, path: Path) -> None:
         self.path = Path(path)
@@ -177,6 +177,8 @@ class JudgmentStore:
         self.compacted = True
         if self.path.exists():
             self.rows, self.compacted = self._read()
+        self.lock_file = self.path.with_name(self.path.name + ".lock")
+        """Held (launch.filelock) by whichever process appends to or rewrites the file."""
         self._lock = threading.Lock()
         self._order: dict[tuple, int] = {}
 
@@ -225,7 +227,7 @@ class JudgmentStore:
                "calls": {v: [s.to_dict() if s else None for s in ss] for v, ss in samples.items()},
                "tstamp": time.time()}
         line = (json.dumps(row, ensure_ascii=False) + "\n").encode("utf-8")
-        with self._lock, file_lock(self.path):
+        with self._lock, exclusive(self.lock_file):
             if not self.compacted:
                 self._compact_locked()
             self.rows[item.key] = row
@@ -239,7 +241,7 @@ class JudgmentStore:
         """Rewrite the file atomically: one row per key (the latest on disk, whoever wrote it), in item order."""
         if not self.rows and not self.path.exists():
             return
-        with self._lock, file_lock(self.path):
+        with self._lock, exclusive(self.lock_file):
             self._compact_locked()
 
     def _compact_locked(self) -> None:
