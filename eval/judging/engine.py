@@ -177,6 +177,9 @@ class JudgmentStore:
         self.compacted = True
         if self.path.exists():
             self.rows, self.compacted = self._read()
+        self._appendable = self.compacted
+        """The file may be appended to: compacted when this run started, or since written only by whole-line
+        appends (a torn last line from a kill must be rewritten away before anything is appended after it)."""
         self.lock_file = self.path.with_name(self.path.name + ".lock")
         """Held (launch.filelock) by whichever process appends to or rewrites the file."""
         self._lock = threading.Lock()
@@ -203,6 +206,7 @@ class JudgmentStore:
         self._order = {item.key: i for i, item in enumerate(items)}
         last = len(self._order)
         self.compacted &= list(self.rows) == sorted(self.rows, key=lambda k: self._order.get(k, last))
+        self._appendable = self.compacted
 
     def reusable(self, item: Item, samples: int) -> dict[str, list[Optional[Sample]]]:
         """Stored calls for this item that need no repeat (same input; success or a non-transient failure)."""
@@ -228,7 +232,8 @@ class JudgmentStore:
                "tstamp": time.time()}
         line = (json.dumps(row, ensure_ascii=False) + "\n").encode("utf-8")
         with self._lock, exclusive(self.lock_file):
-            if not self.compacted:
+            # another writer killed mid-append may have left a torn last line: rewrite it away before appending
+            if not self._appendable or not _ends_whole(self.path):
                 self._compact_locked()
             self.rows[item.key] = row
             # one write of the whole line, flushed before the next call is stored: a kill leaves at most one
@@ -236,6 +241,7 @@ class JudgmentStore:
             with self.path.open("ab") as f:
                 f.write(line)
             self.compacted = False
+            self._appendable = True
 
     def compact(self) -> None:
         """Rewrite the file atomically: one row per key (the latest on disk, whoever wrote it), in item order."""
@@ -252,7 +258,19 @@ class JudgmentStore:
         ordered = sorted(merged.items(), key=lambda kv: self._order.get(kv[0], last))
         self.rows = dict(ordered)
         write_jsonl(self.path, (r for _, r in ordered))
-        self.compacted = True
+        self.compacted = self._appendable = True
+
+
+def _ends_whole(path: Path) -> bool:
+    """The file is missing, empty, or ends with a newline (its last line is whole)."""
+    try:
+        with path.open("rb") as f:
+            if f.seek(0, 2) == 0:
+                return True
+            f.seek(-1, 2)
+            return f.read(1) == b"\n"
+    except FileNotFoundError:
+        return True
 
 
 @dataclass
