@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import argparse
 import hashlib
+import math
 import sys
 from pathlib import Path
 from typing import Optional
@@ -87,8 +88,11 @@ def _run(args: argparse.Namespace) -> int:
     max_new = _pick(args.max_new_tokens, d.max_new_tokens)
     if max_new <= 0:
         raise EvalError(f"--max-new-tokens is {max_new}; expected a positive integer")
-    if args.temperature is not None and args.temperature < 0:
-        raise EvalError(f"--temperature is {args.temperature}; expected a number >= 0")
+    if args.temperature is not None and not 0 <= args.temperature < math.inf:
+        raise EvalError(f"--temperature is {args.temperature}; expected a finite number >= 0")
+    for flag, value in (("--batch", args.batch), ("--max-model-len", args.max_model_len)):
+        if value is not None and value < 1:
+            raise EvalError(f"{flag} is {value}; expected a positive integer")
     seed = _pick(args.seed, d.seed)
     backend = pick_backend(_pick(args.backend, d.backend))  # type: ignore[arg-type]
     model_dir = model_dir_of(target, shared_cache())

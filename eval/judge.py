@@ -32,6 +32,8 @@ from eval.target import Target, resolve_judge_model, resolve_target
 from launch.credentials import redact
 
 EXIT_OK, EXIT_FAILURES, EXIT_BAD_INPUT, EXIT_INTERRUPTED = 0, 1, 2, 130
+MAX_SAMPLES = 100
+"""Judgments per item at most: every sample is a judge call, and storage holds a slot per sample."""
 DEFAULT_JUDGE = "local:smollm2"
 """The embedded default: SmolLM2-135M-Instruct in-process, constrained to a rating (exercises the pipeline; a
 135M judge is no quality measure)."""
@@ -152,10 +154,11 @@ def _run(args: argparse.Namespace) -> int:
 
 
 def _check_settings(samples: int, temperature: float, max_rate: float, args: argparse.Namespace) -> None:
-    if samples < 1:
-        raise EvalError(f"--samples is {samples}; expected a positive integer")
-    if temperature < 0:
-        raise EvalError(f"--judge-temperature is {temperature}; expected a number >= 0")
+    if not 1 <= samples <= MAX_SAMPLES:
+        raise EvalError(f"--samples is {samples}; expected a positive integer of at most {MAX_SAMPLES} (each sample "
+                        f"is one more judge call per item)")
+    if not 0 <= temperature < math.inf:
+        raise EvalError(f"--judge-temperature is {temperature}; expected a finite number >= 0")
     if samples > 1 and temperature == 0:
         raise EvalError(f"--samples {samples} needs --judge-temperature above 0: at temperature 0 every sample "
                         f"repeats the first")
@@ -167,6 +170,9 @@ def _check_settings(samples: int, temperature: float, max_rate: float, args: arg
         raise EvalError("--concurrency and --max-attempts must be >= 1, --request-timeout a finite number > 0, "
                         f"--backoff a finite number >= 0 (got {args.concurrency}, {args.max_attempts}, "
                         f"{args.request_timeout}, {args.backoff})")
+    for flag, value in (("--judge-max-tokens", args.judge_max_tokens), ("--max-model-len", args.max_model_len)):
+        if value is not None and value < 1:
+            raise EvalError(f"{flag} is {value}; expected a positive number of tokens")
 
 
 def _probe(spec: JudgeSpec, api_key: Optional[str], timeout: float) -> None:

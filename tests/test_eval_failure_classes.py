@@ -118,6 +118,18 @@ ROWS = [
     Row("judge --request-timeout inf", "judge", _judge("--request-timeout", "inf"),
         (r"--request-timeout a finite number > 0", r"inf")),
     Row("judge --backoff nan", "judge", _judge("--backoff", "nan"), (r"--backoff a finite number >= 0",)),
+    Row("judge --samples 1000000000", "judge", _judge("--samples", "1000000000", "--judge-temperature", "1"),
+        (r"--samples is 1000000000", r"at most 100\b")),
+    Row("judge --judge-temperature nan", "judge", _judge("--judge-temperature", "nan"),
+        (r"--judge-temperature is nan", r"finite number >= 0")),
+    Row("judge --judge-max-tokens 0", "judge", _judge("--judge-max-tokens", "0"),
+        (r"--judge-max-tokens is 0", r"positive number of tokens")),
+    Row("judge --max-model-len -5", "judge", _judge("--max-model-len", "-5"), (r"--max-model-len is -5", "positive")),
+    Row("generate --batch 0", "generate", _generate("--batch", "0"), (r"--batch is 0", r"positive integer")),
+    Row("generate --max-model-len 0", "generate", _generate("--max-model-len", "0"),
+        (r"--max-model-len is 0", r"positive integer")),
+    Row("generate --temperature inf", "generate", _generate("--temperature", "inf"),
+        (r"--temperature is inf", r"finite number >= 0")),
     # credentials
     Row("judge URL with user:key@", "judge", _judge_spec(f"openai:fake-judge@http://user:{SECRET}@URL"),
         (r"--judge 'openai:fake-judge@http://\*\*\*@127\.0\.0\.1", r"user:password@", *CRED)),
@@ -300,12 +312,12 @@ def test_no_secret_in_files_or_argv_of_a_judged_run(tmp_path):
 # ---------------------------------------------------------------- two writers, one judgments file
 def test_two_judges_on_one_run_directory_keep_both_models_rows(tmp_path):
     """Two real eval.judge processes grade two models into the same judgments file at the same time; both exit 0
-    and the file holds every row of both, once."""
+    and the file holds every row of both, once. The judge's request log shows that the two runs overlapped."""
     questions = make_questions(n_per_category=2)
-    root = make_run(tmp_path / "run", model_id="model-a", questions=questions)
-    make_run(root, model_id="model-b", questions=questions)
+    root = make_run(tmp_path / "run", model_id="model-a", questions=questions, extra=lambda q, t: "by model-a")
+    make_run(root, model_id="model-b", questions=questions, extra=lambda q, t: "by model-b")
     env = dict(os.environ, PYTHONPATH=f"{REPO}{os.pathsep}{REPO / 'tests'}", HF_HUB_OFFLINE="1")
-    with FakeJudgeServer(delay_s=0.05) as server:
+    with FakeJudgeServer(delay_s=0.1) as server:
         procs = [subprocess.Popen([sys.executable, "-m", "eval.judge", str(root), "--judge",
                                    f"openai:{server.model}@{server.base_url}", "--questions",
                                    str(root / "questions.jsonl"), "--model-id", model, "--concurrency", "2"],
@@ -317,10 +329,13 @@ def test_two_judges_on_one_run_directory_keep_both_models_rows(tmp_path):
                 outputs.append(p.communicate(timeout=180)[0])
             finally:
                 p.kill()
-        calls = len(server.chat_requests())
+        senders = ["a" if "by model-a" in r.prompt else "b" for r in server.chat_requests()]
     assert [p.returncode for p in procs] == [0, 0], outputs
+    span = {m: (senders.index(m), len(senders) - 1 - senders[::-1].index(m)) for m in "ab"}
+    assert span["a"][0] < span["b"][1] and span["b"][0] < span["a"][1], \
+        f"the two judges did not overlap: {''.join(senders)}"
     rows = [json.loads(l) for l in (root / "judgments" / f"{server.model}_single.jsonl").read_text().splitlines()]
     keys = [(r["model"], r["question_id"], r["turn"]) for r in rows]
     expected = {(m, q["question_id"], t) for m in ("model-a", "model-b") for q in questions for t in (1, 2)}
     assert len(keys) == len(set(keys)) and set(keys) == expected
-    assert calls == len(expected)  # each item judged once: no row was lost and judged again
+    assert len(senders) == len(expected)  # each item judged once: no row was lost and judged again
