@@ -138,8 +138,8 @@ def _run(args: argparse.Namespace) -> int:
     judge_id = args.judge_id or spec.judge_id
     kind = "pair" if args.against else "single"
     store = JudgmentStore(target.out.judgments_file(judge_id, kind))
-    meta = {"judge": judge_id, "judge_spec": redact(str(spec)), "prompts_source": prompts.source, "samples": samples,
-            "judge_temperature": temperature, "seed": seed}
+    meta = {"judge": judge_id, "judge_spec": redact(str(spec)), "prompts_source": prompts.source,
+            "samples": samples, "judge_temperature": temperature, "seed": seed}
     run = dict(samples=samples, temperature=temperature, max_tokens=_choose(args.judge_max_tokens,
                target.defaults.judge_max_new_tokens), seed=seed, meta=meta)
 
