@@ -253,9 +253,14 @@ def test_a_dripping_server_cannot_hold_a_judge_call(mode):
         started = time.monotonic()
         result = judge.complete([{"role": "user", "content": "grade this"}], 0.0, 16, 0)
         elapsed = time.monotonic() - started
+        deadline = time.monotonic() + 10
+        while len(server.dripped_for) < 2 and time.monotonic() < deadline:  # the server notices the client left
+            time.sleep(0.05)
     assert result.text is None and result.reason == "timeout" and result.retryable
     assert result.attempts == 2 and server.connections == 2
-    assert elapsed < 2 * 1.0 + 1.0 + 1.5, f"the call took {elapsed:.1f} s"  # 2 attempts, backoff ≤ 1 s, slack
+    # each attempt held its connection for about the 1 s timeout; the server would have dripped for 30 s
+    assert len(server.dripped_for) == 2 and max(server.dripped_for) < 2.5, server.dripped_for
+    assert elapsed < 8, f"the call took {elapsed:.1f} s"  # 2 attempts of 1 s, a backoff wait, slack for load
 
 
 def test_eval_judge_against_a_dripping_endpoint_ends_and_records_timeouts(tmp_path):
