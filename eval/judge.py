@@ -27,7 +27,8 @@ from eval.judging.api_client import EndpointBackend, OpenAIJudge, RetrySettings,
 from eval.judging.engine import JudgmentStore, Summary, build_items, run_judging
 from eval.judging.prompts import load_prompt_set
 from eval.judging.spec import JudgeSpec, parse_judge_spec
-from eval.questions import DEFAULT_QUESTIONS, check_limit, load_answers, load_questions, load_references
+from eval.questions import (DEFAULT_QUESTIONS, answered_text, check_limit, load_answers, load_questions,
+                            load_references)
 from eval.target import Target, resolve_judge_model, resolve_target
 from launch.credentials import redact
 
@@ -186,8 +187,10 @@ def _items(target: Target, answers_path: Path, questions, references, prompts, a
            selection: tuple[list, str]):
     answers = load_answers(answers_path)
     _check_outside_limit(answers, answers_path, questions, *selection)
+    _check_answered_text(answers_path, questions)
     if against:
         _check_outside_limit(load_answers(against), Path(against), questions, *selection)
+        _check_answered_text(Path(against), questions)
     unanswered = [q.question_id for q in questions if q.question_id not in answers]
     if unanswered:
         print(f"note: {len(unanswered)} of {len(questions)} questions have no answer in {answers_path} and are not "
@@ -211,6 +214,20 @@ def _check_outside_limit(answers, answers_path: Path, questions, all_questions, 
             f"first {len(questions)} that {limit_source} selects: the answers were generated with a larger limit. "
             f"Judge them all with --limit {needed} (or the limit they were generated with), or regenerate the "
             f"answers with limit {len(questions)}")
+
+
+def _check_answered_text(answers_path: Path, questions) -> None:
+    """Answers given to another text of a question (the questions file changed since they were generated) would
+    be graded against a question they do not answer."""
+    from eval.common import read_jsonl
+
+    records = {r.get("question_id"): r for _, r in read_jsonl(answers_path, "answers")}
+    changed, _ = answered_text(records, questions)
+    if changed:
+        raise EvalError(f"answers file {answers_path}: the answers to question(s) {changed[:10]} were given to "
+                        f"another text of those questions (their question_digest differs); answer them again with "
+                        f"python -m eval.generate (it regenerates changed questions), or judge with the questions "
+                        f"file they were answered from (--questions)")
 
 
 def _model_id_of(path: Path) -> str:

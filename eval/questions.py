@@ -153,6 +153,21 @@ def question_digest(question: Question) -> str:
     return digest(list(question.turns))
 
 
+def answered_text(records: dict[QuestionId, dict[str, Any]], questions: list[Question]) -> tuple[list[QuestionId],
+                                                                                                list[QuestionId]]:
+    """(questions whose stored answer record was given to another text of the question, questions whose record
+    carries no question_digest to tell) among `questions`; `records` are answer records by question id."""
+    changed, unknown = [], []
+    for q in questions:
+        if q.question_id in records:
+            stored = records[q.question_id].get("question_digest")
+            if stored is None:
+                unknown.append(q.question_id)
+            elif stored != question_digest(q):
+                changed.append(q.question_id)
+    return changed, unknown
+
+
 def answer_record(model_id: str, qid: QuestionId, turns: list[str], asked: str | None = None) -> dict[str, Any]:
     """One line of FastChat's model-answer format; answer_id is a hash of the content (stable across reruns).
     `asked` is the question_digest of the question answered (an extra field FastChat ignores)."""

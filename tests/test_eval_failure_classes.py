@@ -74,6 +74,20 @@ def _judge_spec(spec: str):
     return args
 
 
+def _judge_changed_question(d: Path, url: str) -> list[str]:
+    """Answers generated for one text of question 1, judged with a questions file where question 1 reads otherwise."""
+    from eval.questions import digest
+
+    questions = make_questions()
+    root = make_run(d / "run", questions=questions)
+    answers = root / "answers" / "tuned.jsonl"
+    records = [json.loads(l) for l in answers.read_text().splitlines()]
+    write_jsonl(answers, [r | {"question_digest": digest(q["turns"])} for r, q in zip(records, questions)])
+    questions[0]["turns"] = ["Another first question?", "Another second one?"]
+    write_jsonl(root / "questions.jsonl", questions)
+    return [str(root), "--judge", url, "--questions", str(root / "questions.jsonl")]
+
+
 def _report(*extra: str):
     return lambda d, url: [str(_judged_run(d)), *extra]
 
@@ -109,6 +123,9 @@ ROWS = [
     Row("generate --model-id ../x", "generate", _generate("--model-id", "../x"), (r"--model-id is '\.\./x'", ID)),
     Row("report --model-id ../x", "report", _report("--model-id", "../x"), (r"--model-id is '\.\./x'", ID)),
     Row("report --judge-id ../..", "report", _report("--judge-id", "../.."), (r"--judge-id is '\.\./\.\.'", ID)),
+    # answers given to another text of the question
+    Row("judge answers to a changed question", "judge", _judge_changed_question,
+        (r"answers file .*tuned\.jsonl", r"question\(s\) \[1\]", r"another text", r"eval\.generate")),
     # sizes
     Row("report --resamples 1e9", "report", _report("--resamples", "1000000000"),
         (r"--resamples is 1000000000", r"to 100,000")),

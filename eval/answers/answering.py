@@ -19,7 +19,7 @@ from typing import Any, Optional
 from eval.answers.chat_template import tokenize_chat
 from eval.answers.generators import GenRequest, Generator, fit_new_tokens
 from eval.common import digest, read_jsonl, write_jsonl
-from eval.questions import (Question, QuestionId, answer_record, answer_temperature, load_answers,
+from eval.questions import (Question, QuestionId, answer_record, answer_temperature, answered_text, load_answers,
                             question_digest)
 
 
@@ -31,15 +31,12 @@ def pending_answers(path: Path, questions: list[Question]) -> tuple[dict[Questio
     question_digest differs from the question's now is dropped and answered again (and said so on stderr)."""
     done = load_answers(path) if path.exists() else {}
     kept = {r["question_id"]: r for _, r in read_jsonl(path, "answers")} if done else {}
-    asked = {q.question_id: question_digest(q) for q in questions}
-    stored = {qid: kept[qid].get("question_digest") for qid in asked if qid in kept}
-    changed = [qid for qid, d in stored.items() if d is not None and d != asked[qid]]
+    changed, unchecked = answered_text(kept, questions)
     for qid in changed:
         del done[qid], kept[qid]
     if changed:
         print(f"{path}: {len(changed)} question(s) changed since they were answered, answering them again: "
               f"{changed[:20]}{' ...' if len(changed) > 20 else ''}", file=sys.stderr)
-    unchecked = [qid for qid, d in stored.items() if d is None]
     if unchecked:
         print(f"note: {len(unchecked)} answer(s) in {path} carry no question_digest (written by an older version or "
               f"another tool), so whether their question changed is unknown; they are kept (delete the file to "
