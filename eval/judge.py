@@ -10,7 +10,9 @@ turn 2 graded given turn 1. Judgments go to RUN_DIR/judgments/<judge>_single.jso
 repeats only calls that are missing or failed transiently. Exit status: 0 when every call was attempted and the
 failed share is at most --max-failure-rate; 1 otherwise; 2 for bad input (nothing called); 130 if interrupted;
 143 on SIGTERM, 129 on SIGHUP (a judge server started for the run is stopped in every case).
-The API key is read from --api-key-env (needed only for non-loopback URLs) and never written anywhere.
+The API key is read from --api-key-env (needed only for non-loopback URLs) and never written anywhere; a judge URL
+with a credential in it is refused (launch/credentials.py says why). --request-timeout bounds each attempt from
+connecting to the last byte. Answers given to another text of a question (question_digest) are refused.
 """
 
 from __future__ import annotations
