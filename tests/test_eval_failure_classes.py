@@ -13,15 +13,12 @@ appears nowhere in the output, and that no file was created or changed (hashes b
 
 from __future__ import annotations
 
-import hashlib
-import io
 import json
 import os
 import re
 import subprocess
 import sys
 import time
-from contextlib import redirect_stderr, redirect_stdout
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
@@ -29,6 +26,7 @@ from typing import Callable
 import pytest
 import yaml
 
+from cli_table import run_main, snapshot
 from drip_server import DripServer
 from eval_helpers import FakeJudgeServer, make_questions, make_run, write_jsonl
 
@@ -180,21 +178,6 @@ def _main(cli: str):
     return main
 
 
-def _snapshot(root: Path) -> dict[str, str]:
-    return {str(p): hashlib.sha256(p.read_bytes()).hexdigest() if p.is_file() else "dir"
-            for p in sorted(root.rglob("*"))}
-
-
-def _run_in_process(cli: str, argv: list[str]) -> tuple[int, str]:
-    err, out = io.StringIO(), io.StringIO()
-    try:
-        with redirect_stderr(err), redirect_stdout(out):
-            rc = _main(cli)(argv)
-    except SystemExit as e:  # argparse
-        rc = e.code if isinstance(e.code, int) else 1
-    return rc, err.getvalue() + out.getvalue()
-
-
 @pytest.fixture(scope="module")
 def judge_server():
     with FakeJudgeServer() as server:
@@ -208,9 +191,9 @@ def test_failure_class_row(row: Row, judge_server, tmp_path, monkeypatch):
     d = tmp_path / "case"
     d.mkdir()
     argv = row.args(d, f"openai:{judge_server.model}@{judge_server.base_url}")
-    before = _snapshot(tmp_path)
-    rc, text = _run_in_process(row.cli, argv)
-    after = _snapshot(tmp_path)
+    before = snapshot(tmp_path)
+    rc, text = run_main(_main(row.cli), argv)
+    after = snapshot(tmp_path)
     assert rc == 2, f"exit status {rc}; output:\n{text[-2000:]}"
     for pattern in row.expect:
         assert re.search(pattern, text), f"{pattern!r} not in the message:\n{text[-2000:]}"
