@@ -23,8 +23,8 @@ from eval.judging.calls import Backend, CallRequest, CallResult
 from eval.judging.prompts import JudgePrompt, PromptSet, kind_for
 from eval.judging.verdicts import extract_rating, extract_verdict
 from eval.progress import Progress
-from launch.filelock import exclusive
 from eval.questions import Question, QuestionId
+from launch.filelock import exclusive
 
 
 @dataclass
