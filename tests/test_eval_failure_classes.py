@@ -344,3 +344,18 @@ def test_two_judges_on_one_run_directory_keep_both_models_rows(tmp_path):
     expected = {(m, q["question_id"], t) for m in ("model-a", "model-b") for q in questions for t in (1, 2)}
     assert len(keys) == len(set(keys)) and set(keys) == expected
     assert len(senders) == len(expected)  # each item judged once: no row was lost and judged again
+
+
+def test_the_bounded_transport_keeps_the_environment_proxy(monkeypatch):
+    """A transport given to the HTTP client turns off its proxy settings from the environment; the deadline
+    transport takes them over for the judge's URL (NO_PROXY respected)."""
+    from eval.judging.deadline import environment_proxy
+
+    for name in ("http_proxy", "https_proxy", "all_proxy", "no_proxy"):
+        monkeypatch.delenv(name, raising=False)
+        monkeypatch.delenv(name.upper(), raising=False)
+    monkeypatch.setenv("https_proxy", "http://proxy.example:3128")
+    monkeypatch.setenv("no_proxy", "internal.example")
+    assert environment_proxy("https://api.openai.com/v1") == "http://proxy.example:3128"
+    assert environment_proxy("https://internal.example/v1") is None
+    assert environment_proxy("http://127.0.0.1:8000/v1") is None  # no http_proxy set
