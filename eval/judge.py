@@ -55,7 +55,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--judge-prompts", help="FastChat judge_prompts.jsonl to use instead of this project's prompts")
     p.add_argument("--against", help="answers file of another model: grade pairwise, in both orders")
     p.add_argument("--max-failure-rate", type=float, help="largest failed share of calls for exit status 0")
-    p.add_argument("--api-key-env", default="OPENAI_API_KEY", help="variable holding the API key")
+    p.add_argument("--api-key-env", help="NAME of the environment variable holding the API key (default: the "
+                                          "recipe's eval.api_key_env, else OPENAI_API_KEY)")
     p.add_argument("--concurrency", type=int, default=8, help="requests in flight at once (endpoints)")
     p.add_argument("--request-timeout", type=float, default=120.0,
                    help="seconds one attempt of a request may take in all, connect to last byte (a call ends within "
@@ -118,7 +119,7 @@ def _run(args: argparse.Namespace) -> int:
     max_rate = _choose(args.max_failure_rate, d.max_failure_rate)
     seed = _choose(args.seed, d.seed)
     _check_settings(samples, temperature, max_rate, args)
-    api_key = api_key_for(spec, args.api_key_env, dict(os.environ))
+    api_key = api_key_for(spec, _choose(args.api_key_env, d.api_key_env), dict(os.environ))
     limit = _choose(args.limit, d.limit)
     check_limit(limit)
     all_questions = load_questions(_choose(args.questions, d.questions) or DEFAULT_QUESTIONS,

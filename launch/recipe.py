@@ -166,7 +166,11 @@ class EvalSection:
     references: Optional[str] = None
     """Reference answers in model-answer format (math/reasoning/coding grading), or null."""
     judge: Optional[str] = None
-    """Judge spec: 'openai:MODEL@BASE_URL', 'local:PATH', 'serve:PATH' (see eval.judge); null: eval's default."""
+    """Judge spec: 'openai:MODEL@BASE_URL', 'local:PATH', 'serve:PATH' (see eval.judge); null: eval's default.
+    A URL with a credential in it is refused (launch.credentials): the key goes in `api_key_env`'s variable."""
+    api_key_env: str = "OPENAI_API_KEY"
+    """NAME of the environment variable that holds the judge's API key. Only the name is stored (in this recipe);
+    a Slurm judge job inherits the variable from the submitting shell, so the key is in no file and no argv."""
     backend: Literal["auto", "vllm", "hf"] = "auto"
     """Generation backend for answers and local judges."""
     max_new_tokens: int = 1024

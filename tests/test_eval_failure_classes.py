@@ -359,3 +359,38 @@ def test_the_bounded_transport_keeps_the_environment_proxy(monkeypatch):
     assert environment_proxy("https://api.openai.com/v1") == "http://proxy.example:3128"
     assert environment_proxy("https://internal.example/v1") is None
     assert environment_proxy("http://127.0.0.1:8000/v1") is None  # no http_proxy set
+
+
+def test_slurm_jobs_name_the_key_variable_and_never_hold_the_key(tmp_path, monkeypatch):
+    """slurm.submit with the key in the environment: the stored recipe names the variable (eval.api_key_env), and
+    no job script or other written file holds the key (the jobs inherit the variable)."""
+    from slurm.submit import main as submit_main
+
+    monkeypatch.setenv("MY_JUDGE_KEY", SECRET)
+    recipe = _recipe(tmp_path, judge="openai:gpt-4o@https://api.example.com/v1", api_key_env="MY_JUDGE_KEY")
+    rc, text = run_main(submit_main, [str(recipe), "--nodes", "1", "--gpus-per-node", "0", "--dry-run"])
+    assert rc == 0, text[-2000:]
+    stored = yaml.safe_load((tmp_path / "out" / "slurm" / "recipe.yaml").read_text())
+    assert stored["eval"]["api_key_env"] == "MY_JUDGE_KEY"
+    assert "eval.judge" in (tmp_path / "out" / "slurm" / "judge.sbatch").read_text()
+    leaked = [p for p in tmp_path.rglob("*") if p.is_file() and SECRET.encode() in p.read_bytes()]
+    assert not leaked and SECRET not in text, leaked
+
+
+def test_eval_judge_reads_the_key_variable_named_by_the_recipe(tmp_path, monkeypatch):
+    from eval.judge import main as judge_main
+    from launch.recipe import Recipe
+
+    root = make_run(tmp_path / "run")
+    with FakeJudgeServer() as server:
+        recipe = Recipe(name="tuned", run_dir=str(root))
+        recipe.eval.judge = f"openai:{server.model}@{server.base_url}"
+        recipe.eval.questions = str(root / "questions.jsonl")
+        recipe.eval.api_key_env = "RECIPE_JUDGE_KEY"
+        recipe.dump(root / "recipe.yaml")
+        monkeypatch.setenv("RECIPE_JUDGE_KEY", SECRET)
+        rc, text = run_main(judge_main, [str(root)])
+        auths = {r.auth for r in server.chat_requests()}
+    assert rc == 0, text[-2000:]
+    assert auths == {f"Bearer {SECRET}"}
+    assert not [p for p in root.rglob("*") if p.is_file() and SECRET.encode() in p.read_bytes()]
