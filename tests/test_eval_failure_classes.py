@@ -18,6 +18,7 @@ import os
 import re
 import subprocess
 import sys
+import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -315,6 +316,22 @@ def test_no_secret_in_files_or_argv_of_a_judged_run(tmp_path):
 
 
 # ---------------------------------------------------------------- two writers, one judgments file
+class _BothJudgesServer(FakeJudgeServer):
+    """Answers no request until requests for both models have arrived: the two judge processes are then in flight
+    at the same time however late either starts (bounded: after 120 s it answers anyway and the test fails on the
+    overlap check)."""
+
+    def respond(self, body, auth=""):
+        prompt = "\n".join(m.get("content", "") for m in body.get("messages", []))
+        with self._lock:
+            self.senders = getattr(self, "senders", set()) | {m for m in ("model-a", "model-b") if f"by {m}" in prompt}
+            both = self.__dict__.setdefault("both", threading.Event())
+            if len(self.senders) == 2:
+                both.set()
+        both.wait(timeout=120)
+        return super().respond(body, auth)
+
+
 def test_two_judges_on_one_run_directory_keep_both_models_rows(tmp_path):
     """Two real eval.judge processes grade two models into the same judgments file at the same time; both exit 0
     and the file holds every row of both, once. The judge's request log shows that the two runs overlapped."""
@@ -322,7 +339,7 @@ def test_two_judges_on_one_run_directory_keep_both_models_rows(tmp_path):
     root = make_run(tmp_path / "run", model_id="model-a", questions=questions, extra=lambda q, t: "by model-a")
     make_run(root, model_id="model-b", questions=questions, extra=lambda q, t: "by model-b")
     env = dict(os.environ, PYTHONPATH=f"{REPO}{os.pathsep}{REPO / 'tests'}", HF_HUB_OFFLINE="1")
-    with FakeJudgeServer(delay_s=0.1) as server:
+    with _BothJudgesServer(delay_s=0.05) as server:
         procs = [subprocess.Popen([sys.executable, "-m", "eval.judge", str(root), "--judge",
                                    f"openai:{server.model}@{server.base_url}", "--questions",
                                    str(root / "questions.jsonl"), "--model-id", model, "--concurrency", "2"],
