@@ -17,6 +17,7 @@ Exit status as eval.judge: 0, 1 (calls failed or unattempted), 2 (bad input, not
 from __future__ import annotations
 
 import argparse
+import math
 import os
 import sys
 from pathlib import Path
@@ -28,13 +29,14 @@ from eval.auditing.figures import audit_failures, label_figures, length_figures,
     repeatability_single
 from eval.auditing.labels import Labels, labelled_questions, load_labels
 from eval.auditing.probes import AuditItems, audit_items, sample_questions
-from eval.common import EvalError, atomic_write_json
+from eval.common import EvalError, atomic_write_json, check_file_id
 from eval.judging.api_client import api_key_for
 from eval.judging.engine import JudgmentStore
 from eval.judging.prompts import load_prompt_set
 from eval.judging.spec import parse_judge_spec
 from eval.questions import DEFAULT_QUESTIONS, check_limit, load_answers, load_questions, load_references
 from eval.target import Target, resolve_target
+from launch.credentials import redact
 
 DEFAULT_SAMPLE = 10
 """Questions audited by default: 20 question-turns, K=2 repeats, padding and both orders make 120 calls with a
@@ -66,14 +68,14 @@ def main(argv: Optional[list[str]] = None) -> int:
 
 def _settings(args: argparse.Namespace, target: Target, judge_id: str) -> dict[str, Any]:
     samples = 2 if args.samples is None else args.samples
-    if samples < 2:
+    if not 2 <= samples <= judge.MAX_SAMPLES:
         raise EvalError(f"--samples is {samples}; the audit needs at least 2 judgments per item to measure "
-                        f"repeatability")
+                        f"repeatability, and at most {judge.MAX_SAMPLES}")
     temperature = args.judge_temperature
     if temperature is None:
         temperature = _run_temperature(target, judge_id)
-    if temperature < 0:
-        raise EvalError(f"--judge-temperature is {temperature}; expected a number >= 0")
+    if not 0 <= temperature < math.inf:
+        raise EvalError(f"--judge-temperature is {temperature}; expected a finite number >= 0")
     max_rate = target.defaults.max_failure_rate if args.max_failure_rate is None else args.max_failure_rate
     if not 0.0 <= max_rate <= 1.0:
         raise EvalError(f"--max-failure-rate is {max_rate}; expected a fraction between 0 and 1")
@@ -114,12 +116,14 @@ def _other(args: argparse.Namespace) -> Optional[tuple[str, dict, Path]]:
 
 
 def _run(args: argparse.Namespace) -> int:
+    if args.judge_id is not None:
+        check_file_id("--judge-id", args.judge_id, "audit/<judge_id>/")
     target = resolve_target(args.target, args.out, args.model_id)
     d = target.defaults
     spec = parse_judge_spec(args.judge or d.judge or judge.DEFAULT_JUDGE)
     judge_id = args.judge_id or spec.judge_id
     s = _settings(args, target, judge_id)
-    api_key = api_key_for(spec, args.api_key_env, dict(os.environ))
+    api_key = api_key_for(spec, d.api_key_env if args.api_key_env is None else args.api_key_env, dict(os.environ))
     limit = d.limit if args.limit is None else args.limit
     check_limit(limit)
     questions = load_questions(args.questions or d.questions or DEFAULT_QUESTIONS,
@@ -128,8 +132,12 @@ def _run(args: argparse.Namespace) -> int:
     ref_path = args.references or d.references
     references = load_references(ref_path) if ref_path else {}
     prompts = load_prompt_set(args.judge_prompts)
-    answers = load_answers(judge.answers_file_of(target))
+    answers_path = judge.answers_file_of(target)
+    judge.check_answered_text(answers_path, questions)
+    answers = load_answers(answers_path)
     other = _other(args)
+    if other is not None:
+        judge.check_answered_text(other[2], questions)
     labels = load_labels(args.labels) if args.labels else None
     eligible = _eligible(answers, other, labels, target.model_id)
     chosen = sample_questions(questions, eligible, args.sample, s["seed"])
@@ -140,8 +148,8 @@ def _run(args: argparse.Namespace) -> int:
 
     folder = audit_dir(target.out.root, judge_id)
     store = JudgmentStore(folder / "judgments.jsonl")
-    meta = {"judge": judge_id, "judge_spec": str(spec), "prompts_source": prompts.source, "samples": s["samples"],
-            "judge_temperature": s["temperature"], "seed": s["seed"], "audit": True}
+    meta = {"judge": judge_id, "judge_spec": redact(str(spec)), "prompts_source": prompts.source,
+            "samples": s["samples"], "judge_temperature": s["temperature"], "seed": s["seed"], "audit": True}
     run = dict(samples=s["samples"], temperature=s["temperature"], max_tokens=s["max_tokens"], seed=s["seed"],
                meta=meta)
     summary = judge.judge_with(spec, target, items.all, store, args, api_key, run)
