@@ -215,6 +215,31 @@ def _coverage_verdict(claim: Claim, cov: dict | None) -> tuple[str, str, str]:
     return v, words, fig
 
 
+FIDELITY_ONLY = ("PEFT FourierFT",)
+"""Part-2 methods that check the library against another implementation rather than compete."""
+
+
+def headline(train: dict | None) -> str | None:
+    """One sentence: the method with the lowest test loss at an equal budget, its lead over the next-best method
+    and the hierarchical bootstrap interval of that lead (None until two methods are complete)."""
+    if train is None:
+        return None
+    sides = {label: side for label in train["chosen"] if label not in FIDELITY_ONLY
+             and (side := method_seeds(train, label)) is not None}
+    if len(sides) < 2:
+        return None
+    ranked = sorted(sides, key=lambda label: mean_loss(sides[label]))
+    best, second = ranked[:2]
+    d = qv.interval_sources(sides[best], sides[second])
+    s = train["base"]["settings"]
+    v, words = qv.judge("beats", d["lo"], d["hi"], best, second)
+    return (f"At an equal budget on this task (SmolLM2-135M-Instruct, Alpaca, q,v of the top "
+            f"{s['setup']['top_layers']} layers, {s['train']['steps']} steps), {best} has the lowest test loss: "
+            f"{-d['diff']:.4f} nats below the next best, {second} (95 % interval of the lead "
+            f"[{-d['hi']:.4f}, {-d['lo']:.4f}], seeds {len(sides[best]['seeds'])} and "
+            f"{len(sides[second]['seeds'])}; {words}).")
+
+
 def seed_spread(train: dict | None) -> tuple[float, int] | None:
     """Pooled seed-to-seed standard deviation of the test loss of every method at its chosen lr, with its degrees
     of freedom (the margin's justification, recomputed from the results present)."""
@@ -265,7 +290,10 @@ def write(results: Path, docs: Path) -> Path:
 
 def verdict_section(cov: dict | None, train: dict | None) -> list[str]:
     spread = seed_spread(train)
-    out = ["## Verdicts", "", qv.RULE_TEXT, ""]
+    out = ["## Verdicts", ""]
+    if line := headline(train):
+        out += [f"**Finding.** {line}", ""]
+    out += [qv.RULE_TEXT, ""]
     if spread:
         out += [f"Seed-to-seed standard deviation of one method's test loss at its chosen lr, pooled over the "
                 f"results present: {spread[0]:.4f} nats ({spread[1]} degrees of freedom); the margin stays "
@@ -468,11 +496,12 @@ def lr_section(train: dict) -> list[str]:
     ranges = lr_ranges(train)
     if not ranges:
         return []
+    setup, steps = train["base"]["settings"]["setup"], train["base"]["settings"]["train"]["steps"]
     lines = ["### Learning rates", "",
              f"The lr each method's grid chose, and the grid's lrs whose validation loss lies within {LR_TOLERANCE} "
-             f"nats of the best. Measured in this protocol's setting only: q,v of the top 4 decoder layers, 60 steps of 8 "
-             f"records. The recipes adapt q,v in every layer and train longer, where the best lr can be lower (an "
-             f"all-layer lr grid is not measured yet).", "",
+             f"nats of the best. Measured in this protocol's setting only: q,v of the top {setup['top_layers']} "
+             f"decoder layers, {steps} steps of {setup['batch_size']} records. The recipes adapt q,v in every layer "
+             f"and train longer, where the best lr can be lower (an all-layer lr grid is not measured yet).", "",
              "| method | chosen lr | lrs within " + f"{LR_TOLERANCE} of the best |", "|---|---:|---|"]
     for label, r in ranges.items():
         span = f"{r['lo']:.3g}" if r["lo"] == r["hi"] else f"{r['lo']:.3g} – {r['hi']:.3g}"
