@@ -88,8 +88,14 @@ def coverage_table(view: dict) -> list[str]:
             t = _iv(qc.mean_interval([r["eta_search"]["test_loss"] for r in done]), 4) if done else "–"
             etas = ", ".join(sorted({_eta(r["eta_search"]) for r in done})) or "–"
             one = next(iter(rs.values()))
-            lines.append(f"| {label} | {one['trainable_mean']:.0f} | {_iv(g)} | {f} | {t} | {etas} |")
+            name = f"{label} (oracle: best rank-{round(b / _r1(recs))} fit)" if one["kind"] == "lora" else label
+            lines.append(f"| {name} | {one['trainable_mean']:.0f} | {_iv(g)} | {f} | {t} | {etas} |")
     return lines
+
+
+def _r1(recs: list[dict]) -> int:
+    """LoRA-r1's budget (the records at budget multiple 1)."""
+    return next(r["budget"] for r in recs if r.get("budget_multiple") == 1.0)
 
 
 def _eta(search: dict) -> str:
