@@ -455,11 +455,28 @@ def train_section(train: dict | None, plots: Path) -> list[str]:
             f"method's grid centre (`quality_train.GRID_CENTRE`) × {tc['grid_factor']:g}^k, extended past an edge until the best validation loss "
             f"is interior; the chosen lr is rerun with every seed and scored on the test records. "
             f"{len(train['done'])} runs, {complete} of {len(train['chosen'])} methods complete.", "",
-            *train_table(train), ""]
+            *train_table(train), "", *lfma_note(train)]
     curves = {label: c["grid"] for label, c in train["chosen"].items() if len(c["grid"]) > 1}
     made = quality_plots.loss_vs_lr(curves, train["base"]["val"]["loss"], plots / "quality_train_lr.png")
     out += [*([f"![lr grids](plots/{made.name})", ""] if made else [])]
     return out + lr_section(train) + grid_test_section(train)
+
+
+def lfma_note(train: dict) -> list[str]:
+    """LFMA's redundant scalars, shown by its ΔW rank beside FourierFT's at the same scalar count."""
+    def rank(label):
+        c = train["chosen"].get(label)
+        ranks = [r["delta_rank_mean"] for r in (c or {}).get("seeds", {}).values() if r.get("delta_rank_mean")]
+        return sum(ranks) / len(ranks) if ranks else None
+
+    lfma, fourier = rank("LFMA"), rank("FourierFT")
+    if lfma is None or fourier is None:
+        return []
+    return [f"LFMA's ΔW rank ({lfma:.0f}) is about half FourierFT's ({fourier:.0f}) at the same number of real "
+            f"scalars: top-k over the full spectrum of a real W0 picks frequencies in conjugate pairs, which reach "
+            f"the same real ΔW, so about half of LFMA's scalars are redundant here. The library's "
+            f"`half_spectrum=True` (rfft2 half-plane) avoids the pairs; it is measured in part 1 but not trained.",
+            ""]
 
 
 def grid_test_section(train: dict) -> list[str]:
