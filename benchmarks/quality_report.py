@@ -402,6 +402,18 @@ def bounds_section(bounds: dict | None, cov: dict | None) -> list[str]:
     for b, row in sm["budgets"].items():
         out.append(f"| {b} | {row['ssh_energy_chosen']:.4f} | {row['overlap_hartley']:.4f} | "
                    f"{row['overlap_fourier']:.4f} |")
+    r1 = str(_r1(cov["recs"]))
+    if r1 in sm["budgets"]:
+        row = sm["budgets"][r1]
+        top = max(row["oracle"], key=row["oracle"].get)
+        out += ["", f"Reading at {r1} scalars/module: the best support of the {qb.BASIS_LABELS[top]} basis would hold "
+                f"{row['oracle'][top]:.4f} of G (LoRA's rank-1 oracle {sm['lora_oracle']:.4f}), a random one "
+                f"{row['random']:.4f}; SSH's W0-energy positions hold {row['ssh_energy_chosen']:.4f} and share "
+                f"{row['overlap_hartley']:.4f} of their positions with G's top ones, "
+                f"{row['overlap_hartley'] / row['random']:.2f}× the rate of a random choice. "
+                f"The gap between a blind rule and the oracle is the headroom a position rule that sees the "
+                f"gradient could use; whether positions chosen on one gradient batch hold it on others is not "
+                f"measured yet."]
     return out + [""]
 
 
