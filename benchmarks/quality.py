@@ -2,6 +2,7 @@
 
     .venv/bin/python -m benchmarks.quality coverage      # part 1: no training (~3.5 core-hours)
     .venv/bin/python -m benchmarks.quality train         # part 2: matched training (~4 core-hours, 49 runs)
+    .venv/bin/python -m benchmarks.quality bounds        # part 1's oracle / random bounds (its cached gradient)
     .venv/bin/python -m benchmarks.quality report        # docs/results.md and docs/plots/ from the result files
 
 Costs measured on a 2-core x86 CPU with one torch thread per process: part 1 computes the gradient and the full
@@ -36,7 +37,7 @@ PROFILES = {
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawTextHelpFormatter)
-    p.add_argument("part", choices=("coverage", "train", "report"))
+    p.add_argument("part", choices=("coverage", "train", "bounds", "report"))
     p.add_argument("--shared-dir", default=None, help="shared data directory (default $SSPEFT_SHARED_DIR or "
                                                       "../shared); the data is <shared>/data/alpaca/alpaca_en_demo.json")
     p.add_argument("--data", default=None, help="an Alpaca-format .json/.jsonl file instead of the shared sample")
@@ -49,7 +50,24 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--only", default=None, help="coverage, train: comma-separated method labels this process runs "
                                                 "(two processes with disjoint labels share the work; default: all)")
     p.add_argument("--threads", type=int, default=None, help="torch threads (default: the profile's)")
+    p.add_argument("--seeds", default=None, help="train: comma-separated seeds run at each chosen lr (default: the "
+                                                 "profile's; the first seed chooses the lr)")
     return p.parse_args(argv)
+
+
+def parse_seeds(text: str | None) -> tuple[int, ...] | None:
+    """`--seeds 0,1,2` as a tuple; SystemExit naming the value unless it is distinct integers ≥ 0 starting at 0
+    (seed 0 chooses every lr, so it must be among them and first)."""
+    if text is None:
+        return None
+    try:
+        seeds = tuple(int(s) for s in text.split(","))
+    except ValueError:
+        seeds = ()
+    if not seeds or seeds[0] != 0 or len(set(seeds)) != len(seeds) or min(seeds) < 0:
+        raise SystemExit(f"--seeds: {text!r}; expected distinct integers ≥ 0 separated by commas, starting with 0 "
+                         f"(seed 0 chooses the lr), e.g. 0,1,2,3,4")
+    return seeds
 
 
 def data_path(args) -> Path:
@@ -80,7 +98,8 @@ def main(argv: list[str] | None = None) -> int:
     from launch.models import resolve_model_path
 
     only = args.only.split(",") if args.only else None
-    qc.check_labels(only, [v.label for v in quality_coverage.VARIANTS] if args.part == "coverage"
+    seeds = parse_seeds(args.seeds)
+    qc.check_labels(only, [v.label for v in quality_coverage.VARIANTS] if args.part != "train"
                     else [m.label for m in quality_train.methods(budget=1, r=1)])  # before any data or model work
     data = data_path(args)
     profile = PROFILES[args.profile]
@@ -100,8 +119,15 @@ def main(argv: list[str] | None = None) -> int:
     if args.part == "coverage":
         cfg = quality_coverage.CoverageConfig(**profile.get("coverage", {}))
         out = quality_coverage.run(setup, cfg, results / "coverage", cache, progress, only=only)
+    elif args.part == "bounds":
+        from benchmarks import quality_bounds
+
+        cfg = quality_coverage.CoverageConfig(**profile.get("coverage", {}))
+        out = quality_bounds.run(setup, cfg, results / "coverage", cache, progress)
     else:
         cfg = quality_train.TrainConfig(**profile.get("train", {}))
+        if seeds:
+            cfg.seeds = seeds
         out = quality_train.run(setup, cfg, results / "train", cache, progress, max_runs=args.max_runs,
                                 only=only)
     print(f"[quality] {args.part}: {out}")

@@ -68,10 +68,10 @@ def check_labels(only: list[str] | None, known: list[str]) -> None:
         raise SystemExit(f"--only: unknown labels {unknown}; expected some of {known}")
 
 
-PLANNING_KEYS = {"setup": ("threads",), "train": ("max_extensions",), "coverage": ("eta_evals", "eta_growth")}
-"""Settings that change how long a part runs or which runs it plans, never what a stored result measured (the
-coverage part's η-search settings are stored with each η search instead, and a search made under others is
-redone)."""
+PLANNING_KEYS = {"setup": ("threads",), "train": ("max_extensions", "seeds"), "coverage": ("eta_evals", "eta_growth")}
+"""Settings that change how long a part runs or which runs it plans, never what a stored result measured (a
+training run stores its own seed; the coverage part's η-search settings are stored with each η search instead,
+and a search made under others is redone)."""
 
 
 def same_settings(a: dict | None, b: dict | None) -> bool:
@@ -107,6 +107,22 @@ def split_indices(n_records: int, setup: Setup) -> dict[str, list[int]]:
     random.Random(setup.split_seed).shuffle(order)
     a, b = setup.n_val, setup.n_val + setup.n_test
     return {"val": order[:a], "test": order[a:b], "train": order[b:need]}
+
+
+def content_duplicates(records: list, splits: dict[str, list[int]]) -> list[tuple[tuple[str, int], tuple[str, int]]]:
+    """((split, record index), (split, record index)) for every record of the splits that repeats an earlier one
+    by content (instruction, input, output); the first occurrence in split order is the one repeated."""
+    first: dict[tuple, tuple[str, int]] = {}
+    out = []
+    for name, idx in splits.items():
+        for i in idx:
+            r = records[i]
+            key = (r.instruction, r.input, r.output)
+            if key in first:
+                out.append((first[key], (name, i)))
+            else:
+                first[key] = (name, i)
+    return out
 
 
 def load_splits(setup: Setup, tokenizer) -> dict[str, Encoded]:

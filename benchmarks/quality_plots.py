@@ -60,7 +60,7 @@ def loss_vs_lr(curves: dict[str, list[tuple[float, float]]], base: float | None,
     if base is not None:
         ax.axhline(base, color="grey", ls="--", lw=1, label="base model")
     ax.set_xscale("log")
-    ax.set_xlabel("lr / the method's suggested lr")
+    ax.set_xlabel("lr / the method's grid centre (quality_train.GRID_CENTRE)")
     ax.set_ylabel("validation response loss (seed 0)")
     ax.set_title("Learning-rate grids")
     ax.legend(fontsize=7)

@@ -8,49 +8,14 @@ from __future__ import annotations
 
 import json
 import math
-from dataclasses import dataclass
 from pathlib import Path
 
+from benchmarks import quality_bounds as qb
 from benchmarks import quality_common as qc
 from benchmarks import quality_plots
+from benchmarks import quality_verdicts as qv
+from benchmarks.quality_claims import CLAIMS, NOT_TRAINED, Claim
 from launch.rundir import atomic_write_text
-
-EPS = 0.01
-"""Practical tolerance in nats of mean response loss: "matches" holds when the loss difference's interval stays
-below +EPS; "beats" is contradicted when the whole interval lies within ±EPS (no advantage of that size)."""
-
-
-@dataclass(frozen=True)
-class Claim:
-    title: str
-    source: str
-    part: str
-    """coverage (captured gradient fraction, higher is better) or train (test loss, lower is better)"""
-    a: str
-    b: str
-    relation: str
-    """beats | matches (a at least as good as b)"""
-    context: tuple[str, str] | None = None
-    """Another coverage pair (a, b) reported beside the verdict, where it explains it."""
-
-
-CLAIMS = (
-    Claim("SSH matches or beats LoRA r=1 at an equal parameter budget", "SSH paper", "train", "SSH δ=0.7",
-          "LoRA r=1", "matches"),
-    Claim("SSH's mixed selection (δ=0.7) beats all-random positions (δ=0)", "SSH paper", "train", "SSH δ=0.7",
-          "SSH δ=0", "beats"),
-    Claim("SSH's mixed selection (δ=0.7) beats all-energy positions (δ=1)", "SSH paper", "train", "SSH δ=0.7",
-          "SSH δ=1", "beats"),
-    Claim("LFMA's top-k frequencies hold more of the update than a random mask of the same size", "LFMA paper",
-          "coverage", "LFMA top-k", "LFMA random mask", "beats", context=("LFMA half-spectrum", "LFMA random mask")),
-    Claim("LFMA matches or beats FourierFT with fewer parameters", "LFMA paper", "train", "LFMA", "FourierFT",
-          "matches"),
-    Claim("Wavelet supports cover the gradient better than sparse weight supports (WaveFT vs SHiRA; the paper "
-          "expects the gap mainly on vision tasks)", "WaveFT paper", "coverage", "WaveFT", "SHiRA", "beats"),
-    Claim("WaveFT beats SHiRA at an equal budget", "WaveFT paper", "train", "WaveFT", "SHiRA", "beats"),
-    Claim("sspeft's FourierFT learns at least as well as PEFT's at the same α and lr", "this library",
-          "train", "FourierFT", "PEFT FourierFT", "matches"),
-)
 
 COVERAGE_CONTRASTS = (
     ("SSH δ=0.7", "SSH δ=0"), ("SSH δ=0.7", "SSH δ=1"), ("LFMA top-k", "LFMA random mask"),
@@ -92,7 +57,7 @@ def _by(recs: list[dict], label: str, budget: int) -> dict[int, dict]:
 
 def coverage_contrast(view: dict, a: str, b: str, budget: int, metric: str = "grad") -> dict | None:
     """Per-seed difference a − b of the mean captured fraction, its mean and t-interval over the seeds both have,
-    and (once measured) the paired bootstrap of the η-searched test losses (seed-averaged per record)."""
+    and (once measured) the hierarchical bootstrap of the η-searched test losses (position seeds and records)."""
     ra, rb = _by(view["recs"], a, budget), _by(view["recs"], b, budget)
     seeds = [s for s in sorted(set(ra) & set(rb)) if metric in ra[s] and metric in rb[s]]
     if not seeds:
@@ -101,14 +66,9 @@ def coverage_contrast(view: dict, a: str, b: str, budget: int, metric: str = "gr
     loss = None
     if view["base"] and all("eta_search" in r[s] for r in (ra, rb) for s in seeds):
         tokens = view["base"]["test_tokens"]
-        loss = qc.paired_bootstrap(_seed_mean([ra[s]["eta_search"]["test_sums"] for s in seeds], tokens),
-                                   _seed_mean([rb[s]["eta_search"]["test_sums"] for s in seeds], tokens))
+        loss = qv.interval_sources(*({"sums": [r[s]["eta_search"]["test_sums"] for s in seeds], "tokens": tokens,
+                                      "seeds": seeds} for r in (ra, rb)))
     return {"fraction": qc.mean_interval(diffs), "loss": loss, "seeds": seeds}
-
-
-def _seed_mean(per_seed: list[list[float]], tokens: list[int]) -> dict:
-    n = len(per_seed)
-    return {"sums": [sum(col) / n for col in zip(*per_seed)], "tokens": tokens}
 
 
 def coverage_table(view: dict) -> list[str]:
@@ -128,8 +88,14 @@ def coverage_table(view: dict) -> list[str]:
             t = _iv(qc.mean_interval([r["eta_search"]["test_loss"] for r in done]), 4) if done else "–"
             etas = ", ".join(sorted({_eta(r["eta_search"]) for r in done})) or "–"
             one = next(iter(rs.values()))
-            lines.append(f"| {label} | {one['trainable_mean']:.0f} | {_iv(g)} | {f} | {t} | {etas} |")
+            name = f"{label} (oracle: best rank-{round(b / _r1(recs))} fit)" if one["kind"] == "lora" else label
+            lines.append(f"| {name} | {one['trainable_mean']:.0f} | {_iv(g)} | {f} | {t} | {etas} |")
     return lines
+
+
+def _r1(recs: list[dict]) -> int:
+    """LoRA-r1's budget (the records at budget multiple 1)."""
+    return next(r["budget"] for r in recs if r.get("budget_multiple") == 1.0)
 
 
 def _eta(search: dict) -> str:
@@ -170,12 +136,21 @@ def train_view(results: Path) -> dict | None:
     return {"base": base, "done": done, "cfg": cfg, "chosen": chosen}
 
 
-def method_losses(view: dict, label: str) -> dict | None:
+def method_seeds(view: dict, label: str) -> dict | None:
+    """Per-seed test losses of a method at its chosen lr ({"sums": [[per record] per seed], "tokens", "seeds"}),
+    every seed run there (the protocol's and any added with --seeds); None until the protocol's seeds are done."""
     c = view["chosen"].get(label)
     if not c or not c["complete"]:
         return None
-    runs = [c["seeds"][s] for s in view["cfg"].seeds]
-    return _seed_mean([r["test"]["sums"] for r in runs], runs[0]["test"]["tokens"])
+    seeds = sorted(c["seeds"])
+    return {"sums": [c["seeds"][s]["test"]["sums"] for s in seeds], "tokens": c["seeds"][seeds[0]]["test"]["tokens"],
+            "seeds": seeds}
+
+
+def mean_loss(side: dict) -> float:
+    """Token-weighted test loss of a side, its seeds averaged per record."""
+    n = len(side["sums"])
+    return sum(sum(col) / n for col in zip(*side["sums"])) / sum(side["tokens"])
 
 
 def train_table(view: dict) -> list[str]:
@@ -187,8 +162,8 @@ def train_table(view: dict) -> list[str]:
         grid = ", ".join(f"×{m:.3g}: {v:.4f}" for m, v in c["grid"])
         seeds = c["seeds"]
         any_run = next(iter(seeds.values()), None) or next(r for r in view["done"].values() if r["label"] == label)
-        test = method_losses(view, label)
-        test_txt = f"{sum(test['sums']) / sum(test['tokens']):.4f}" if test else "–"
+        test = method_seeds(view, label)
+        test_txt = f"{mean_loss(test):.4f}" if test else "–"
         lr = f"{any_run['lr']:.3g} (×{c['mult']:.3g})" if c["mult"] is not None else "grid unfinished"
         if c["edge"]:
             lr += ", at the grid's edge"
@@ -202,55 +177,83 @@ def train_table(view: dict) -> list[str]:
 
 
 # ---------------------------------------------------------------------------------------------------- verdicts
-def verdict(claim: Claim, cov: dict | None, train: dict | None) -> tuple[str, str]:
-    """(verdict, figure with interval / reason)."""
+def verdict(claim: Claim, cov: dict | None, train: dict | None) -> tuple[str, str, str]:
+    """(verdict, outcome in words naming the winner, figure with interval / reason) under `quality_verdicts`."""
     if claim.part == "coverage":
-        if cov is None:
-            return "unresolved", "the coverage part has not been run"
-        budget = _main_budget(cov)
-        c = coverage_contrast(cov, claim.a, claim.b, budget)
-        if c is None:
-            return "unresolved", "coverage results for one side are missing"
-        iv, loss = c["fraction"], c["loss"]
-        fig = (f"gradient fraction {claim.a} − {claim.b} at {budget} scalars/module: {iv['mean']:+.4f} "
-               f"[{iv['lo']:+.4f}, {iv['hi']:+.4f}] over {iv['n']} position seeds; " +
-               (f"test loss after the η-searched projection {loss['diff']:+.4f} [{loss['lo']:+.4f}, {loss['hi']:+.4f}]"
-                if loss else "the η-searched projection losses are not measured yet"))
-        if claim.context and (ctx := coverage_contrast(cov, *claim.context, budget)):
-            fig += (f"; for comparison {claim.context[0]} − {claim.context[1]}: {_div(ctx['fraction'])} (top-k over "
-                    f"the full spectrum of a real W0 picks frequencies in conjugate pairs, which reach the same real "
-                    f"ΔW; the rfft2 half-plane avoids all but those in its self-conjugate columns: "
-                    f"tests/test_sspeft_positions.py)")
-        if iv["lo"] > 0:
-            return "supported", fig
-        if iv["hi"] < 0:
-            return "contradicted", fig
-        return "unresolved", fig + " (the interval contains 0)"
+        return _coverage_verdict(claim, cov)
     if train is None or not train["done"]:
-        return "unresolved", "matched training not yet run on this machine"
-    la, lb = method_losses(train, claim.a), method_losses(train, claim.b)
-    if la is None or lb is None:
-        missing = [x for x, l in ((claim.a, la), (claim.b, lb)) if l is None]
-        return "unresolved", f"matched training unfinished for {', '.join(missing)}"
-    d = qc.paired_bootstrap(la, lb)
-    fig = (f"test loss {claim.a} − {claim.b}: {d['diff']:+.4f} [{d['lo']:+.4f}, {d['hi']:+.4f}] (paired bootstrap "
-           f"over {len(la['sums'])} test records, {len(train['cfg'].seeds)} seeds averaged)")
+        return "unresolved", "–", "matched training not yet run on this machine"
+    sa, sb = method_seeds(train, claim.a), method_seeds(train, claim.b)
+    if sa is None or sb is None:
+        missing = [x for x, side in ((claim.a, sa), (claim.b, sb)) if side is None]
+        return "unresolved", "–", f"not trained: {', '.join(missing)}" if not all(
+            x in train["chosen"] for x in missing) else f"matched training unfinished for {', '.join(missing)}"
+    d = qv.interval_sources(sa, sb)
+    v, words = qv.judge(claim.relation, d["lo"], d["hi"], claim.a, claim.b)
+    fig = (f"test loss {claim.a} − {claim.b}: {d['diff']:+.4f} [{d['lo']:+.4f}, {d['hi']:+.4f}]; seeds "
+           f"{len(sa['seeds'])} vs {len(sb['seeds'])}{' (paired)' if d['paired'] else ''}, {d['records']} test "
+           f"records; seeds {100 * d['seed_share']:.0f} % of the variance")
     edges = [x for x in (claim.a, claim.b) if train["chosen"][x]["edge"]]
     note = f"; the lr optimum of {', '.join(edges)} is at its grid's edge" if edges else ""
     note += "".join(f"; {close}" for x in (claim.a, claim.b) if (close := close_lrs(train, x)))
-    if claim.relation == "matches":
-        if d["hi"] < EPS:
-            return "supported", fig + note
-        if d["lo"] > EPS:
-            return "contradicted", fig + note
-        return "unresolved", fig + f" (the interval straddles +{EPS})" + note
-    if d["hi"] < 0:
-        return "supported", fig + note
-    if d["lo"] > 0:
-        return "contradicted", fig + note
-    if -EPS < d["lo"] and d["hi"] < EPS:
-        return "contradicted", fig + f" (no advantage beyond ±{EPS})" + note
-    return "unresolved", fig + " (the interval contains 0)" + note
+    return v, words, fig + note
+
+
+def _coverage_verdict(claim: Claim, cov: dict | None) -> tuple[str, str, str]:
+    if cov is None:
+        return "unresolved", "–", "the coverage part has not been run"
+    budget = _main_budget(cov)
+    c = coverage_contrast(cov, claim.a, claim.b, budget)
+    if c is None:
+        return "unresolved", "–", "coverage results for one side are missing"
+    iv, loss = c["fraction"], c["loss"]
+    fig = (f"gradient fraction {claim.a} − {claim.b} at {budget} scalars/module: {iv['mean']:+.4f} "
+           f"[{iv['lo']:+.4f}, {iv['hi']:+.4f}] over {iv['n']} position seeds; " +
+           (f"test loss after the η-searched projection {loss['diff']:+.4f} [{loss['lo']:+.4f}, {loss['hi']:+.4f}]"
+            if loss else "the η-searched projection losses are not measured yet"))
+    if claim.context and (ctx := coverage_contrast(cov, *claim.context, budget)):
+        fig += (f"; for comparison {claim.context[0]} − {claim.context[1]}: {_div(ctx['fraction'])} (top-k over "
+                f"the full spectrum of a real W0 picks frequencies in conjugate pairs, which reach the same real "
+                f"ΔW; the rfft2 half-plane avoids all but those in its self-conjugate columns: "
+                f"tests/test_sspeft_positions.py)")
+    # higher captured fraction is better: judge −(a − b) on the lower-is-better scale, with no margin
+    v, words = qv.judge(claim.relation, -iv["hi"], -iv["lo"], claim.a, claim.b, margin=0.0)
+    return v, words, fig
+
+
+FIDELITY_ONLY = ("PEFT FourierFT",)
+"""Part-2 methods that check the library against another implementation rather than compete."""
+
+
+def headline(train: dict | None) -> str | None:
+    """One sentence: the method with the lowest test loss at an equal budget, its lead over the next-best method
+    and the hierarchical bootstrap interval of that lead (None until two methods are complete)."""
+    if train is None:
+        return None
+    sides = {label: side for label in train["chosen"] if label not in FIDELITY_ONLY
+             and (side := method_seeds(train, label)) is not None}
+    if len(sides) < 2:
+        return None
+    ranked = sorted(sides, key=lambda label: mean_loss(sides[label]))
+    best, second = ranked[:2]
+    d = qv.interval_sources(sides[best], sides[second])
+    s = train["base"]["settings"]
+    v, words = qv.judge("beats", d["lo"], d["hi"], best, second)
+    return (f"At an equal budget on this task (SmolLM2-135M-Instruct, Alpaca, q,v of the top "
+            f"{s['setup']['top_layers']} layers, {s['train']['steps']} steps), {best} has the lowest test loss: "
+            f"{-d['diff']:.4f} nats below the next best, {second} (95 % interval of the lead "
+            f"[{-d['hi']:.4f}, {-d['lo']:.4f}], seeds {len(sides[best]['seeds'])} and "
+            f"{len(sides[second]['seeds'])}; {words}).")
+
+
+def seed_spread(train: dict | None) -> tuple[float, int] | None:
+    """Pooled seed-to-seed standard deviation of the test loss of every method at its chosen lr, with its degrees
+    of freedom (the margin's justification, recomputed from the results present)."""
+    if train is None:
+        return None
+    groups = [[r["test"]["loss"] for r in c["seeds"].values()] for c in train["chosen"].values()]
+    sd, df = qv.pooled_seed_sd(groups)
+    return (sd, df) if df else None
 
 
 LR_CLOSE = 0.002
@@ -286,13 +289,29 @@ def _main_budget(cov: dict) -> int:
 def write(results: Path, docs: Path) -> Path:
     cov, train = coverage_view(results), train_view(results)
     plots = docs / "plots"
-    parts = [INTRO, "## Verdicts", "", VERDICT_RULES, "",
-             "| claim | source | verdict | figure (95 % interval) |", "|---|---|---|---|"]
-    for claim in CLAIMS:
-        v, fig = verdict(claim, cov, train)
-        parts.append(f"| {claim.title} | {claim.source} | **{v}** | {fig} |")
-    parts += ["", *coverage_section(cov, plots), *train_section(train, plots)]
+    parts = [INTRO, *verdict_section(cov, train), *coverage_section(cov, plots),
+             *bounds_section(qb.load(results / "coverage"), cov), *train_section(train, plots), *data_section(cov)]
     return atomic_write_text(docs / "results.md", "\n".join(parts) + "\n")
+
+
+def verdict_section(cov: dict | None, train: dict | None) -> list[str]:
+    spread = seed_spread(train)
+    out = ["## Verdicts", ""]
+    if line := headline(train):
+        out += [f"**Finding.** {line}", ""]
+    out += [qv.RULE_TEXT, ""]
+    if spread:
+        out += [f"Seed-to-seed standard deviation of one method's test loss at its chosen lr, pooled over the "
+                f"results present: {spread[0]:.4f} nats ({spread[1]} degrees of freedom); the margin stays "
+                f"{qv.MARGIN} as registered.", ""]
+    out += ["| claim (as its source states it) | source | verdict | outcome | figure (95 % interval) |",
+            "|---|---|---|---|---|"]
+    for claim in CLAIMS:
+        v, words, fig = verdict(claim, cov, train)
+        out.append(f"| {claim.title} ({claim.a} vs {claim.b}) | {claim.source} | **{v}** | {words} | {fig} |")
+    out += ["", "Not judged yet (the stored results hold no run for them):", ""]
+    out += [f"- {what}: {why}." for what, why in NOT_TRAINED]
+    return out + [""]
 
 
 def coverage_section(cov: dict | None, plots: Path) -> list[str]:
@@ -301,14 +320,18 @@ def coverage_section(cov: dict | None, plots: Path) -> list[str]:
         return out + ["Not run yet: `python -m benchmarks.quality coverage`.", ""]
     base, s = cov["base"], cov["settings"]
     setup, cc = s["setup"], s["coverage"]
+    n_val, n_test = _kept(base, "val", setup["n_val"]), _kept(base, "test", setup["n_test"])
     out += [f"Signals: G = the q,v gradient of the mean response loss over {cc['n_grad']} training records in every "
-            f"decoder layer; ΔW_FT = a full fine-tune of q,v in the top {setup['top_layers']} layers over the same "
-            f"records ({cc['ft_steps']} AdamW steps × {setup['batch_size']} records, lr {cc['ft_lr']:g}). Captured "
-            f"fraction = ‖P(T)‖²/‖T‖² of the orthogonal projection onto the span a method's trainable scalars reach "
-            f"(computed through the library's own ΔW), averaged over modules; LoRA holds the best rank-r "
-            f"approximation (Σ_{{i≤r}} σᵢ²). η is chosen on the {setup['n_val']} validation records and the loss "
-            f"reported on the {setup['n_test']} test records (mean response cross-entropy). Position seeds "
-            f"{', '.join(map(str, cc['seeds']))}; intervals are 95 % t-intervals over them.", ""]
+            f"decoder layer; ΔW_FT = a full fine-tune of q,v in the top {setup['top_layers']} layers over the first "
+            f"{cc['ft_steps'] * setup['batch_size']} of those records ({cc['ft_steps']} AdamW steps × "
+            f"{setup['batch_size']} records, lr {cc['ft_lr']:g}). Captured fraction = ‖P(T)‖²/‖T‖² of the "
+            f"orthogonal projection onto the span a method's trainable scalars reach (computed through the "
+            f"library's own ΔW), averaged over modules. The LoRA rows are an oracle, not a span: the best rank-r "
+            f"approximation of the target itself (Σ_{{i≤r}} σᵢ²), chosen after seeing it, while every sparse "
+            f"method fixes its positions without seeing it (LoRA at its random initialisation: the bounds below). "
+            f"η is chosen on the {n_val} validation records and the loss reported on the {n_test} test records "
+            f"(mean response cross-entropy). Position seeds {', '.join(map(str, cc['seeds']))}; intervals are 95 % "
+            f"t-intervals over them.", ""]
     if base:
         full = base["full_ft"]
         out += [f"Base model test loss {base['test_loss']:.4f}; the unprojected ΔW_FT reaches "
@@ -322,8 +345,8 @@ def coverage_section(cov: dict | None, plots: Path) -> list[str]:
     out += [*coverage_table(cov), ""]
     budget = _main_budget(cov)
     out += [f"Contrasts at {budget} scalars/module (a − b; positive fraction = a holds more, negative loss = a "
-            f"better):", "", "| a | b | gradient fraction a − b | ΔW_FT fraction a − b | test loss a − b (paired "
-            "bootstrap over records) |", "|---|---|---|---|---|"]
+            f"better):", "", "| a | b | gradient fraction a − b | ΔW_FT fraction a − b | test loss a − b "
+            "(hierarchical bootstrap over position seeds and records) |", "|---|---|---|---|---|"]
     for a, b in COVERAGE_CONTRASTS:
         g, f = coverage_contrast(cov, a, b, budget), coverage_contrast(cov, a, b, budget, "ft")
         if g is None:
@@ -341,6 +364,90 @@ def coverage_section(cov: dict | None, plots: Path) -> list[str]:
     return out
 
 
+def _kept(base: dict | None, split: str, default: int) -> str:
+    """The records of a split that were scored (some are dropped when their prompt fills max_length)."""
+    rec = (base or {}).get("records", {}).get(split)
+    if not rec:
+        return str(default)
+    return f"{rec['n']}" + (f" (of {rec['n'] + rec['dropped']}; {rec['dropped']} dropped for length)"
+                            if rec["dropped"] else "")
+
+
+def bounds_section(bounds: dict | None, cov: dict | None) -> list[str]:
+    """Per basis: the oracle top-n capture of G, a random support's expectation, the measured random and
+    W0-energy supports (coverage part), and LoRA r=1 at its initialisation beside its SVD oracle."""
+    out = ["### What a support could hold: bounds on the gradient's captured fraction", ""]
+    if bounds is None:
+        return out + ["Not computed yet: `python -m benchmarks.quality bounds` (reuses the coverage part's cached "
+                      "gradient).", ""]
+    if cov is None or not qc.same_settings(bounds["settings"], cov["settings"]):
+        return out + ["benchmarks/results/coverage/bounds.json was computed under other settings than the coverage "
+                      "results: rerun `python -m benchmarks.quality bounds`.", ""]
+    sm = qb.summary(bounds)
+    out += [qb.PAGE_TEXT, "",
+            f"LoRA r=1: best rank-1 fit of G (oracle) {sm['lora_oracle']:.4f}; at its random initialisation "
+            f"(PEFT's A, seeds {', '.join(map(str, bounds['lora_seeds']))}) "
+            f"{', '.join(f'{x:.4f}' for x in sm['lora_init'])}. Parseval check of the library bases (Σ captured "
+            f"over every position / ‖G‖², min–max over modules): "
+            + ", ".join(f"{k} {lo:.6f}–{hi:.6f}" for k, (lo, hi) in sm["parseval"].items()) + ".", "",
+            "| scalars / module | basis | oracle: best n positions | random support, expected n/(m·n) | "
+            "measured (coverage part, seed mean) |", "|---:|---|---:|---:|---|"]
+    for b, row in sm["budgets"].items():
+        for basis, label in qb.BASIS_LABELS.items():
+            measured = "; ".join(f"{lab} {_seed_mean_fraction(cov, lab, int(b)):.4f}" for lab in
+                                 qb.MEASURED.get(basis, ()) if _seed_mean_fraction(cov, lab, int(b)) is not None)
+            out.append(f"| {b} | {label} | {row['oracle'][basis]:.4f} | {row['random']:.4f} | {measured or '–'} |")
+    out += ["", "| scalars / module | SSH δ=1 (W0-energy positions) capture, closed form | W0-energy top-n ∩ G top-n "
+            "(Hartley) | W0 top-k ∩ G top-k (Fourier magnitude) |", "|---:|---:|---:|---:|"]
+    for b, row in sm["budgets"].items():
+        out.append(f"| {b} | {row['ssh_energy_chosen']:.4f} | {row['overlap_hartley']:.4f} | "
+                   f"{row['overlap_fourier']:.4f} |")
+    r1 = str(_r1(cov["recs"]))
+    if r1 in sm["budgets"]:
+        row = sm["budgets"][r1]
+        top = max(row["oracle"], key=row["oracle"].get)
+        out += ["", f"Reading at {r1} scalars/module: the best support of the {qb.BASIS_LABELS[top]} basis would hold "
+                f"{row['oracle'][top]:.4f} of G (LoRA's rank-1 oracle {sm['lora_oracle']:.4f}), a random one "
+                f"{row['random']:.4f}; SSH's W0-energy positions hold {row['ssh_energy_chosen']:.4f} and share "
+                f"{row['overlap_hartley']:.4f} of their positions with G's top ones, "
+                f"{row['overlap_hartley'] / row['random']:.2f}× the rate of a random choice. "
+                f"The gap between a blind rule and the oracle is the headroom a position rule that sees the "
+                f"gradient could use; whether positions chosen on one gradient batch hold it on others is not "
+                f"measured yet."]
+    return out + [""]
+
+
+def _seed_mean_fraction(cov: dict, label: str, budget: int) -> float | None:
+    rs = _by(cov["recs"], label, budget)
+    return sum(r["grad"]["mean_fraction"] for r in rs.values()) / len(rs) if rs else None
+
+
+def data_section(cov: dict | None) -> list[str]:
+    """Records that repeat another by content, across or within the splits (from the data file and the split)."""
+    if cov is None:
+        return []
+    setup = cov["settings"]["setup"]
+    path = Path(setup["data"])
+    if not path.is_file():
+        return ["## Data", "", f"{path} is not present here: duplicate records not checked.", ""]
+    from launch.data import load_records
+
+    dups = qc.content_duplicates(load_records(str(path)), qc.split_indices(len(load_records(str(path))),
+                                                                            qc.Setup(**setup)))
+    cross = [d for d in dups if d[0][0] != d[1][0]]
+    within = [d for d in dups if d[0][0] == d[1][0]]
+    lines = ["## Data", "", f"Records identical by content (instruction, input, output) in the split: {len(cross)} "
+             f"across splits ({'; '.join(f'{a[0]} record {a[1]} = {b[0]} record {b[1]}' for a, b in cross) or 'none'})"
+             f", {len(within)} within a split ({', '.join(sorted({a[0] for a, _ in within})) or '–'}). The split is "
+             f"made before deduplication; removing the duplicates first would reshuffle every split and void every "
+             f"stored run, so the stored protocol keeps them. "
+             + ("No test record repeats a training or validation record; " if not any(
+                 "test" in (a[0], b[0]) for a, b in cross) else "Test records listed above repeat other records; ")
+             + "a validation record seen in training can only bias the lr and η choices, by its share of the "
+             "validation loss.", ""]
+    return lines
+
+
 def _div(iv: dict) -> str:
     return f"{iv['mean']:+.4f} [{iv['lo']:+.4f}, {iv['hi']:+.4f}]"
 
@@ -355,15 +462,33 @@ def train_section(train: dict | None, plots: Path) -> list[str]:
     complete = sum(1 for c in train["chosen"].values() if c["complete"])
     out += [f"q,v of the top {setup['top_layers']} decoder layers (the frozen layers below run once and are cached: "
             f"exact, just cheaper), {tc['steps']} AdamW steps × {setup['batch_size']} records (10 % warmup, then "
-            f"constant), seeds {', '.join(map(str, tc['seeds']))} (data order and positions). The lr grid is the "
+            f"constant), seeds {', '.join(map(str, tc['seeds']))} at every chosen lr and more where the table lists "
+            f"them (a seed sets the data order and the positions). The lr grid is the "
             f"method's grid centre (`quality_train.GRID_CENTRE`) × {tc['grid_factor']:g}^k, extended past an edge until the best validation loss "
             f"is interior; the chosen lr is rerun with every seed and scored on the test records. "
             f"{len(train['done'])} runs, {complete} of {len(train['chosen'])} methods complete.", "",
-            *train_table(train), ""]
+            *train_table(train), "", *lfma_note(train)]
     curves = {label: c["grid"] for label, c in train["chosen"].items() if len(c["grid"]) > 1}
     made = quality_plots.loss_vs_lr(curves, train["base"]["val"]["loss"], plots / "quality_train_lr.png")
     out += [*([f"![lr grids](plots/{made.name})", ""] if made else [])]
     return out + lr_section(train) + grid_test_section(train)
+
+
+def lfma_note(train: dict) -> list[str]:
+    """LFMA's redundant scalars, shown by its ΔW rank beside FourierFT's at the same scalar count."""
+    def rank(label):
+        c = train["chosen"].get(label)
+        ranks = [r["delta_rank_mean"] for r in (c or {}).get("seeds", {}).values() if r.get("delta_rank_mean")]
+        return sum(ranks) / len(ranks) if ranks else None
+
+    lfma, fourier = rank("LFMA"), rank("FourierFT")
+    if lfma is None or fourier is None:
+        return []
+    return [f"LFMA's ΔW rank ({lfma:.0f}) is about half FourierFT's ({fourier:.0f}) at the same number of real "
+            f"scalars: top-k over the full spectrum of a real W0 picks frequencies in conjugate pairs, which reach "
+            f"the same real ΔW, so about half of LFMA's scalars are redundant here. The library's "
+            f"`half_spectrum=True` (rfft2 half-plane) avoids the pairs; it is measured in part 1 but not trained.",
+            ""]
 
 
 def grid_test_section(train: dict) -> list[str]:
@@ -406,9 +531,12 @@ def lr_section(train: dict) -> list[str]:
     ranges = lr_ranges(train)
     if not ranges:
         return []
+    setup, steps = train["base"]["settings"]["setup"], train["base"]["settings"]["train"]["steps"]
     lines = ["### Learning rates", "",
              f"The lr each method's grid chose, and the grid's lrs whose validation loss lies within {LR_TOLERANCE} "
-             f"nats of the best (what worked at this protocol's 60 steps; longer runs usually want less).", "",
+             f"nats of the best. Measured in this protocol's setting only: q,v of the top {setup['top_layers']} "
+             f"decoder layers, {steps} steps of {setup['batch_size']} records. The recipes adapt q,v in every layer "
+             f"and train longer, where the best lr can be lower (an all-layer lr grid is not measured yet).", "",
              "| method | chosen lr | lrs within " + f"{LR_TOLERANCE} of the best |", "|---|---:|---|"]
     for label, r in ranges.items():
         span = f"{r['lo']:.3g}" if r["lo"] == r["hi"] else f"{r['lo']:.3g} – {r['hi']:.3g}"
@@ -427,9 +555,3 @@ r=1 on q,v costs 960 on average, so SSH, FourierFT, WaveFT and SHiRA get n = 960
 (960 reals; half the parameters in the LFMA paper's count). No timings are reported: the machine was shared.
 """
 
-VERDICT_RULES = (f"Rules. Coverage claims compare the captured gradient fraction at LoRA-r1's budget, paired by "
-                 f"position seed: supported when the 95 % interval of a − b lies above 0, contradicted when below, "
-                 f"else unresolved. Training claims compare test losses (lower is better) with a paired bootstrap "
-                 f"over test records: \"beats\" is supported when the interval lies below 0, contradicted when it "
-                 f"lies above 0 or entirely within ±{EPS} nats; \"matches\" is supported when the interval's upper "
-                 f"end is below +{EPS} and contradicted when its lower end is above +{EPS}.")

@@ -5,8 +5,8 @@ records in a seeded order, and scores every validation and test record. Learning
 method's grid centre (`GRID_CENTRE`: a fixed effective step size per method, absorbing the methods' scalings), on a
 grid of factor 3; a method's grid starts at ×⅓, ×1, ×3 of it and is extended past an edge whenever the best validation
 loss lies on that edge, so every chosen lr is an interior optimum. The lr chosen on seed 0's validation loss is then
-run with the other seeds (a seed sets both the data order and the adapter's positions / initial values), and the
-test losses of a method are its seeds' per-record losses averaged. Contrasts are paired over the test records.
+run with the other seeds (a seed sets both the data order and the adapter's positions / initial values; `--seeds`
+adds more at the chosen lr). Contrasts are judged by `quality_verdicts` over seeds and test records together.
 """
 
 from __future__ import annotations

@@ -129,6 +129,24 @@ def test_coverage_part_runs_and_its_fractions_match_independent_routes(env, caps
         closed = float(p.pow(2).sum() / grads[name].double().pow(2).sum())
         assert recs["lfma-top-k_b56_s0"]["grad"]["modules"][name]["fraction"] == pytest.approx(closed, rel=2e-3)
 
+    # the bounds: the oracle holds at least what any measured support holds; LoRA's oracle and SSH δ=1's capture
+    # by the closed form equal the coverage part's (power iteration above / conjugate gradients) figures
+    from benchmarks import quality_bounds as qb
+
+    assert quality.main(_argv(env, "bounds")) == 0
+    bounds = json.loads((out / "bounds.json").read_text())
+    for name, mod in bounds["modules"].items():
+        for b, row in mod["budgets"].items():
+            for basis, labels in qb.MEASURED.items():
+                for label in labels:
+                    for seed in (0, 1):
+                        measured = recs[f"{qcov.slug(label)}_b{b}_s{seed}"]["grad"]["modules"][name]["fraction"]
+                        assert measured <= row["oracle"][basis] + 1e-4, (name, b, label)
+            assert row["ssh_energy_chosen"] == pytest.approx(
+                recs[f"ssh-delta-1_b{b}_s0"]["grad"]["modules"][name]["fraction"], rel=2e-3, abs=1e-6)
+        assert mod["lora_oracle"] == pytest.approx(recs["lora_b56_s0"]["grad"]["modules"][name]["fraction"], rel=2e-3)
+        assert all(0 < x < mod["lora_oracle"] for x in mod["lora_init"])
+
     # resume: nothing recomputed
     stamps = {p: p.stat().st_mtime_ns for p in out.glob("*.json")}
     capsys.readouterr()
@@ -259,3 +277,163 @@ def test_bad_inputs_fail_before_work(tmp_path, env):
         with pytest.raises(SystemExit, match=r"--only: unknown labels \['nope'\]"):
             quality.main(_argv(env, part, "--only", "nope", "--data", str(tmp_path / "missing.json")))
     assert not (env["root"] / "results" / "x").exists()
+
+
+# ---------------------------------------------------------------------------------------------------- verdicts
+def test_verdicts_for_every_outcome_in_both_directions():
+    from benchmarks import quality_verdicts as qv
+
+    m = qv.MARGIN
+    cases = [  # interval of a − b (lower is better), relation → verdict, winner
+        ((-0.02, -0.01), "beats", "supported", "A"),
+        ((0.01, 0.02), "beats", "contradicted", "B"),
+        ((-m / 2, m / 2), "beats", "equivalent within the margin", None),
+        ((-0.01, 0.01), "beats", "unresolved", None),
+        ((-m / 2, m / 2), "matches", "supported", None),
+        ((-0.02, -0.01), "matches", "contradicted", "A"),
+        ((0.01, 0.02), "matches", "contradicted", "B"),
+        ((-0.01, 0.01), "matches", "unresolved", None),
+        ((-0.02, -0.01), "at_least", "supported", "A"),
+        ((-m / 2, m / 2), "at_least", "supported", None),
+        ((-0.01, m / 2), "at_least", "supported", None),  # not worse by the margin, no winner
+        ((0.001, 0.02), "at_least", "contradicted", "B"),
+        ((-0.001, 0.02), "at_least", "unresolved", None),
+    ]
+    mirror = {"supported": "contradicted", "contradicted": "supported"}
+    for (lo, hi), relation, verdict, winner in cases:
+        got, words = qv.judge(relation, lo, hi, "A", "B")
+        assert got == verdict, (lo, hi, relation, words)
+        assert qv.outcome(lo, hi, "A", "B").winner == winner
+        assert (winner is None) or words.startswith(f"{winner} better")
+        # the other direction: b − a = [−hi, −lo] names the same winner, and "b beats a" mirrors "a beats b"
+        assert qv.outcome(-hi, -lo, "B", "A").winner == winner
+        if relation == "beats":
+            back, _ = qv.judge("beats", -hi, -lo, "B", "A")
+            assert back == mirror.get(verdict, verdict)
+    with pytest.raises(ValueError, match="relation='wins'"):
+        qv.judge("wins", -1, 1, "A", "B")
+    with pytest.raises(ValueError, match="lo must not exceed hi"):
+        qv.outcome(1.0, 0.0, "A", "B")
+
+
+def test_hierarchical_bootstrap_matches_the_closed_form_of_seed_and_record_variance():
+    """y[s, i] = seed effect + record effect + noise. For the mean over drawn seeds and drawn records, the bootstrap
+    variance is exactly A/S + B/R + E/(S·R) with A, B, E the plug-in mean squares of the seed effects, record
+    effects and residuals; seeds alone give A/S and records alone B/R."""
+    from benchmarks import quality_verdicts as qv
+
+    g = torch.Generator().manual_seed(0)
+    n_seeds, n_rec = 5, 60
+    y = (0.004 * torch.randn(n_seeds, 1, generator=g, dtype=torch.float64)
+         + 0.02 * torch.randn(1, n_rec, generator=g, dtype=torch.float64)
+         + 0.01 * torch.randn(n_seeds, n_rec, generator=g, dtype=torch.float64))
+    grand = y.mean()
+    seed_eff, rec_eff = y.mean(1) - grand, y.mean(0) - grand
+    resid = y - grand - seed_eff[:, None] - rec_eff[None, :]
+    var_seeds = float(seed_eff.pow(2).mean()) / n_seeds
+    var_records = float(rec_eff.pow(2).mean()) / n_rec
+    var_both = var_seeds + var_records + float(resid.pow(2).mean()) / (n_seeds * n_rec)
+    side = {"sums": y.tolist(), "tokens": [1] * n_rec, "seeds": list(range(n_seeds))}
+    reps = 20000
+    for mode, expected in (("both", var_both), ("seeds", var_seeds), ("records", var_records)):
+        got = qv.hierarchical_bootstrap(side, reps=reps, resample=mode)
+        assert got["var"] == pytest.approx(expected, rel=0.06), mode
+        assert got["diff"] == pytest.approx(float(grand))
+    share = qv.interval_sources(side, reps=reps)["seed_share"]
+    assert share == pytest.approx(var_seeds / (var_seeds + var_records), abs=0.03)
+    # a contrast with itself has no width; unequal record sets are refused
+    same = qv.hierarchical_bootstrap(side, side, reps=200)
+    assert same["lo"] == same["hi"] == 0.0 and same["paired"]
+    with pytest.raises(ValueError, match="same test records"):
+        qv.hierarchical_bootstrap(side, {**side, "sums": y[:, :-1].tolist(), "tokens": [1] * (n_rec - 1)})
+
+
+def test_pooled_seed_sd():
+    from benchmarks import quality_verdicts as qv
+
+    sd, df = qv.pooled_seed_sd([[1.0, 1.002], [2.0, 2.004, 2.002], [5.0]])
+    assert df == 3 and sd == pytest.approx(math.sqrt((2 * 0.001 ** 2 + 2 * 0.002 ** 2) / 3))
+
+
+# ---------------------------------------------------------------------------------------------------- bounds
+def _atoms(method: str, shape) -> torch.Tensor:
+    """(m·n, K) every position's ΔW at unit coefficient, through the library's own layer."""
+    from benchmarks import quality_bounds as qb
+
+    layer, grid = qb._one_layer(torch.randn(shape, generator=torch.Generator().manual_seed(1)), method)
+    cols = []
+    with torch.no_grad():
+        for k in range(grid[0] * grid[1]):
+            layer.coefficients.zero_()
+            layer.coefficients.view(-1)[k] = 1.0
+            cols.append(layer.delta_weight().double().flatten())
+    return torch.stack(cols, 1)
+
+
+def _best_support(atoms: torch.Tensor, g: torch.Tensor, n: int) -> float:
+    """The largest captured fraction over every support of n atoms (least-squares projection)."""
+    import itertools
+
+    target = g.double().flatten()
+    best = 0.0
+    for support in itertools.combinations(range(atoms.shape[1]), n):
+        a = atoms[:, list(support)]
+        p = a @ (torch.linalg.pinv(a) @ target)
+        best = max(best, float(p.pow(2).sum() / target.pow(2).sum()))
+    return best
+
+
+def test_oracle_capture_equals_the_best_support_by_brute_force():
+    from benchmarks import quality_bounds as qb
+
+    shape, n = (4, 4), 3
+    g = torch.randn(shape, generator=torch.Generator().manual_seed(0), dtype=torch.float64)
+    total = float(g.pow(2).sum())
+    for method in ("ssh", "shira", "waveft", "fourierft"):
+        oracle = qb.oracle_capture(qb.energies(method, g), n, total)
+        assert oracle == pytest.approx(_best_support(_atoms(method, shape), g, n), rel=1e-5), method
+        if method != "fourierft":
+            assert qb.library_energies(method, g)["parseval"] == pytest.approx(1.0, rel=1e-5)
+    # LFMA: n complex coefficients on a frequency set, projected in closed form (the coverage part's projector)
+    import itertools
+
+    m, k = shape
+    best = 0.0
+    for support in itertools.combinations(range(m * k), 2):
+        pos = torch.tensor([[s // k for s in support], [s % k for s in support]])
+        p, _ = qcov.FourierMaskProjector(pos, shape).project(g)
+        best = max(best, float(p.pow(2).sum()) / total)
+    assert qb.oracle_capture(qb.energies("lfma", g), 2, total) == pytest.approx(best, rel=1e-6)
+    # a uniformly random support holds n/(m·n) in expectation in an orthonormal basis
+    e = qb.energies("ssh", g).flatten()
+    assert float(e.mean() * n / total) == pytest.approx(n / (m * k))
+
+
+def test_lora_init_capture_and_overlap():
+    from benchmarks import quality_bounds as qb
+
+    g = torch.randn(5, 7, generator=torch.Generator().manual_seed(2), dtype=torch.float64)
+    a = torch.randn(7, generator=torch.Generator().manual_seed(3), dtype=torch.float64)
+    # brute force: the best b·aᵀ in the least-squares sense
+    b = g @ a / (a @ a)
+    direct = float(torch.outer(b, a).pow(2).sum() / g.pow(2).sum())
+    assert qb.lora_init_capture(g, a) == pytest.approx(direct)
+    x = torch.tensor([[5.0, 4.0], [1.0, 0.0]])
+    assert qb.top_overlap(x, torch.tensor([[5.0, 0.0], [4.0, 1.0]]), 2) == 0.5
+    assert qb.energy_chosen_capture(torch.tensor([3.0, 1.0, 0.0]), torch.tensor([0.0, 9.0, 8.0]), 2, 4.0) == 0.25
+
+
+def test_content_duplicates_across_and_within_splits():
+    from launch.data import Example
+
+    recs = [Example("a", "", "x"), Example("b", "", "y"), Example("a", "", "x"), Example("b", "", "y"),
+            Example("c", "", "z")]
+    assert qc.content_duplicates(recs, {"val": [0], "test": [4], "train": [2, 1, 3]}) == [
+        (("val", 0), ("train", 2)), (("train", 1), ("train", 3))]
+
+
+def test_seeds_flag_is_checked_before_work(env, tmp_path):
+    for bad in ("1,2", "0,0", "0,x", "0,-1"):
+        with pytest.raises(SystemExit, match=r"--seeds: .*starting with 0"):
+            quality.main(_argv(env, "train", "--seeds", bad, "--data", str(tmp_path / "missing.json")))
+    assert quality.parse_seeds("0,3,1") == (0, 3, 1)

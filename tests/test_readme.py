@@ -112,6 +112,15 @@ def test_the_two_commands_are_make_targets_doing_what_the_readme_says():
     assert "make test" in (REPO / ".ci" / "run").read_text().splitlines()
 
 
+def test_the_finding_is_what_the_quality_report_says():
+    """The README's one line on what the benchmark found is the report's headline over the stored results."""
+    from benchmarks.quality_report import headline, train_view
+
+    block = README.read_text().split("<!-- finding")[1].split("<!-- /finding -->")[0]
+    line = headline(train_view(REPO / "benchmarks" / "results"))
+    assert line and block.split("-->", 1)[1].strip() == f"**Benchmark finding.** {line}"
+
+
 def _architecture() -> str:
     return _section("Architecture")
 
