@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import subprocess
 import tempfile
 import threading
@@ -68,6 +69,7 @@ def running_cluster(nodes: int):
             os.environ["SLURM_CONF"] = old
         leftover = {d: p for d, p in cluster.running().items() if p}
         assert not leftover, f"daemons still running after stop: {leftover}"
+        shutil.rmtree(root)  # config, state, logs and keys this fixture made (job outputs live in tmp_path)
 
 
 def job_logs(*dirs: Path, tail_lines: int = 60) -> str:

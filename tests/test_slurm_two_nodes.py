@@ -11,7 +11,9 @@ slurm.submit --nodes 2` (one CPU rank per node, gloo, DeepSpeed ZeRO-3, a tiny L
   requeues and resumes, and the adapter is bit-identical to the uninterrupted two-node run; the rest of the chain
   (merge → generate → judge against a local OpenAI-compatible judge on the link → report) runs as dependent jobs;
 - a node's ranks killed mid-run end the job promptly with a message naming that node, and the last complete
-  checkpoint resumes.
+  checkpoint resumes;
+- the `deepspeed` launcher with a hostfile of launch/hostfile.example's form, run on node1, reaches both nodes
+  over ssh (pdsh; an sshd per node namespace, keys made here) and trains the same adapter as the srun run.
 """
 
 from __future__ import annotations
@@ -19,26 +21,31 @@ from __future__ import annotations
 import json
 import os
 import signal
+import shutil
 import subprocess
+import sys
 import tempfile
 import time
 from pathlib import Path
 
 import pytest
 import torch
-from launch_helpers import REPO, build_tiny_llama, write_records, write_recipe
+from launch_helpers import REPO, build_tiny_llama, child_env, write_records, write_recipe
 from safetensors.torch import load_file
 from slurm_helpers import (RatingJudge, assert_completed, job_logs, require_cluster, submit,  # noqa: F401
                            two_node_cluster, wait_for, wait_until)
 
+from launch.process import free_port
 from launch.rundir import RunDir
 from slurm.chain import job_state
 from slurm.testing.cluster import ClusterError, LocalCluster
 from slurm.testing.netns import host_network
+from slurm.testing.sshd import NodeSshd, SshdError
 
 pytestmark = pytest.mark.slow
 
-STEPS = 8
+STEPS = 30
+"""Long enough (a few s) that a signal or a kill sent after the first checkpoint lands mid-run."""
 TOLERANCE = 0.0
 """Largest |Δ| allowed between the two-node and the one-node adapter (same world size, same data order, same threads
 per rank). Both reduce the two ranks' fp32 gradients with gloo, so they agree exactly (measured: 0.0). With different
@@ -114,6 +121,14 @@ def summary(run: RunDir) -> dict:
     return json.loads((run.logs / "train_summary.json").read_text())
 
 
+def two_node_reference(root: Path) -> RunDir:
+    """The uninterrupted srun two-node run that test_two_node_training_equals_one_node made."""
+    reference = RunDir(root / "two-nodes")
+    if not (reference.adapter / "adapter_model.safetensors").is_file():
+        pytest.fail("the uninterrupted two-node run (test_two_node_training_equals_one_node) did not finish")
+    return reference
+
+
 def newest_checkpoint(run: RunDir) -> int:
     complete = run.complete_checkpoints()
     return int(complete[-1].name.rsplit("-", 1)[1]) if complete else 0
@@ -129,6 +144,7 @@ def test_cluster_start_failure_leaves_host_network_unchanged(monkeypatch):
     with pytest.raises(ClusterError) as failure:
         cluster.start(timeout_s=5)
     message = str(failure.value)
+    shutil.rmtree(root)
     for log in ("munged.log", "slurmctld.log", "slurmd-node1.log", "slurmd-node2.log"):
         assert log in message, f"{log} missing from the start failure's message:\n{message}"
     assert "to become idle" in message
@@ -188,9 +204,7 @@ def test_two_node_training_equals_one_node(two_node_cluster, tiny, record_proper
 
 def test_preemption_across_nodes_resumes_bit_identical_and_chain_completes(two_node_cluster, tiny):
     root, judge = tiny
-    reference = RunDir(root / "two-nodes")
-    if not (reference.adapter / "adapter_model.safetensors").is_file():
-        pytest.fail("the uninterrupted two-node run (test_two_node_training_equals_one_node) did not finish")
+    reference = two_node_reference(root)
     recipe, run = make_recipe(root, judge, "preempted")
     jobs = submit_chain(recipe, nodes=2, procs=1)
     train, logs = jobs["train"], (run.slurm,)
@@ -277,3 +291,46 @@ def _job_pids(node: str, cluster: LocalCluster) -> set[int]:
         if "torch.distributed.run" in cmdline or "launch.train" in cmdline:
             found.add(int(pid))
     return found
+
+
+RANK_ENV = ("DS_ACCELERATOR", "HF_HOME", "HF_HUB_OFFLINE", "HF_DATASETS_OFFLINE", "TRANSFORMERS_OFFLINE",
+            "TORCH_EXTENSIONS_DIR", "OMP_NUM_THREADS", "TOKENIZERS_PARALLELISM")
+"""Variables the ranks need that ssh does not carry (the deepspeed launcher exports them from DS_ENV_FILE)."""
+
+
+def test_deepspeed_launcher_with_a_hostfile_across_nodes(two_node_cluster, tiny):
+    root, judge = tiny
+    reference = two_node_reference(root)
+    recipe, run = make_recipe(root, judge, "deepspeed-hostfile")
+    link = two_node_cluster.link
+    hostfile = root / "hostfile"
+    hostfile.write_text("node1 slots=1\nnode2 slots=1\n")  # launch/hostfile.example's form, one CPU rank a node
+    env_file = root / "deepspeed_env"
+    ranks_env = {**dict.fromkeys(RANK_ENV, ""), **os.environ, "DS_ACCELERATOR": "cpu"}
+    env_file.write_text("".join(f"{k}={ranks_env[k]}\n" for k in RANK_ENV if ranks_env[k]))
+    deepspeed = Path(sys.executable).with_name("deepspeed")
+    sshd = NodeSshd(two_node_cluster.root, link)
+    try:
+        sshd.start()
+    except SshdError as exc:
+        pytest.fail(f"the nodes' sshd did not start: {exc}")
+    try:
+        # Run where a user would: on the first host. The ssh check of the launcher uses ~/.ssh, which the test
+        # does not touch; pdsh gets this cluster's key and known_hosts through PDSH_SSH_ARGS_APPEND instead.
+        argv = link.command_in("node1", [str(deepspeed), "--hostfile", str(hostfile), "--master_addr", "node1",
+                                         "--master_port", str(free_port()), "--no_ssh_check",
+                                         "--module", "launch.train", str(recipe)])
+        env = child_env(**sshd.client_env(), DS_ENV_FILE=str(env_file))
+        proc = subprocess.run(argv, cwd=REPO, env=env, capture_output=True, text=True, timeout=400)
+    finally:
+        sshd.stop()
+    output = proc.stdout + proc.stderr
+    assert proc.returncode == 0, f"deepspeed launcher failed ({proc.returncode}):\n{output[-6000:]}\n{sshd.logs()}"
+    # pdsh prefixes each host's lines with its name: both nodes ran a rank
+    assert any(line.startswith("node1: ") for line in output.splitlines()), output[-3000:]
+    assert any(line.startswith("node2: ") for line in output.splitlines()), output[-3000:]
+    assert summary(run)["world_size"] == 2 and summary(run)["global_step"] == STEPS
+    assert summary(run)["positions_digests"] == summary(reference)["positions_digests"]
+    a, b = adapter(run), adapter(reference)
+    differ = [k for k in a if not torch.equal(a[k], b[k])]
+    assert not differ, f"the deepspeed-launcher adapter differs from the srun two-node run: {differ}"

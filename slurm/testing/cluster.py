@@ -21,7 +21,6 @@ from __future__ import annotations
 import argparse
 import os
 import secrets
-import signal
 import socket
 import subprocess
 import sys
@@ -32,6 +31,7 @@ from pathlib import Path
 from launch.process import free_port
 from launch.rundir import atomic_write_text
 from slurm.testing.netns import LinkError, PrivateLink
+from slurm.testing.pids import alive, read_pid, terminate
 
 DAEMONS = ("slurmd", "slurmctld", "munged")  # stop order; start order is the reverse
 NET_PROGRAMS = ("ip", "nsenter", "unshare", "mount", "hostname")
@@ -258,10 +258,10 @@ class LocalCluster:
         multi-node cluster, kill what is left inside its namespaces (job steps) and remove the private link."""
         for pid in self.running().values():
             if pid is not None:
-                _terminate(pid, timeout_s)
+                terminate(pid, timeout_s)
         if self.link is not None:
             for pid in self.link.pids():
-                _terminate(pid, 5.0)
+                terminate(pid, 5.0)
             try:
                 self.link.remove()
             except LinkError as exc:
@@ -272,8 +272,8 @@ class LocalCluster:
         """Pid of each daemon that is alive (None where it is not)."""
         result: dict[str, int | None] = {}
         for label, path in self.daemon_pid_files().items():
-            pid = _read_pid(path)
-            result[label] = pid if pid is not None and _alive(pid) else None
+            pid = read_pid(path)
+            result[label] = pid if pid is not None and alive(pid) else None
         return result
 
     def logs(self, tail_lines: int = 80) -> str:
@@ -289,40 +289,6 @@ def _user_name() -> str:
     import pwd
 
     return pwd.getpwuid(os.geteuid()).pw_name
-
-
-def _read_pid(path: Path) -> int | None:
-    try:
-        return int(path.read_text().split()[0])
-    except (OSError, ValueError, IndexError):
-        return None
-
-
-def _terminate(pid: int, timeout_s: float) -> None:
-    """SIGTERM, and SIGKILL when `pid` is still alive after `timeout_s`."""
-    try:
-        os.kill(pid, signal.SIGTERM)
-    except ProcessLookupError:
-        return
-    deadline = time.monotonic() + timeout_s
-    while _alive(pid) and time.monotonic() < deadline:
-        time.sleep(0.2)
-    if _alive(pid):
-        try:
-            os.kill(pid, signal.SIGKILL)
-        except ProcessLookupError:
-            pass
-
-
-def _alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    # A zombie child of ours still answers kill(0); the daemons are not our children (they double-fork).
-    return True
 
 
 def main(argv: list[str] | None = None) -> int:

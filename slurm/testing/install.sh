@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
-# Install the Debian packages a test Slurm cluster needs: slurmctld, slurmd, slurm-client, munge, and iproute2 for
-# the network namespaces of a multi-node one (nsenter, unshare: util-linux, always installed).
+# Install the Debian packages a test Slurm cluster needs: slurmctld, slurmd, slurm-client, munge; for a multi-node
+# one iproute2 (its network namespaces; nsenter and unshare come with util-linux), and openssh-server and pdsh (an
+# sshd per node for the `deepspeed` launcher's hostfile runs).
 #
 # Usage: slurm/testing/install.sh        (as root; `make slurm-cluster` runs it before the test suite)
 #
@@ -9,8 +10,8 @@
 # Without root it only reports what is missing and exits 0, so the Slurm tests skip locally (and fail under CI=true).
 set -euo pipefail
 
-packages=(slurmctld slurmd slurm-client munge iproute2)
-binaries=(slurmctld slurmd sbatch munged ip)
+packages=(slurmctld slurmd slurm-client munge iproute2 openssh-server pdsh)
+binaries=(slurmctld slurmd sbatch munged ip sshd pdsh)
 
 missing=()
 for bin in "${binaries[@]}"; do
@@ -19,7 +20,7 @@ for bin in "${binaries[@]}"; do
     fi
 done
 if [ ${#missing[@]} -eq 0 ]; then
-    echo "slurm-cluster: slurm, munge and iproute2 already installed"
+    echo "slurm-cluster: ${packages[*]} already installed"
     exit 0
 fi
 

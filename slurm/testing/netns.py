@@ -102,10 +102,12 @@ class PrivateLink:
             _ip("-n", namespace, "link", "set", inner, "up")
             _ip("-n", namespace, "link", "set", "lo", "up")
 
-    def command_in(self, node: str, argv: list[str]) -> list[str]:
-        """`argv` run in `node`'s network namespace, with its own hostname and the link's hosts file."""
-        inner = (f"mount --bind {shlex.quote(str(self.hosts_file))} /etc/hosts && hostname {shlex.quote(node)} "
-                 f"&& exec {shlex.join(argv)}")
+    def command_in(self, node: str, argv: list[str], binds: dict[Path, str] | None = None) -> list[str]:
+        """`argv` run in `node`'s network namespace, with its own hostname and the link's hosts file; `binds` maps
+        further files or directories to the paths they are bind-mounted on, seen by this command only."""
+        mounts = {self.hosts_file: "/etc/hosts", **(binds or {})}
+        steps = [f"mount --bind {shlex.quote(str(src))} {shlex.quote(dst)}" for src, dst in mounts.items()]
+        inner = " && ".join([*steps, f"hostname {shlex.quote(node)}", f"exec {shlex.join(argv)}"])
         # nsenter, not `ip netns exec`: the latter remounts /sys, hiding the cgroup filesystem slurmd needs.
         # unshare without --fork execs in place (UTS and mount namespaces need no new process); propagation is
         # private by default, so the bind mount and the hostname stay inside.
