@@ -60,7 +60,7 @@ class PrivateLink:
         atomic_write_text(Path(link.root) / NET_FILE, json.dumps(asdict(link), indent=1))
         try:
             link._build()
-            lines = [f"127.0.0.1 localhost", f"{link.controller_addr} {controller_name}"]
+            lines = ["127.0.0.1 localhost", f"{link.controller_addr} {controller_name}"]
             lines += [f"{addr} {name}" for name, (_, _, addr) in link.nodes.items()]
             atomic_write_text(link.hosts_file, "\n".join(lines) + "\n")
         except LinkError:
@@ -158,6 +158,8 @@ def _free_subnet() -> ipaddress.IPv4Network:
     used = []
     for line in _lines("route", "show") + _lines("-o", "addr", "show"):
         for word in line.split():
+            if word.count(".") != 3:  # only dotted IPv4 addresses and prefixes (not "metric 100")
+                continue
             try:
                 used.append(ipaddress.ip_network(word, strict=False))
             except ValueError:
@@ -165,7 +167,7 @@ def _free_subnet() -> ipaddress.IPv4Network:
     candidates = list(SUBNET_POOL.subnets(new_prefix=24))
     random.SystemRandom().shuffle(candidates)
     for subnet in candidates[:64]:
-        if not any(subnet.overlaps(u) for u in used if u.version == 4 and u.prefixlen > 0):
+        if not any(subnet.overlaps(u) for u in used if u.prefixlen > 0):
             return subnet
     raise LinkError(f"no free /24 in {SUBNET_POOL}: the host already routes all of the ones tried")
 

@@ -104,6 +104,9 @@ class NodeSshd:
             f"PidFile {self.pid_file(node)}",
             f"AuthorizedKeysFile {self.dir / 'authorized_keys'}",
             "PermitRootLogin prohibit-password",
+            # StrictModes refuses keys below a world-writable directory such as /tmp, where test clusters live; the
+            # key files themselves are 0600 and the sshd listens on the private link only.
+            "StrictModes no",
             "PubkeyAuthentication yes",
             "PasswordAuthentication no",
             "KbdInteractiveAuthentication no",
