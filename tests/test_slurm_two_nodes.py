@@ -315,11 +315,16 @@ def test_deepspeed_launcher_with_a_hostfile_across_nodes(two_node_cluster, tiny)
     try:
         # Run where a user would: on the first host. The ssh check of the launcher uses ~/.ssh, which the test
         # does not touch; pdsh gets this cluster's key and known_hosts through PDSH_SSH_ARGS_APPEND instead.
-        argv = link.command_in("node1", [str(deepspeed), "--hostfile", str(hostfile), "--master_addr", "node1",
-                                         "--master_port", str(free_port()), "--no_ssh_check",
-                                         "--module", "launch.train", str(recipe)])
+        # The launcher runs under this interpreter (not its script's shebang), so the nodes run the same path and
+        # reuse DeepSpeed's JIT-built op instead of rebuilding it for another path.
+        argv = link.command_in("node1", [sys.executable, str(deepspeed), "--hostfile", str(hostfile),
+                                         "--master_addr", "node1", "--master_port", str(free_port()),
+                                         "--no_ssh_check", "--module", "launch.train", str(recipe)])
         env = child_env(**sshd.client_env(), DS_ENV_FILE=str(env_file))
         proc = subprocess.run(argv, cwd=REPO, env=env, capture_output=True, text=True, timeout=400)
+    except subprocess.TimeoutExpired as exc:
+        pytest.fail(f"the deepspeed launcher ran past {exc.timeout} s:\n{(exc.stdout or b'')[-6000:]!r}\n"
+                    f"{(exc.stderr or b'')[-3000:]!r}\n{sshd.logs()}")
     finally:
         sshd.stop()
     output = proc.stdout + proc.stderr
