@@ -15,7 +15,7 @@ from typing import Any
 from launch.rundir import atomic_write_json, atomic_write_text
 
 __all__ = ["EvalError", "Terminated", "terminate_on_signals", "read_jsonl", "read_jsonl_lines", "write_jsonl",
-           "atomic_write_json", "atomic_write_text", "digest", "safe_id"]
+           "atomic_write_json", "atomic_write_text", "digest", "safe_id", "check_file_id"]
 
 
 class EvalError(ValueError):
@@ -112,3 +112,13 @@ def safe_id(text: str) -> str:
     """A file-name-safe id (model and judge ids become file names in the run directory)."""
     cleaned = _UNSAFE.sub("-", text).strip("-.")
     return cleaned or "model"
+
+
+def check_file_id(flag: str, value: str, names: str) -> str:
+    """`value` of the command-line flag `flag`, which names the file `names` (e.g. 'answers/<id>.jsonl'); an
+    EvalError when it could leave its folder (a separator, '.' or '..') or is empty. Checked at the command line, so
+    a bad id is a clear error before anything is read or written."""
+    if not value or "/" in value or "\\" in value or "\0" in value or value in (".", ".."):
+        raise EvalError(f"{flag} is {value[:200]!r}; expected a plain file-name component (no '/', '\\', not '.' "
+                        f"or '..'): it names {names}, e.g. {safe_id(value)!r}")
+    return value

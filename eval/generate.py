@@ -8,15 +8,17 @@
 Every conversation goes through the run's template.jinja (the one training used). Turn 2 is answered with
 turn 1 and its answer in context. Temperatures follow MT-Bench per category (writing/roleplay 0.7, stem/humanities
 0.1, others 0; unknown categories 0.7 unless --strict-categories); --temperature overrides them all. Answers go
-to answers/<model_id>.jsonl, rewritten atomically after each batch; a rerun skips answered questions (delete the
-file to answer again). A merged checkpoint whose merge_report.json says it lost the trained ΔW is refused unless
---allow-lossy. Exit status 0 on success, 2 for bad input.
+to answers/<model_id>.jsonl, rewritten atomically after each batch; a rerun skips questions answered to the same
+text (each answer records a hash of its question's turns: a question whose turns changed is answered again, and the
+rerun says which; delete the file to answer all again). A merged checkpoint whose merge_report.json says it lost the
+trained ΔW is refused unless --allow-lossy. Exit status 0 on success, 2 for bad input.
 """
 
 from __future__ import annotations
 
 import argparse
 import hashlib
+import math
 import sys
 from pathlib import Path
 from typing import Optional
@@ -86,8 +88,11 @@ def _run(args: argparse.Namespace) -> int:
     max_new = _pick(args.max_new_tokens, d.max_new_tokens)
     if max_new <= 0:
         raise EvalError(f"--max-new-tokens is {max_new}; expected a positive integer")
-    if args.temperature is not None and args.temperature < 0:
-        raise EvalError(f"--temperature is {args.temperature}; expected a number >= 0")
+    if args.temperature is not None and not 0 <= args.temperature < math.inf:
+        raise EvalError(f"--temperature is {args.temperature}; expected a finite number >= 0")
+    for flag, value in (("--batch", args.batch), ("--max-model-len", args.max_model_len)):
+        if value is not None and value < 1:
+            raise EvalError(f"{flag} is {value}; expected a positive integer")
     seed = _pick(args.seed, d.seed)
     backend = pick_backend(_pick(args.backend, d.backend))  # type: ignore[arg-type]
     model_dir = model_dir_of(target, shared_cache())

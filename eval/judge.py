@@ -10,26 +10,33 @@ turn 2 graded given turn 1. Judgments go to RUN_DIR/judgments/<judge>_single.jso
 repeats only calls that are missing or failed transiently. Exit status: 0 when every call was attempted and the
 failed share is at most --max-failure-rate; 1 otherwise; 2 for bad input (nothing called); 130 if interrupted;
 143 on SIGTERM, 129 on SIGHUP (a judge server started for the run is stopped in every case).
-The API key is read from --api-key-env (needed only for non-loopback URLs) and never written anywhere.
+The API key is read from --api-key-env (needed only for non-loopback URLs) and never written anywhere; a judge URL
+with a credential in it is refused (launch/credentials.py says why). --request-timeout bounds each attempt from
+connecting to the last byte. Answers given to another text of a question (question_digest) are refused.
 """
 
 from __future__ import annotations
 
 import argparse
+import math
 import os
 import sys
 from pathlib import Path
 from typing import Optional
 
-from eval.common import EvalError, Terminated, terminate_on_signals
+from eval.common import EvalError, Terminated, check_file_id, terminate_on_signals
 from eval.judging.api_client import EndpointBackend, OpenAIJudge, RetrySettings, api_key_for, probe_models
 from eval.judging.engine import JudgmentStore, Summary, build_items, run_judging
 from eval.judging.prompts import load_prompt_set
 from eval.judging.spec import JudgeSpec, parse_judge_spec
-from eval.questions import DEFAULT_QUESTIONS, check_limit, load_answers, load_questions, load_references
+from eval.questions import (DEFAULT_QUESTIONS, answered_text, check_limit, load_answers, load_questions,
+                            load_references)
 from eval.target import Target, resolve_judge_model, resolve_target
+from launch.credentials import redact
 
 EXIT_OK, EXIT_FAILURES, EXIT_BAD_INPUT, EXIT_INTERRUPTED = 0, 1, 2, 130
+MAX_SAMPLES = 100
+"""Judgments per item at most: every sample is a judge call, and storage holds a slot per sample."""
 DEFAULT_JUDGE = "local:smollm2"
 """The embedded default: SmolLM2-135M-Instruct in-process, constrained to a rating (exercises the pipeline; a
 135M judge is no quality measure)."""
@@ -48,9 +55,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--judge-prompts", help="FastChat judge_prompts.jsonl to use instead of this project's prompts")
     p.add_argument("--against", help="answers file of another model: grade pairwise, in both orders")
     p.add_argument("--max-failure-rate", type=float, help="largest failed share of calls for exit status 0")
-    p.add_argument("--api-key-env", default="OPENAI_API_KEY", help="variable holding the API key")
+    p.add_argument("--api-key-env", help="NAME of the environment variable holding the API key (default: the "
+                                          "recipe's eval.api_key_env, else OPENAI_API_KEY)")
     p.add_argument("--concurrency", type=int, default=8, help="requests in flight at once (endpoints)")
-    p.add_argument("--request-timeout", type=float, default=120.0, help="seconds per request")
+    p.add_argument("--request-timeout", type=float, default=120.0,
+                   help="seconds one attempt of a request may take in all, connect to last byte (a call ends within "
+                        "--max-attempts times this plus the backoff waits)")
     p.add_argument("--max-attempts", type=int, default=4, help="attempts per request (retryable errors only)")
     p.add_argument("--backoff", type=float, default=1.0, help="first wait between attempts, doubling")
     p.add_argument("--strict-categories", action="store_true", help="an unknown category is an error")
@@ -99,6 +109,8 @@ def main(argv: Optional[list[str]] = None) -> int:
 
 
 def _run(args: argparse.Namespace) -> int:
+    if args.judge_id is not None:
+        check_file_id("--judge-id", args.judge_id, "judgments/<judge_id>_single.jsonl")
     target = resolve_target(args.target, args.out, args.model_id)
     d = target.defaults
     spec = parse_judge_spec(args.judge or d.judge or DEFAULT_JUDGE)
@@ -107,7 +119,7 @@ def _run(args: argparse.Namespace) -> int:
     max_rate = _choose(args.max_failure_rate, d.max_failure_rate)
     seed = _choose(args.seed, d.seed)
     _check_settings(samples, temperature, max_rate, args)
-    api_key = api_key_for(spec, args.api_key_env, dict(os.environ))
+    api_key = api_key_for(spec, _choose(args.api_key_env, d.api_key_env), dict(os.environ))
     limit = _choose(args.limit, d.limit)
     check_limit(limit)
     all_questions = load_questions(_choose(args.questions, d.questions) or DEFAULT_QUESTIONS,
@@ -130,8 +142,8 @@ def _run(args: argparse.Namespace) -> int:
     judge_id = args.judge_id or spec.judge_id
     kind = "pair" if args.against else "single"
     store = JudgmentStore(target.out.judgments_file(judge_id, kind))
-    meta = {"judge": judge_id, "judge_spec": str(spec), "prompts_source": prompts.source, "samples": samples,
-            "judge_temperature": temperature, "seed": seed}
+    meta = {"judge": judge_id, "judge_spec": redact(str(spec)), "prompts_source": prompts.source,
+            "samples": samples, "judge_temperature": temperature, "seed": seed}
     run = dict(samples=samples, temperature=temperature, max_tokens=_choose(args.judge_max_tokens,
                target.defaults.judge_max_new_tokens), seed=seed, meta=meta)
 
@@ -146,18 +158,25 @@ def _run(args: argparse.Namespace) -> int:
 
 
 def _check_settings(samples: int, temperature: float, max_rate: float, args: argparse.Namespace) -> None:
-    if samples < 1:
-        raise EvalError(f"--samples is {samples}; expected a positive integer")
-    if temperature < 0:
-        raise EvalError(f"--judge-temperature is {temperature}; expected a number >= 0")
+    if not 1 <= samples <= MAX_SAMPLES:
+        raise EvalError(f"--samples is {samples}; expected a positive integer of at most {MAX_SAMPLES} (each sample "
+                        f"is one more judge call per item)")
+    if not 0 <= temperature < math.inf:
+        raise EvalError(f"--judge-temperature is {temperature}; expected a finite number >= 0")
     if samples > 1 and temperature == 0:
         raise EvalError(f"--samples {samples} needs --judge-temperature above 0: at temperature 0 every sample "
                         f"repeats the first")
     if not 0.0 <= max_rate <= 1.0:
         raise EvalError(f"--max-failure-rate is {max_rate}; expected a fraction between 0 and 1")
-    if args.concurrency < 1 or args.max_attempts < 1 or args.request_timeout <= 0 or args.backoff < 0:
-        raise EvalError("--concurrency and --max-attempts must be >= 1, --request-timeout > 0, --backoff >= 0 "
-                        f"(got {args.concurrency}, {args.max_attempts}, {args.request_timeout}, {args.backoff})")
+    # a NaN fails every comparison, so the ranges are written to be true only for finite values
+    if args.concurrency < 1 or args.max_attempts < 1 or not 0 < args.request_timeout < math.inf \
+            or not 0 <= args.backoff < math.inf:
+        raise EvalError("--concurrency and --max-attempts must be >= 1, --request-timeout a finite number > 0, "
+                        f"--backoff a finite number >= 0 (got {args.concurrency}, {args.max_attempts}, "
+                        f"{args.request_timeout}, {args.backoff})")
+    for flag, value in (("--judge-max-tokens", args.judge_max_tokens), ("--max-model-len", args.max_model_len)):
+        if value is not None and value < 1:
+            raise EvalError(f"{flag} is {value}; expected a positive number of tokens")
 
 
 def _probe(spec: JudgeSpec, api_key: Optional[str], timeout: float) -> None:
@@ -171,8 +190,10 @@ def _items(target: Target, answers_path: Path, questions, references, prompts, a
            selection: tuple[list, str]):
     answers = load_answers(answers_path)
     _check_outside_limit(answers, answers_path, questions, *selection)
+    _check_answered_text(answers_path, questions)
     if against:
         _check_outside_limit(load_answers(against), Path(against), questions, *selection)
+        _check_answered_text(Path(against), questions)
     unanswered = [q.question_id for q in questions if q.question_id not in answers]
     if unanswered:
         print(f"note: {len(unanswered)} of {len(questions)} questions have no answer in {answers_path} and are not "
@@ -196,6 +217,20 @@ def _check_outside_limit(answers, answers_path: Path, questions, all_questions, 
             f"first {len(questions)} that {limit_source} selects: the answers were generated with a larger limit. "
             f"Judge them all with --limit {needed} (or the limit they were generated with), or regenerate the "
             f"answers with limit {len(questions)}")
+
+
+def _check_answered_text(answers_path: Path, questions) -> None:
+    """Answers given to another text of a question (the questions file changed since they were generated) would
+    be graded against a question they do not answer."""
+    from eval.common import read_jsonl
+
+    records = {r.get("question_id"): r for _, r in read_jsonl(answers_path, "answers")}
+    changed, _ = answered_text(records, questions)
+    if changed:
+        raise EvalError(f"answers file {answers_path}: the answers to question(s) {changed[:10]} were given to "
+                        f"another text of those questions (their question_digest differs); answer them again with "
+                        f"python -m eval.generate (it regenerates changed questions), or judge with the questions "
+                        f"file they were answered from (--questions)")
 
 
 def _model_id_of(path: Path) -> str:

@@ -148,7 +148,31 @@ def load_references(path: str | Path) -> dict[QuestionId, list[str]]:
     return load_answers(path, what="references")
 
 
-def answer_record(model_id: str, qid: QuestionId, turns: list[str]) -> dict[str, Any]:
-    """One line of FastChat's model-answer format; answer_id is a hash of the content (stable across reruns)."""
-    return {"question_id": qid, "answer_id": digest(model_id, qid, turns), "model_id": model_id,
-            "choices": [{"index": 0, "turns": list(turns)}], "tstamp": time.time()}
+def question_digest(question: Question) -> str:
+    """A hash of the question's turns: an answer stored with another digest answers another text."""
+    return digest(list(question.turns))
+
+
+def answered_text(records: dict[QuestionId, dict[str, Any]], questions: list[Question]) -> tuple[list[QuestionId],
+                                                                                                list[QuestionId]]:
+    """(questions whose stored answer record was given to another text of the question, questions whose record
+    carries no question_digest to tell) among `questions`; `records` are answer records by question id."""
+    changed, unknown = [], []
+    for q in questions:
+        if q.question_id in records:
+            stored = records[q.question_id].get("question_digest")
+            if stored is None:
+                unknown.append(q.question_id)
+            elif stored != question_digest(q):
+                changed.append(q.question_id)
+    return changed, unknown
+
+
+def answer_record(model_id: str, qid: QuestionId, turns: list[str], asked: str | None = None) -> dict[str, Any]:
+    """One line of FastChat's model-answer format; answer_id is a hash of the content (stable across reruns).
+    `asked` is the question_digest of the question answered (an extra field FastChat ignores)."""
+    record = {"question_id": qid, "answer_id": digest(model_id, qid, turns), "model_id": model_id,
+              "choices": [{"index": 0, "turns": list(turns)}], "tstamp": time.time()}
+    if asked is not None:
+        record["question_digest"] = asked
+    return record

@@ -24,11 +24,12 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Optional
 
-from eval.common import EvalError, atomic_write_json, atomic_write_text
+from eval.common import EvalError, atomic_write_json, atomic_write_text, check_file_id
 from eval.judging.engine import JudgmentStore
 from eval.questions import MT_BENCH_CATEGORIES, load_answers
-from eval.stats import DEFAULT_RESAMPLES, DEFAULT_SEED, bootstrap_mean
+from eval.stats import DEFAULT_RESAMPLES, DEFAULT_SEED, bootstrap_mean, check_resamples
 from eval.target import Target, read_merge_report, resolve_target, share_text
+from launch.credentials import redact
 from launch.rundir import MERGE_REPORT
 
 SLICES = {"turn1": (1,), "turn2": (2,), "all": (1, 2)}
@@ -173,7 +174,7 @@ def summarize(judged: Judged, seed: int, resamples: int) -> dict[str, Any]:
     report: dict[str, Any] = {
         "model": judged.target.model_id,
         "judge": {"id": _one_or_all([r.get("judge") for r in rows]),
-                  "spec": _one_or_all([r.get("judge_spec") for r in rows]),
+                  "spec": _one_or_all([redact(r.get("judge_spec")) for r in rows]),
                   "samples": _one_or_all([r.get("samples") for r in rows]),
                   "temperature": _one_or_all([r.get("judge_temperature") for r in rows]),
                   "judgments": str(judged.path)},
@@ -258,8 +259,9 @@ def _write_report(rep: dict[str, Any], folder: Path) -> Path:
 def _run(args: argparse.Namespace) -> int:
     from eval.report_files import comparison_markdown, comparison_png
 
-    if args.resamples < 100:
-        raise EvalError(f"--resamples is {args.resamples}; expected at least 100 for a 95% interval")
+    check_resamples(args.resamples)
+    if args.judge_id is not None:
+        check_file_id("--judge-id", args.judge_id, "judgments/<judge_id>_single.jsonl")
     ids = args.model_id or []
     if ids and len(ids) != len(args.targets):
         raise EvalError(f"--model-id was given {len(ids)} times for {len(args.targets)} TARGETs; give one per TARGET")

@@ -12,10 +12,24 @@ from typing import Optional
 
 import numpy as np
 
-from eval.common import digest
+from eval.common import EvalError, digest
 
 DEFAULT_RESAMPLES = 2000
 DEFAULT_SEED = 0
+MIN_RESAMPLES, MAX_RESAMPLES = 100, 100_000
+"""Fewer than 100 resamples give no 2.5% tail; beyond 100 000 the interval's Monte-Carlo error (well under 0.01 on
+a 1-10 scale) no longer moves while memory grows as resamples x questions x 24 bytes per statistic."""
+
+
+def check_resamples(resamples: int) -> int:
+    """`resamples` within [MIN_RESAMPLES, MAX_RESAMPLES]; an EvalError naming --resamples otherwise (before any
+    array is allocated)."""
+    if isinstance(resamples, bool) or not isinstance(resamples, int) or \
+            not MIN_RESAMPLES <= resamples <= MAX_RESAMPLES:
+        raise EvalError(f"--resamples is {str(resamples)[:40]}; expected an integer from {MIN_RESAMPLES} (a 95% "
+                        f"interval needs its tails) to {MAX_RESAMPLES:,} (more changes the interval by less than "
+                        f"its rounding and costs resamples x questions x 24 bytes of memory)")
+    return resamples
 
 
 @dataclass(frozen=True)
@@ -34,6 +48,7 @@ class Estimate:
 def bootstrap_mean(groups: dict[Hashable, list[float]], seed: int, name: str,
                    resamples: int = DEFAULT_RESAMPLES) -> Estimate:
     """Mean of all values; CI from resampling the groups (questions) with replacement."""
+    check_resamples(resamples)
     groups = {k: v for k, v in groups.items() if v}
     n = sum(len(v) for v in groups.values())
     if n == 0:

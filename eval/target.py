@@ -13,7 +13,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Optional
 
-from eval.common import EvalError, safe_id
+from eval.common import EvalError, check_file_id, safe_id
 from launch.recipe import EvalSection
 from launch.rundir import MERGE_REPORT, RunDir
 
@@ -51,6 +51,8 @@ def _looks_like_model(spec: str) -> bool:
 
 def resolve_target(target: str, out: Optional[str], model_id: Optional[str]) -> Target:
     """Classify TARGET; a model path without --out, or a path that does not exist, is an error."""
+    if model_id is not None:
+        check_file_id("--model-id", model_id, "answers/<model_id>.jsonl")
     if _looks_like_model(target):
         if out is None:
             raise EvalError(f"TARGET {target!r} is a model, not a run directory: give --out DIR for the answers, "

@@ -18,8 +18,6 @@ Exit status 0 on success, 2 for bad input or when --max-error is exceeded (nothi
 from __future__ import annotations
 
 import argparse
-import contextlib
-import fcntl
 import gc
 import hashlib
 import json
@@ -32,6 +30,7 @@ from pathlib import Path
 
 import torch
 
+from launch.filelock import exclusive
 from launch.recipe import RecipeError, load_resolved
 from launch.rundir import RunDir, atomic_directory, atomic_write_json
 
@@ -102,17 +101,6 @@ def probe(adapted: torch.Tensor, plain: torch.Tensor, lora: torch.Tensor, lora_p
     }
 
 
-@contextlib.contextmanager
-def _locked(path: Path):
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with open(path, "w") as handle:
-        fcntl.flock(handle, fcntl.LOCK_EX)
-        try:
-            yield
-        finally:
-            fcntl.flock(handle, fcntl.LOCK_UN)
-
-
 def shared_base(run: RunDir, cache: Path, key: str, dtype: str) -> Path:
     """The dequantized base of a 4-bit run in cache/<key>/, written once by launch.merge --no-adapter; the run's
     baseline/merged points at it (a symlink) unless the run already holds a baseline of its own."""
@@ -120,7 +108,7 @@ def shared_base(run: RunDir, cache: Path, key: str, dtype: str) -> Path:
 
     target = cache / key
     link = run.baseline_run().merged
-    with _locked(cache / f".{key}.lock"):
+    with exclusive(cache / f".{key}.lock"):
         if not (target / "config.json").is_file():
             if link.is_symlink():
                 link.unlink()

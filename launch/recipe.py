@@ -29,6 +29,7 @@ from typing import Any, Literal, Optional, Union
 
 import yaml
 
+from launch.credentials import refusal
 from launch.rundir import RunDir, atomic_write_text
 
 # PEFT bookkeeping fields that a recipe must not set (the trainer fills them in)
@@ -165,7 +166,11 @@ class EvalSection:
     references: Optional[str] = None
     """Reference answers in model-answer format (math/reasoning/coding grading), or null."""
     judge: Optional[str] = None
-    """Judge spec: 'openai:MODEL@BASE_URL', 'local:PATH', 'serve:PATH' (see eval.judge); null: eval's default."""
+    """Judge spec: 'openai:MODEL@BASE_URL', 'local:PATH', 'serve:PATH' (see eval.judge); null: eval's default.
+    A URL with a credential in it is refused (launch.credentials): the key goes in `api_key_env`'s variable."""
+    api_key_env: str = "OPENAI_API_KEY"
+    """NAME of the environment variable that holds the judge's API key. Only the name is stored (in this recipe);
+    a Slurm judge job inherits the variable from the submitting shell, so the key is in no file and no argv."""
     backend: Literal["auto", "vllm", "hf"] = "auto"
     """Generation backend for answers and local judges."""
     max_new_tokens: int = 1024
@@ -340,6 +345,9 @@ def _resolve_one(section: str, key: str, value: Any, base: Path) -> Any:
     if not isinstance(value, str) or not value:
         return value
     if (section, key) == ("eval", "judge"):
+        problem = refusal("eval.judge", value)
+        if problem:
+            raise RecipeError(problem)
         prefix, sep, rest = value.partition(":")
         if sep and prefix in ("local", "serve") and rest:
             return f"{prefix}:{_resolve_one('', 'path', rest, base)}"

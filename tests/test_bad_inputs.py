@@ -5,12 +5,9 @@ would go on to expensive work after accepting the input fails the row instead of
 
 from __future__ import annotations
 
-import hashlib
-import io
 import json
 import re
 import shutil
-from contextlib import redirect_stderr, redirect_stdout
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
@@ -18,6 +15,7 @@ from typing import Callable
 import pytest
 import yaml
 
+from cli_table import run_main, snapshot
 from eval_helpers import FakeJudgeServer, make_answers, make_questions, make_run
 from launch_helpers import build_tiny_llama, write_recipe, write_records
 
@@ -401,15 +399,6 @@ def _main(cli: str):
     return main
 
 
-def _snapshot(*roots: Path) -> dict[str, str]:
-    out = {}
-    for root in roots:
-        for path in sorted(root.rglob("*")):
-            rel = str(path)
-            out[rel] = hashlib.sha256(path.read_bytes()).hexdigest() if path.is_file() else "dir"
-    return out
-
-
 def _refuse_expensive_work(monkeypatch) -> None:
     """Accepted input would start training, a model load or a judge call: fail the row at that point instead."""
     import launch.train as train_mod
@@ -422,13 +411,7 @@ def _refuse_expensive_work(monkeypatch) -> None:
 
 
 def _run(cli: str, argv: list[str]) -> tuple[int, str]:
-    err, out = io.StringIO(), io.StringIO()
-    try:
-        with redirect_stderr(err), redirect_stdout(out):
-            rc = _main(cli)(argv)
-    except SystemExit as e:  # argparse
-        rc = e.code if isinstance(e.code, int) else 1
-    return rc, err.getvalue() + out.getvalue()
+    return run_main(_main(cli), argv)
 
 
 @pytest.mark.parametrize(
@@ -441,9 +424,9 @@ def test_bad_input(row: Row, world: World, tmp_path, monkeypatch):
     d.mkdir()
     # build the row's inputs first, then snapshot: the command itself must create or change nothing
     argv = row.args(world, d)
-    before = _snapshot(tmp_path, world.root, world.model)
+    before = snapshot(tmp_path, world.root, world.model)
     rc, text = _run(row.cli, argv)
-    after = _snapshot(tmp_path, world.root, world.model)
+    after = snapshot(tmp_path, world.root, world.model)
     assert rc == 2, f"exit status {rc}; output:\n{text[-2000:]}"
     for pattern in row.expect:
         assert re.search(pattern, text), f"{pattern!r} not in the message:\n{text[-2000:]}"

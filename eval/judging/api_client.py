@@ -14,6 +14,7 @@ its reason and whether a later rerun may try it again.
 from __future__ import annotations
 
 import ipaddress
+import re
 import threading
 import urllib.parse
 from collections.abc import Callable
@@ -24,6 +25,9 @@ from eval.common import EvalError
 from eval.judging.calls import CallRequest, CallResult
 from eval.judging.spec import JudgeSpec
 from eval.judging.verdicts import RATING_REGEX, VERDICT_REGEX
+
+
+_ENV_NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_]*")
 
 
 def is_loopback(url: str) -> bool:
@@ -37,7 +41,12 @@ def is_loopback(url: str) -> bool:
 
 
 def api_key_for(spec: JudgeSpec, env_name: str, environ: dict[str, str]) -> Optional[str]:
-    """The API key from `env_name`; required for non-loopback endpoints; never written anywhere."""
+    """The API key from `env_name`; required for non-loopback endpoints; never written anywhere. `env_name` must
+    look like a variable name: a key given in its place is refused without being echoed."""
+    if not _ENV_NAME.fullmatch(env_name):
+        raise EvalError(f"--api-key-env takes the NAME of an environment variable (letters, digits and '_', not "
+                        f"starting with a digit), e.g. OPENAI_API_KEY; the value given ({len(env_name)} characters, "
+                        f"not shown in case it is a key) is not such a name")
     key = environ.get(env_name) or None
     if spec.kind == "openai" and key is None and not is_loopback(spec.base_url or ""):
         raise EvalError(f"judge endpoint {spec.base_url} is not on this machine and the environment variable "
@@ -50,8 +59,12 @@ def probe_models(base_url: str, api_key: Optional[str], timeout: float) -> list[
     OpenAI's API."""
     import openai
 
+    from eval.judging.deadline import DeadlineTransport
+
     url = base_url.rstrip("/") + "/models"
-    client = openai.OpenAI(base_url=base_url, api_key=api_key or "EMPTY", max_retries=0, timeout=timeout)
+    http = openai.DefaultHttpxClient(timeout=timeout, transport=DeadlineTransport(timeout, base_url))
+    client = openai.OpenAI(base_url=base_url, api_key=api_key or "EMPTY", max_retries=0, timeout=timeout,
+                           http_client=http)
     try:
         return [str(m.id) for m in client.models.list()]
     except openai.APIStatusError as e:
@@ -72,7 +85,8 @@ class RetrySettings:
     """How one judge request is attempted (by the openai client)."""
 
     timeout: float = 120.0
-    """Seconds before one request counts as timed out."""
+    """Seconds one attempt may take in all, from connecting to the last byte of the reply (eval.judging.deadline);
+    a call ends within max_attempts x timeout plus the backoff waits."""
     max_attempts: int = 4
     """Attempts per request, the first included; only retryable failures are retried."""
     backoff: float = 0.5
@@ -114,6 +128,8 @@ def _client(base_url: str, api_key: Optional[str], settings: RetrySettings, on_r
     """An openai client that retries by itself and reports every request it sends to `on_request`."""
     import openai
 
+    from eval.judging.deadline import DeadlineTransport
+
     class Client(openai.OpenAI):
         # the client's backoff starts at 0.5 s; --backoff rescales it (a server's Retry-After is left as it is)
         def _calculate_retry_timeout(self, remaining_retries, options, response_headers=None):
@@ -122,7 +138,8 @@ def _client(base_url: str, api_key: Optional[str], settings: RetrySettings, on_r
                 return wait  # the server's Retry-After, as the client follows it
             return wait * settings.backoff / 0.5
 
-    http = openai.DefaultHttpxClient(event_hooks={"request": [on_request]}, timeout=settings.timeout)
+    http = openai.DefaultHttpxClient(event_hooks={"request": [on_request]}, timeout=settings.timeout,
+                                     transport=DeadlineTransport(settings.timeout, base_url))
     return Client(base_url=base_url, api_key=api_key or "EMPTY", max_retries=settings.max_attempts - 1,
                   timeout=settings.timeout, http_client=http)
 

@@ -24,6 +24,7 @@ from eval.judging.prompts import JudgePrompt, PromptSet, kind_for
 from eval.judging.verdicts import extract_rating, extract_verdict
 from eval.progress import Progress
 from eval.questions import Question, QuestionId
+from launch.filelock import exclusive
 
 
 @dataclass
@@ -164,31 +165,48 @@ def combine(item: Item, samples: dict[str, list[Optional[Sample]]]) -> dict[str,
 class JudgmentStore:
     """The judgments file: rows keyed by (model, model_b, question, turn). Each finished call appends its item's row
     (a later row of a key supersedes earlier ones); `compact` rewrites the file atomically, one row per key in item
-    order. A last line cut short by a kill is dropped on reading (its calls are repeated)."""
+    order. A last line cut short by a kill is dropped on reading (its calls are repeated).
+
+    Several processes may judge into one file (two models of one run directory): every append and rewrite holds
+    the file's cross-process lock (`<file>.lock`, launch.filelock), and a rewrite starts from the rows on disk, so
+    rows another process wrote are kept."""
 
     def __init__(self, path: Path) -> None:
         self.path = Path(path)
         self.rows: dict[tuple, dict[str, Any]] = {}
         self.compacted = True
         if self.path.exists():
-            lines = read_jsonl_lines(self.path, "judgments", torn_tail_ok=True)
-            for lineno, row, _ in lines:
-                try:
-                    key = (row["model"], row.get("model_b"), row["question_id"], row["turn"])
-                except KeyError as e:
-                    raise EvalError(f"judgments file {self.path} line {lineno}: missing field {e}; delete the "
-                                    f"file to judge again from scratch") from e
-                self.compacted &= key not in self.rows
-                self.rows[key] = row
-            self.compacted &= all(ends for _, _, ends in lines) and self.path.read_bytes().endswith(b"\n")
+            self.rows, self.compacted = self._read()
+        self._appendable = self.compacted
+        """The file may be appended to: compacted when this run started, or since written only by whole-line
+        appends (a torn last line from a kill must be rewritten away before anything is appended after it)."""
+        self.lock_file = self.path.with_name(self.path.name + ".lock")
+        """Held (launch.filelock) by whichever process appends to or rewrites the file."""
         self._lock = threading.Lock()
         self._order: dict[tuple, int] = {}
+
+    def _read(self) -> tuple[dict[tuple, dict[str, Any]], bool]:
+        """(the latest row per key on disk, whether the file is already compact: one row per key, whole lines)."""
+        rows: dict[tuple, dict[str, Any]] = {}
+        compact = True
+        lines = read_jsonl_lines(self.path, "judgments", torn_tail_ok=True)
+        for lineno, row, _ in lines:
+            try:
+                key = (row["model"], row.get("model_b"), row["question_id"], row["turn"])
+            except KeyError as e:
+                raise EvalError(f"judgments file {self.path} line {lineno}: missing field {e}; delete the "
+                                f"file to judge again from scratch") from e
+            compact &= key not in rows
+            rows[key] = row
+        compact &= all(ends for _, _, ends in lines) and self.path.read_bytes().endswith(b"\n")
+        return rows, compact
 
     def order_like(self, items: list[Item]) -> None:
         """Write rows of these items in this order (others after them), whatever order calls finish in."""
         self._order = {item.key: i for i, item in enumerate(items)}
         last = len(self._order)
         self.compacted &= list(self.rows) == sorted(self.rows, key=lambda k: self._order.get(k, last))
+        self._appendable = self.compacted
 
     def reusable(self, item: Item, samples: int) -> dict[str, list[Optional[Sample]]]:
         """Stored calls for this item that need no repeat (same input; success or a non-transient failure)."""
@@ -213,30 +231,46 @@ class JudgmentStore:
                "calls": {v: [s.to_dict() if s else None for s in ss] for v, ss in samples.items()},
                "tstamp": time.time()}
         line = (json.dumps(row, ensure_ascii=False) + "\n").encode("utf-8")
-        with self._lock:
-            if not self.compacted:
+        with self._lock, exclusive(self.lock_file):
+            # another writer killed mid-append may have left a torn last line: rewrite it away before appending
+            if not self._appendable or not _ends_whole(self.path):
                 self._compact_locked()
             self.rows[item.key] = row
-            self.path.parent.mkdir(parents=True, exist_ok=True)
             # one write of the whole line, flushed before the next call is stored: a kill leaves at most one
             # torn last line, which reading drops
             with self.path.open("ab") as f:
                 f.write(line)
             self.compacted = False
+            self._appendable = True
 
     def compact(self) -> None:
-        """Rewrite the file atomically: one row per key (the latest), in item order."""
-        with self._lock:
+        """Rewrite the file atomically: one row per key (the latest on disk, whoever wrote it), in item order."""
+        if not self.rows and not self.path.exists():
+            return
+        with self._lock, exclusive(self.lock_file):
             self._compact_locked()
 
     def _compact_locked(self) -> None:
-        if not self.rows and not self.path.exists():
-            return
+        # start from the file: another process may have appended rows since this one last read it
+        on_disk = self._read()[0] if self.path.exists() else {}
+        merged = on_disk | {key: row for key, row in self.rows.items() if key not in on_disk}
         last = len(self._order)
-        ordered = sorted(self.rows.items(), key=lambda kv: self._order.get(kv[0], last))
+        ordered = sorted(merged.items(), key=lambda kv: self._order.get(kv[0], last))
         self.rows = dict(ordered)
         write_jsonl(self.path, (r for _, r in ordered))
-        self.compacted = True
+        self.compacted = self._appendable = True
+
+
+def _ends_whole(path: Path) -> bool:
+    """The file is missing, empty, or ends with a newline (its last line is whole)."""
+    try:
+        with path.open("rb") as f:
+            if f.seek(0, 2) == 0:
+                return True
+            f.seek(-1, 2)
+            return f.read(1) == b"\n"
+    except FileNotFoundError:
+        return True
 
 
 @dataclass

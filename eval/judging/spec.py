@@ -13,6 +13,7 @@ from pathlib import Path
 from typing import Literal, Optional
 
 from eval.common import EvalError, safe_id
+from launch.credentials import refusal
 
 DEFAULT_OPENAI_URL = "https://api.openai.com/v1"
 SpecKind = Literal["openai", "local", "serve"]
@@ -46,9 +47,13 @@ _URL = re.compile(r"^(?P<model>.+?)@(?P<url>https?://\S+)$")
 
 
 def parse_judge_spec(spec: str) -> JudgeSpec:
-    """openai:MODEL[@BASE_URL] | local:PATH | serve:PATH | PATH (same as local:PATH)."""
+    """openai:MODEL[@BASE_URL] | local:PATH | serve:PATH | PATH (same as local:PATH). A URL with a credential in
+    it is refused before anything else (launch.credentials says why), so no message or file ever shows one."""
     if not isinstance(spec, str) or not spec.strip():
         raise EvalError(f"--judge is {spec!r}; expected openai:MODEL@BASE_URL, local:PATH or serve:PATH")
+    problem = refusal("--judge", spec)
+    if problem:
+        raise EvalError(problem)
     prefix, sep, rest = spec.partition(":")
     if sep and prefix == "openai":
         match = _URL.match(rest)
