@@ -146,7 +146,8 @@ class LocalCluster:
                 (self.root / "spool" / name).mkdir(exist_ok=True)
         lines = [
             "ClusterName=sspeft-test",
-            f"SlurmctldHost={short_hostname()}({ctld_addr})",
+            # slurmctld runs on this machine, which it recognises by its short hostname
+            f"SlurmctldHost={self.node if self.nodes == 1 else short_hostname()}({ctld_addr})",
             f"SlurmctldPort={ctld_port}",
             f"SlurmdPort={slurmd_port}",
             f"SlurmUser={user}",
