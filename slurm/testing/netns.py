@@ -3,10 +3,10 @@ to a bridge that carries the controller's address, on a private /24 that nothing
 
     link = PrivateLink.create(root, ["node1", "node2"])   # records itself in root/net.json
     link.run_in("node1", ["slurmd", ...])                  # in node1's namespace, with its own hostname
-    PrivateLink.load(root).remove()                         # exactly the names it created, also after a failure
+    PrivateLink.load(root).remove()                         # exactly the names it made, also after a failure
 
 Every name (namespaces, bridge, veth ends) carries a random tag chosen at creation and is written to
-`root/net.json` before the object exists, so teardown — from this process or `python -m slurm.testing.cluster stop` —
+`root/net.json` before the object exists, so teardown (this process, or `python -m slurm.testing.cluster stop`)
 removes those names and no others. The namespaces get no default route: their traffic stays on the link (to each
 other and to the bridge address in the host's namespace). Each node's programs run in their own UTS and mount
 namespaces too, so `hostname` answers the node name and `/etc/hosts` (bind-mounted from `root/hosts`, visible only
