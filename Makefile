@@ -46,6 +46,7 @@ demo: $(STAMP)
 clean-venv:
 	rm -rf $(VENV)
 
-# A one-node Slurm cluster for the Slurm tests (Debian packages; needs root). The tests start and stop its daemons.
+# Debian packages for the Slurm test clusters (one node, and two nodes in network namespaces; needs root). The tests
+# start and stop the daemons and make and remove the namespaces themselves.
 slurm-cluster:
 	@if [ -x slurm/testing/install.sh ]; then slurm/testing/install.sh; fi

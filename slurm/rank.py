@@ -5,13 +5,15 @@
 torchrun reports any failed worker as exit status 1, so the training stage's preemption code (75: "checkpointed,
 run me again") would not reach the batch script through it. This wrapper starts the command, forwards every
 signal torchrun forwards to it, and writes STATUS_DIR/rank-<RANK>.exit holding the command's exit status (128+N
-when a signal N ended it) before exiting with that same status.
+when a signal N ended it) before exiting with that same status. STATUS_DIR/rank-<RANK>.node, written at start,
+names the host the rank runs on (its hostname), so a multi-node attempt shows which node each rank had.
 """
 
 from __future__ import annotations
 
 import os
 import signal
+import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -30,7 +32,12 @@ def write_status(status_dir: Path, rank: str, status: int) -> Path:
     return atomic_write_text(status_dir / f"rank-{rank}.exit", f"{status}\n")
 
 
+def write_node(status_dir: Path, rank: str) -> Path:
+    return atomic_write_text(status_dir / f"rank-{rank}.node", f"{socket.gethostname()}\n")
+
+
 def run(status_dir: Path, command: list[str]) -> int:
+    write_node(status_dir, os.environ.get("RANK", "0"))
     child = subprocess.Popen(command)
 
     def forward(signum: int, _frame: object) -> None:

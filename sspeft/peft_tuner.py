@@ -246,7 +246,11 @@ class SspeftTuner(BaseTuner):
 
 def _check_loaded_state(tuner, state_dict, prefix, *_args) -> None:
     """load_state_dict pre-hook: the sspeft tensors of every adapter being loaded pass `check_adapter` (all present,
-    recorded shapes, valid positions, finite coefficients) before PEFT copies any of them into the model."""
+    recorded shapes, valid positions, finite coefficients) before PEFT copies any of them into the model.
+
+    Not checked: an adapter whose coefficients are ZeRO-3 partitions and arrive as DeepSpeed's empty placeholders
+    (a ZeRO-3 checkpoint's module state holds no partitioned values; DeepSpeed restores them from its own
+    per-rank partition files, which this hook never sees)."""
     names = ("sspeft_coefficients", "sspeft_positions")
     parts = [k.rsplit(".", 2) for k in state_dict if k.startswith(prefix)]
     loading = {p[2] for p in parts if len(p) == 3 and p[1] in names}
@@ -254,6 +258,8 @@ def _check_loaded_state(tuner, state_dict, prefix, *_args) -> None:
         cfg = tuner.peft_config[adapter].spectral(resolve=False)
         layers = {name: m for name, m in tuner.model.named_modules()
                   if isinstance(m, SpectralLinear) and adapter in m.sspeft_coefficients}
+        if _zero3_placeholders(state_dict, adapter, layers.values()):
+            continue
         cfg.layers = {name: {"shape": [m.out_features, m.in_features],
                              "n": int(m.sspeft_positions[adapter].shape[1])} for name, m in layers.items()}
         tensors = {}
@@ -263,6 +269,13 @@ def _check_loaded_state(tuner, state_dict, prefix, *_args) -> None:
                 if key.startswith(head) and key.endswith(tail):
                     tensors[f"{KEY_PREFIX}{key[len(head):-len(tail)]}.{what}"] = value
         check_adapter(cfg, tensors, f"adapter weights of {adapter!r}")
+
+
+def _zero3_placeholders(state_dict, adapter: str, layers) -> bool:
+    """The adapter's coefficients are ZeRO-3 partitions here and every loaded coefficient tensor is empty."""
+    partitioned = any(hasattr(m.sspeft_coefficients[adapter], "ds_id") for m in layers)
+    loaded = [v for k, v in state_dict.items() if k.endswith(f".sspeft_coefficients.{adapter}")]
+    return partitioned and bool(loaded) and all(v.numel() == 0 for v in loaded)
 
 
 def peft_config(cfg: SpectralConfig, task_type: str | None = "CAUSAL_LM", **peft_kwargs) -> SspeftPeftConfig:

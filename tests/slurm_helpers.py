@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import subprocess
 import tempfile
 import threading
@@ -29,11 +30,29 @@ WAIT_S = 240.0
 @pytest.fixture(scope="module")
 def slurm_cluster():
     """A running one-node cluster (SLURM_CONF set for this process while the module runs), stopped by pid after."""
-    missing = missing_programs()
-    require("Slurm and munge (run slurm/testing/install.sh as root)", not missing, f"missing {' '.join(missing)}")
-    require("root (slurmd runs the test jobs)", os.geteuid() == 0)
+    yield from running_cluster(nodes=1)
+
+
+@pytest.fixture(scope="module")
+def two_node_cluster():
+    """A running two-node cluster, each node in its own network namespace (SLURM_CONF set while the module runs);
+    stopped by pid after, and its namespaces and interfaces removed."""
+    yield from running_cluster(nodes=2)
+
+
+def require_cluster(nodes: int) -> None:
+    """Skip (fail under CI=true) with the reason when this machine cannot run a cluster of `nodes` nodes."""
+    missing = missing_programs(nodes)
+    require("Slurm, munge and (for several nodes) iproute2/util-linux; run slurm/testing/install.sh as root",
+            not missing, f"missing {' '.join(missing)}")
+    require("root (slurmd runs the test jobs; nodes are network namespaces)", os.geteuid() == 0)
+
+
+def running_cluster(nodes: int):
+    """Generator behind the cluster fixtures: start, set SLURM_CONF, yield, stop, check nothing is left running."""
+    require_cluster(nodes)
     root = Path(tempfile.mkdtemp(prefix="sspeft-slurm-"))
-    cluster = LocalCluster(root)
+    cluster = LocalCluster(root, nodes=nodes)
     try:
         cluster.start()
     except ClusterError as exc:
@@ -50,6 +69,7 @@ def slurm_cluster():
             os.environ["SLURM_CONF"] = old
         leftover = {d: p for d, p in cluster.running().items() if p}
         assert not leftover, f"daemons still running after stop: {leftover}"
+        shutil.rmtree(root)  # config, state, logs and keys this fixture made (job outputs live in tmp_path)
 
 
 def job_logs(*dirs: Path, tail_lines: int = 60) -> str:
@@ -114,13 +134,15 @@ def submit(recipe: Path, *args: str) -> subprocess.CompletedProcess:
 
 
 class RatingJudge:
-    """OpenAI-compatible chat endpoint on a free loopback port; every completion is 'Rating: [[7]]'.
+    """OpenAI-compatible chat endpoint on a free port of `host` (loopback, or the bridge address of a multi-node test
+    cluster, which its nodes reach); every completion is 'Rating: [[7]]'.
 
     Counts the requests it served. Stands in for a paid judge API (the only thing mocked in these tests).
     """
 
-    def __init__(self, model: str = "test-judge", reply: str = "The answer is adequate. Rating: [[7]]") -> None:
-        self.model, self.reply, self.requests = model, reply, 0
+    def __init__(self, model: str = "test-judge", reply: str = "The answer is adequate. Rating: [[7]]",
+                 host: str = "127.0.0.1") -> None:
+        self.model, self.reply, self.requests, self.host = model, reply, 0, host
         self._lock = threading.Lock()
         judge = self
 
@@ -153,13 +175,13 @@ class RatingJudge:
                     "usage": {"prompt_tokens": 1, "completion_tokens": 1, "total_tokens": 2},
                 })
 
-        self._server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self._server = ThreadingHTTPServer((host, 0), Handler)
         self._server.daemon_threads = True
         self._thread = threading.Thread(target=self._server.serve_forever, daemon=True)
 
     @property
     def base_url(self) -> str:
-        return f"http://127.0.0.1:{self._server.server_address[1]}/v1"
+        return f"http://{self.host}:{self._server.server_address[1]}/v1"
 
     @property
     def spec(self) -> str:

@@ -111,7 +111,7 @@ def _progress(work: Path, ranks: int) -> int:
 
 
 def _attempt_statuses(run: Path, job: int, attempt: int) -> list[str]:
-    return [p.read_text().strip() for p in sorted((run / "slurm" / "status").glob(f"train-{job}-{attempt}/rank-*"))]
+    return [p.read_text().strip() for p in sorted((run / "slurm" / "status").glob(f"train-{job}-{attempt}/rank-*.exit"))]
 
 
 def test_preemption_signal_checkpoints_requeues_and_resumes(slurm_cluster, tmp_path):

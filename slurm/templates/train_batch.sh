@@ -70,5 +70,16 @@ if [ "$preempted" = 1 ] && [ "$failed" = 0 ]; then
 fi
 if [ "$srun_status" -ne 0 ]; then
     echo "sspeft: training failed (srun exit status $srun_status); rank statuses in $SSPEFT_RANK_STATUS_DIR" >&2
+    # Name the node of every rank that failed or vanished (a rank killed with its node leaves no exit status).
+    for node_file in "$SSPEFT_RANK_STATUS_DIR"/rank-*.node; do
+        [ -e "$node_file" ] || continue
+        rank=$(basename "$node_file" .node)
+        exit_file="${node_file%.node}.exit"
+        if [ ! -e "$exit_file" ]; then
+            echo "sspeft: $rank on node $(cat "$node_file") left no exit status: killed, or its node died" >&2
+        elif [ "$(cat "$exit_file")" != 0 ]; then
+            echo "sspeft: $rank on node $(cat "$node_file") exited $(cat "$exit_file")" >&2
+        fi
+    done
 fi
 exit "$srun_status"

@@ -1,7 +1,13 @@
-"""A one-node Slurm cluster in a directory, started by hand (no systemd): munged, slurmctld and slurmd.
+"""A Slurm cluster in a directory, started by hand (no systemd): munged, slurmctld and one slurmd per node.
 
-    python -m slurm.testing.cluster start DIR     # prints `export SLURM_CONF=DIR/slurm.conf`
+    python -m slurm.testing.cluster start DIR [--nodes N]   # prints `export SLURM_CONF=DIR/slurm.conf`
     python -m slurm.testing.cluster stop DIR
+
+One node (the default) is this machine under its own hostname, reached on 127.0.0.1. With `--nodes N` (N ≥ 2) each
+node `node1` … `nodeN` is a network namespace of its own on a private link made for the cluster
+(`slurm/testing/netns.py`): its slurmd runs there as `slurmd -N nodeK`, with its own address, hostname and
+`/etc/hosts`; slurmctld and munged stay in the host's namespace on the link's bridge address. `stop` removes the
+namespaces and interfaces it made (recorded in DIR/net.json) after stopping the daemons.
 
 The tests use it through `tests/slurm_helpers.py`. Needs root and Debian's `slurmctld slurmd slurm-client munge`
 (`slurm/testing/install.sh`). Everything lives under DIR (config, munge key and socket, state, spool, logs, pid
@@ -15,7 +21,6 @@ from __future__ import annotations
 import argparse
 import os
 import secrets
-import signal
 import socket
 import subprocess
 import sys
@@ -25,8 +30,12 @@ from pathlib import Path
 
 from launch.process import free_port
 from launch.rundir import atomic_write_text
+from slurm.testing.netns import LinkError, PrivateLink
+from slurm.testing.pids import alive, read_pid, terminate
 
 DAEMONS = ("slurmd", "slurmctld", "munged")  # stop order; start order is the reverse
+NET_PROGRAMS = ("ip", "nsenter", "unshare", "mount", "hostname")
+"""What a multi-node cluster needs besides Slurm and munge (iproute2, util-linux, mount, hostname)."""
 
 
 class ClusterError(RuntimeError):
@@ -45,10 +54,11 @@ def _sbin(name: str) -> str:
     raise ClusterError(f"{name} is not installed; run slurm/testing/install.sh as root")
 
 
-def missing_programs() -> list[str]:
-    """Programs a local cluster needs that this machine lacks."""
+def missing_programs(nodes: int = 1) -> list[str]:
+    """Programs a local cluster of `nodes` nodes needs that this machine lacks."""
     missing = []
-    for name in ("munged", "slurmctld", "slurmd", "sbatch", "scontrol", "squeue", "srun", "scancel"):
+    names = ("munged", "slurmctld", "slurmd", "sbatch", "scontrol", "squeue", "srun", "scancel")
+    for name in names + (NET_PROGRAMS if nodes > 1 else ()):
         try:
             _sbin(name)
         except ClusterError:
@@ -58,12 +68,14 @@ def missing_programs() -> list[str]:
 
 @dataclass
 class LocalCluster:
-    """One-node cluster rooted at `root`; `cpus`/`memory_mb` are what the node advertises to the scheduler."""
+    """Cluster rooted at `root`; `cpus`/`memory_mb` are what each node advertises to the scheduler."""
 
     root: Path
     """Directory holding config, state, logs and pid files."""
+    nodes: int = 1
+    """1: this machine on 127.0.0.1; N ≥ 2: nodes node1 … nodeN, each in its own network namespace."""
     cpus: int = 8
-    """CPUs the node advertises (more than the machine has is fine: tests oversubscribe a little)."""
+    """CPUs each node advertises (more than the machine has is fine: tests oversubscribe a little)."""
     memory_mb: int = 16000
     """Memory the node advertises, in MiB."""
     cred_expire_s: int = 5
@@ -71,10 +83,19 @@ class LocalCluster:
     partition: str = "debug"
     """The only partition, the default one."""
     node: str = field(default_factory=short_hostname)
-    """Node name; slurmd recognises itself by the short hostname."""
+    """Name of the one node (nodes=1); slurmd recognises itself by the short hostname."""
+    link: PrivateLink | None = field(default=None, init=False)
+    """The private link of a multi-node cluster, once made (or found in DIR/net.json)."""
 
     def __post_init__(self) -> None:
         self.root = Path(self.root).resolve()
+        if self.nodes < 1:
+            raise ValueError(f"nodes={self.nodes}: a cluster needs at least 1 node")
+        self.link = PrivateLink.load(self.root)
+
+    @property
+    def node_names(self) -> list[str]:
+        return [self.node] if self.nodes == 1 else [f"node{i + 1}" for i in range(self.nodes)]
 
     @property
     def conf(self) -> Path:
@@ -85,10 +106,20 @@ class LocalCluster:
         return self.root / "munge" / "munge.socket"
 
     def pid_file(self, daemon: str) -> Path:
+        """`slurmd-%n` (Slurm substitutes the node name) stands for one file per node."""
         return self.root / "run" / f"{daemon}.pid"
 
     def log_file(self, daemon: str) -> Path:
         return self.root / "log" / f"{daemon}.log"
+
+    def daemon_pid_files(self) -> dict[str, Path]:
+        """label → pid file of every daemon, in stop order (the slurmds, slurmctld, munged)."""
+        files = {f"slurmd {n}": self.pid_file(self._slurmd_label(n)) for n in self.node_names}
+        files.update({d: self.pid_file(d) for d in DAEMONS[1:]})
+        return files
+
+    def _slurmd_label(self, node: str) -> str:
+        return "slurmd" if self.nodes == 1 else f"slurmd-{node}"
 
     def env(self) -> dict[str, str]:
         """The environment clients (sbatch, squeue, scontrol, srun) need to talk to this cluster."""
@@ -108,9 +139,15 @@ class LocalCluster:
         os.chmod(key, 0o400)
         user = _user_name()
         ctld_port, slurmd_port = free_port(), free_port()
+        ctld_addr = self.link.controller_addr if self.link else "127.0.0.1"
+        slurmd = "slurmd" if self.nodes == 1 else "slurmd-%n"
+        if self.nodes > 1:
+            for name in self.node_names:
+                (self.root / "spool" / name).mkdir(exist_ok=True)
         lines = [
             "ClusterName=sspeft-test",
-            f"SlurmctldHost={self.node}(127.0.0.1)",
+            # slurmctld runs on this machine, which it recognises by its short hostname
+            f"SlurmctldHost={self.node if self.nodes == 1 else short_hostname()}({ctld_addr})",
             f"SlurmctldPort={ctld_port}",
             f"SlurmdPort={slurmd_port}",
             f"SlurmUser={user}",
@@ -119,11 +156,11 @@ class LocalCluster:
             "CredType=cred/munge",
             f"AuthInfo=socket={self.munge_socket},cred_expire={self.cred_expire_s}",
             f"StateSaveLocation={self.root / 'state'}",
-            f"SlurmdSpoolDir={self.root / 'spool'}",
+            f"SlurmdSpoolDir={self.root / 'spool' / ('' if self.nodes == 1 else '%n')}",
             f"SlurmctldPidFile={self.pid_file('slurmctld')}",
-            f"SlurmdPidFile={self.pid_file('slurmd')}",
+            f"SlurmdPidFile={self.pid_file(slurmd)}",
             f"SlurmctldLogFile={self.log_file('slurmctld')}",
-            f"SlurmdLogFile={self.log_file('slurmd')}",
+            f"SlurmdLogFile={self.log_file(slurmd)}",
             "SlurmctldDebug=info",
             "SlurmdDebug=info",
             "ProctrackType=proctrack/linuxproc",
@@ -145,29 +182,48 @@ class LocalCluster:
             "SchedulerParameters=sched_interval=2,bf_interval=1",
             # The node advertises what we say, not what the hardware has (CI machines have 2 cores).
             "SlurmdParameters=config_overrides",
-            f"NodeName={self.node} NodeAddr=127.0.0.1 CPUs={self.cpus} RealMemory={self.memory_mb} State=UNKNOWN",
-            f"PartitionName={self.partition} Nodes={self.node} Default=YES MaxTime=INFINITE State=UP",
         ]
+        for name in self.node_names:
+            addr = self.link.address(name) if self.link else "127.0.0.1"
+            lines.append(f"NodeName={name} NodeAddr={addr} CPUs={self.cpus} RealMemory={self.memory_mb} "
+                         "State=UNKNOWN")
+        lines.append(f"PartitionName={self.partition} Nodes={','.join(self.node_names)} Default=YES "
+                     "MaxTime=INFINITE State=UP")
         atomic_write_text(self.conf, "\n".join(lines) + "\n")
 
     def start(self, timeout_s: float = 60.0) -> None:
-        """Write the config and start munged, slurmctld, slurmd; return once the node accepts jobs."""
-        self.write_config()
-        env = self.env()
+        """Make the private link (N ≥ 2 nodes), write the config and start munged, slurmctld and the slurmds; return
+        once every node accepts jobs. On failure everything started or made is stopped and removed again, and the
+        ClusterError carries every daemon's log."""
+        self.root.mkdir(parents=True, exist_ok=True)
+        if self.nodes > 1 and self.link is None:
+            try:
+                self.link = PrivateLink.create(self.root, self.node_names, short_hostname())
+            except LinkError as exc:
+                raise ClusterError(f"the private link for {self.nodes} nodes could not be made: {exc}") from exc
         try:
-            self._spawn("munged", [
-                _sbin("munged"), f"--socket={self.munge_socket}", f"--key-file={self.root / 'munge' / 'munge.key'}",
-                f"--pid-file={self.pid_file('munged')}", f"--log-file={self.log_file('munged')}",
-                f"--seed-file={self.root / 'munge' / 'munged.seed'}", "--force",
-            ], env)
-            self._wait(lambda: self.munge_socket.exists(), "munged socket", timeout_s)
-            self._spawn("slurmctld", [_sbin("slurmctld"), "-f", str(self.conf), "-i"], env)
-            self._wait(lambda: self._scontrol_ok(), "slurmctld to answer `scontrol ping`", timeout_s)
-            self._spawn("slurmd", [_sbin("slurmd"), "-f", str(self.conf)], env)
-            self._wait(self.node_idle, f"node {self.node} to become idle", timeout_s)
-        except ClusterError:
+            self.write_config()
+            self._start_daemons(timeout_s)
+        except BaseException:
             self.stop()
             raise
+
+    def _start_daemons(self, timeout_s: float) -> None:
+        env = self.env()
+        self._spawn("munged", [
+            _sbin("munged"), f"--socket={self.munge_socket}", f"--key-file={self.root / 'munge' / 'munge.key'}",
+            f"--pid-file={self.pid_file('munged')}", f"--log-file={self.log_file('munged')}",
+            f"--seed-file={self.root / 'munge' / 'munged.seed'}", "--force",
+        ], env)
+        self._wait(lambda: self.munge_socket.exists(), "munged socket", timeout_s)
+        self._spawn("slurmctld", [_sbin("slurmctld"), "-f", str(self.conf), "-i"], env)
+        self._wait(lambda: self._scontrol_ok(), "slurmctld to answer `scontrol ping`", timeout_s)
+        for name in self.node_names:
+            argv = [_sbin("slurmd"), "-f", str(self.conf)]
+            if self.link is not None:
+                argv = self.link.command_in(name, [*argv, "-N", name])
+            self._spawn(self._slurmd_label(name), argv, env)
+        self._wait(self.node_idle, f"node(s) {','.join(self.node_names)} to become idle", timeout_s)
 
     def _spawn(self, daemon: str, argv: list[str], env: dict[str, str]) -> None:
         # Each daemon forks into the background and writes its pid file; a non-zero exit here is a config error.
@@ -191,29 +247,34 @@ class LocalCluster:
         return proc.returncode == 0 and "UP" in proc.stdout
 
     def node_idle(self) -> bool:
+        """Every node answers and is idle (or running jobs)."""
         proc = subprocess.run([_sbin("sinfo"), "-h", "-N", "-o", "%t"], env=self.env(), capture_output=True,
                               text=True, timeout=30)
-        return proc.returncode == 0 and proc.stdout.strip() in {"idle", "mix", "alloc"}
+        states = proc.stdout.split()
+        return (proc.returncode == 0 and len(states) == self.nodes
+                and all(s in {"idle", "mix", "alloc"} for s in states))
 
     def stop(self, timeout_s: float = 30.0) -> None:
-        """Stop the daemons this cluster started, by the pids in their pid files (TERM, then KILL)."""
-        for daemon in DAEMONS:
-            pid = _read_pid(self.pid_file(daemon))
-            if pid is None or not _alive(pid):
-                continue
-            os.kill(pid, signal.SIGTERM)
-            deadline = time.monotonic() + timeout_s
-            while _alive(pid) and time.monotonic() < deadline:
-                time.sleep(0.2)
-            if _alive(pid):
-                os.kill(pid, signal.SIGKILL)
+        """Stop the daemons this cluster started, by the pids in their pid files (TERM, then KILL); then, for a
+        multi-node cluster, kill what is left inside its namespaces (job steps) and remove the private link."""
+        for pid in self.running().values():
+            if pid is not None:
+                terminate(pid, timeout_s)
+        if self.link is not None:
+            for pid in self.link.pids():
+                terminate(pid, 5.0)
+            try:
+                self.link.remove()
+            except LinkError as exc:
+                raise ClusterError(str(exc)) from exc
+            self.link = None
 
     def running(self) -> dict[str, int | None]:
         """Pid of each daemon that is alive (None where it is not)."""
         result: dict[str, int | None] = {}
-        for daemon in DAEMONS:
-            pid = _read_pid(self.pid_file(daemon))
-            result[daemon] = pid if pid is not None and _alive(pid) else None
+        for label, path in self.daemon_pid_files().items():
+            pid = read_pid(path)
+            result[label] = pid if pid is not None and alive(pid) else None
         return result
 
     def logs(self, tail_lines: int = 80) -> str:
@@ -231,32 +292,18 @@ def _user_name() -> str:
     return pwd.getpwuid(os.geteuid()).pw_name
 
 
-def _read_pid(path: Path) -> int | None:
-    try:
-        return int(path.read_text().split()[0])
-    except (OSError, ValueError, IndexError):
-        return None
-
-
-def _alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    # A zombie child of ours still answers kill(0); the daemons are not our children (they double-fork).
-    return True
-
-
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m slurm.testing.cluster", description=__doc__.split("\n\n")[0])
     parser.add_argument("action", choices=["start", "stop", "status"])
     parser.add_argument("dir", type=Path, help="directory for config, state, logs and pid files")
+    parser.add_argument("--nodes", type=int, default=None,
+                        help="nodes to start (default 1; stop/status read it from DIR)")
     args = parser.parse_args(argv)
-    cluster = LocalCluster(args.dir)
+    if args.nodes is not None and args.nodes < 1:
+        parser.error(f"--nodes {args.nodes}: expected 1 or more")
+    cluster = LocalCluster(args.dir, nodes=args.nodes or _recorded_nodes(args.dir))
     if args.action == "start":
-        missing = missing_programs()
+        missing = missing_programs(cluster.nodes)
         if missing:
             print(f"missing programs: {' '.join(missing)}; run slurm/testing/install.sh as root", file=sys.stderr)
             return 1
@@ -272,6 +319,12 @@ def main(argv: list[str] | None = None) -> int:
         for daemon, pid in cluster.running().items():
             print(f"{daemon}: {'running, pid ' + str(pid) if pid else 'not running'}")
     return 0
+
+
+def _recorded_nodes(root: Path) -> int:
+    """How many nodes the cluster under `root` was started with (its private link names them)."""
+    link = PrivateLink.load(root)
+    return len(link.nodes) if link else 1
 
 
 if __name__ == "__main__":

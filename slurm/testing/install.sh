@@ -1,5 +1,7 @@
 #!/usr/bin/env bash
-# Install the Debian packages a one-node test Slurm cluster needs: slurmctld, slurmd, slurm-client, munge.
+# Install the Debian packages a test Slurm cluster needs: slurmctld, slurmd, slurm-client, munge; for a multi-node
+# one iproute2 (its network namespaces; nsenter and unshare come with util-linux), and openssh-server and pdsh (an
+# sshd per node for the `deepspeed` launcher's hostfile runs).
 #
 # Usage: slurm/testing/install.sh        (as root; `make slurm-cluster` runs it before the test suite)
 #
@@ -8,17 +10,17 @@
 # Without root it only reports what is missing and exits 0, so the Slurm tests skip locally (and fail under CI=true).
 set -euo pipefail
 
-packages=(slurmctld slurmd slurm-client munge)
-binaries=(slurmctld slurmd sbatch munged)
+packages=(slurmctld slurmd slurm-client munge iproute2 openssh-server pdsh)
+binaries=(slurmctld slurmd sbatch munged ip sshd pdsh)
 
 missing=()
 for bin in "${binaries[@]}"; do
-    if ! command -v "$bin" >/dev/null 2>&1 && [ ! -x "/usr/sbin/$bin" ]; then
+    if ! command -v "$bin" >/dev/null 2>&1 && [ ! -x "/usr/sbin/$bin" ] && [ ! -x "/sbin/$bin" ]; then
         missing+=("$bin")
     fi
 done
 if [ ${#missing[@]} -eq 0 ]; then
-    echo "slurm-cluster: slurm and munge already installed"
+    echo "slurm-cluster: ${packages[*]} already installed"
     exit 0
 fi
 
