@@ -19,6 +19,7 @@ import copy
 import dataclasses
 import difflib
 import inspect
+import math
 import os
 import re
 import types
@@ -481,8 +482,19 @@ def adapter_fields(method: str) -> set[str]:
     return {name for name in params if name not in ("method", "layers", "version")}
 
 
+SEED_RANGE = (0, 2**32 - 1)
+"""What numpy's and torch's seeding accept (the trainer seeds both)."""
+
+
 def _check_combinations(recipe: Recipe, source: str) -> None:
     train, model, data = recipe.train, recipe.model, recipe.data
+    for key, value in recipe.flat().items():  # every number, SFTConfig's own fields included
+        if isinstance(value, float) and not math.isfinite(value):
+            raise RecipeError(f"{source}: {key} = {value} is not a finite number; expected a finite value")
+    for key, value in {"train.seed": train.seed, "eval.seed": recipe.eval.seed}.items():
+        if not SEED_RANGE[0] <= value <= SEED_RANGE[1]:
+            raise RecipeError(f"{source}: {key} = {value} is out of range; expected an integer in "
+                              f"[{SEED_RANGE[0]}, {SEED_RANGE[1]}]")
     positive = {"train.per_device_train_batch_size": train.per_device_train_batch_size,
                 "train.gradient_accumulation_steps": train.gradient_accumulation_steps,
                 "train.save_steps": train.save_steps, "train.logging_steps": train.logging_steps,
@@ -513,12 +525,21 @@ def _check_combinations(recipe: Recipe, source: str) -> None:
             raise RecipeError(f"{source}: {key} = {value} must be a positive integer or null")
     if train.learning_rate <= 0:
         raise RecipeError(f"{source}: train.learning_rate = {train.learning_rate} must be > 0")
+    if train.max_steps == 1 and _warmup_steps(train.warmup_steps, 1) >= 1:
+        raise RecipeError(f"{source}: train.warmup_steps = {train.warmup_steps} makes the only step of "
+                          f"train.max_steps = 1 a warmup step at learning rate 0, so the adapter would not change; "
+                          f"expected train.warmup_steps = 0 or train.max_steps > 1")
     if train.deepspeed and model.device_map:
         raise RecipeError(f"{source}: model.device_map = {model.device_map!r} cannot be combined with "
                           f"train.deepspeed (DeepSpeed places and partitions the weights itself); set "
                           f"model.device_map to null")
     if not recipe.name or "/" in recipe.name:
         raise RecipeError(f"{source}: name = {recipe.name!r} must be a non-empty name without '/'")
+
+
+def _warmup_steps(warmup: int | float, total: int) -> int:
+    """Warmup steps as transformers counts them: a float below 1 is a fraction of the steps, rounded up."""
+    return math.ceil(warmup * total) if isinstance(warmup, float) and warmup < 1 else int(warmup)
 
 
 def _check_type(source: str, key: str, value: Any, hint: Any, ints_to_float: bool = True) -> Any:

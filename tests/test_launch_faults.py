@@ -51,7 +51,7 @@ def test_foreign_directory_is_refused_and_untouched(tmp_path, tiny_llama, capsys
     (foreign / "adapter" / "notes.txt").write_text("keep me")
     before = snapshot(foreign)
     err = refused(capsys, write_recipe(tmp_path / "r.yaml", model, data, foreign))
-    assert f"run_dir = {str(foreign)!r} already holds files (adapter, checkpoints) but no recipe.yaml" in err
+    assert f"run_dir = {str(foreign)!r} already holds files (adapter, checkpoints) but no .run.json marker" in err
     assert snapshot(foreign) == before
 
 
