@@ -17,7 +17,7 @@ from pathlib import Path
 from typing import Any
 
 from launch.models import context_length, meta_model, model_config
-from launch.recipe import Recipe, RecipeError, load_resolved
+from launch.recipe import Recipe, RecipeError, load_resolved, shown
 from launch.rundir import RunDir, RunDirError
 
 log = logging.getLogger("launch.train")
@@ -64,7 +64,7 @@ def check_run_dir(recipe: Recipe, run: RunDir) -> bool:
     if not run.holds_progress():
         return True
     old, new = previous.flat(), recipe.flat()
-    details = "; ".join(f"{k}: {old.get(k)!r} -> {new.get(k)!r}" for k in changed)
+    details = "; ".join(f"{k}: {shown(old.get(k))} -> {shown(new.get(k))}" for k in changed)
     raise TrainError(f"{run.root} was made by a different recipe ({details}). Use another run_dir, or "
                      f"remove the directory to start over")
 

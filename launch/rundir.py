@@ -34,6 +34,7 @@ whose process is gone leaves one that the next atomic_directory() on that path c
 from __future__ import annotations
 
 import contextlib
+import errno
 import fcntl
 import json
 import os
@@ -377,7 +378,10 @@ def atomic_directory(path: str | os.PathLike[str]) -> Iterator[Path]:
     """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent))
+    for stale in clear_stale_temporaries(path):
+        print(f"removed {stale}: a temporary output left by a process that no longer runs", file=sys.stderr)
+    owner = f"{socket.gethostname()}-{os.getpid()}"
+    tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.{owner}.", suffix=".tmp", dir=path.parent))
     try:
         yield tmp
         apply_umask(tmp)  # mkdtemp made it 0700, safetensors writes 0600: whatever the umask says
@@ -392,6 +396,72 @@ def atomic_directory(path: str | os.PathLike[str]) -> Iterator[Path]:
     os.replace(tmp, path)
     if old is not None:
         shutil.rmtree(old, ignore_errors=True)
+
+
+def clear_stale_temporaries(path: Path) -> list[Path]:
+    """Remove the temporary directories atomic_directory(path) left behind when its process was killed outright
+    (`.NAME.HOST-PID.XXXX.tmp` whose PID no longer runs on this host); those of live or other hosts' processes stay."""
+    removed = []
+    host = socket.gethostname()
+    for candidate in path.parent.glob(f".{path.name}.{host}-*.tmp"):
+        pid = candidate.name[len(f".{path.name}.{host}-"):].split(".", 1)[0]
+        if candidate.is_dir() and pid.isdigit() and not _alive(int(pid)):
+            shutil.rmtree(candidate, ignore_errors=True)
+            removed.append(candidate)
+    return removed
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True  # another user's live process
+    return True
+
+
+def check_writable(directory: Path, what: str) -> None:
+    """Raise OutputError unless a file can be created in `directory` (or, while it does not exist, in its nearest
+    existing parent; nothing is created): a read-only file system or a missing permission is found before any work,
+    not after it."""
+    while not directory.exists() and directory.parent != directory:
+        directory = directory.parent
+    try:
+        fd, probe = tempfile.mkstemp(prefix=".write-probe.", dir=directory)
+        os.close(fd)
+        os.unlink(probe)
+    except OSError as e:
+        raise OutputError(f"{what}: cannot write into {directory}: {describe_os_error(e)}") from e
+
+
+def check_free_space(directory: Path, need: int, what: str) -> None:
+    """Raise OutputError unless `directory`'s file system has `need` bytes free (plus 1 % and 16 MiB of margin)."""
+    while not directory.exists() and directory.parent != directory:
+        directory = directory.parent
+    free = shutil.disk_usage(directory).free
+    want = int(need * 1.01) + 16 * 1024**2
+    if free < want:
+        raise OutputError(f"{what} needs about {_size(want)} in {directory}, but its file system has {_size(free)} "
+                          f"free; free some space or write elsewhere")
+
+
+def _size(n: int) -> str:
+    return f"{n / 1024**3:.2f} GiB" if n >= 1024**3 else f"{n / 1024**2:.1f} MiB"
+
+
+def describe_os_error(e: OSError) -> str:
+    """An OSError as one line: what failed (errno name and text) and the file, without a traceback."""
+    name = errno.errorcode.get(e.errno or 0, "")
+    where = f" ({e.filename})" if e.filename else ""
+    advice = {errno.ENOSPC: "; the file system is full: free some space",
+              errno.EROFS: "; the file system is read-only: write elsewhere",
+              errno.EDQUOT: "; the disk quota is exhausted"}.get(e.errno or 0, "")
+    return f"{name or 'OSError'}: {e.strerror or e}{where}{advice}"
+
+
+class OutputError(RuntimeError):
+    """An output cannot be written (no space, read-only file system, no permission); the message says where."""
 
 
 class RunDirLock:
