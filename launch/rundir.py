@@ -208,17 +208,16 @@ class Attempt:
         self.run = run
         self.id = f"{socket.gethostname()}:{os.getpid()}:{time.time():.0f}"
         self.created: list[str] = []
-        self.made_marker = False
+        self.found: dict[str, Any] | None = None  # the marker as this attempt found it
 
     def claim(self, fingerprint: dict[str, Any] | None = None) -> None:
         """Record what this attempt may create (and the fingerprint of what it trains on, if the directory has
         none), before it creates any of it."""
         run = self.run
         run.root.mkdir(parents=True, exist_ok=True)
-        info = run.read_marker()
-        self.made_marker = info is None
-        if info is None:
-            info = {"made_by": "launch.train", "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "outputs": {}}
+        self.found = run.read_marker()
+        info = json.loads(json.dumps(self.found)) if self.found else {
+            "made_by": "launch.train", "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "outputs": {}}
         self.created = [n for n in TRAIN_OUTPUTS if not (run.root / n).exists() and not (run.root / n).is_symlink()]
         info["outputs"].update(dict.fromkeys(self.created, self.id))
         if fingerprint is not None and not run.complete_checkpoints():
@@ -226,15 +225,13 @@ class Attempt:
         run.write_marker(info)
 
     def undo(self) -> list[str]:
-        """Remove what this attempt created (and the marker, if it made it and nothing recorded remains)."""
+        """Remove what this attempt created and put the marker back as it was found (none: removed)."""
         run = self.run
         removed = [name for name in self.created if _remove(run.root / name)]
-        info = run.read_marker() or {"outputs": {}}
-        info["outputs"] = {k: v for k, v in info["outputs"].items() if v != self.id}
-        if self.made_marker and not info["outputs"]:
+        if self.found is None:
             run.marker.unlink(missing_ok=True)
         else:
-            run.write_marker(info)
+            run.write_marker(self.found)
         return removed
 
 

@@ -209,8 +209,14 @@ def write_final(trainer, plan: Plan, dist: distributed.Dist, counts: dict, timer
         return
     # the trainer drops its pickled arguments next to the adapter; adapter/ must never need unpickling
     (tmp / "training_args.bin").unlink(missing_ok=True)
-    _check_not_empty(tmp)
-    _check_finite(tmp)
+    try:
+        _check_not_empty(tmp)
+        _check_finite(tmp)
+    except TrainError:
+        import shutil
+
+        shutil.rmtree(tmp)  # a refused adapter is not kept half-way
+        raise
     with atomic_directory(run.adapter) as out:
         for item in tmp.iterdir():
             item.rename(out / item.name)
@@ -258,26 +264,29 @@ def _check_finite(adapter_dir: Path) -> None:
                                  f"another run_dir")
 
 
-def trainable_values(model) -> dict:
-    """A copy of every trainable parameter (the adapter: small), to tell afterwards whether training moved it."""
-    return {name: p.detach().float().cpu().clone() for name, p in model.named_parameters() if p.requires_grad}
+INITIAL_ADAPTER = "initial_adapter"
+"""Marker key: the digest of the adapter's trainable values before the first step (launch.train.trainable_digests)."""
 
 
-def check_moved(model, initial: dict | None, steps: int) -> None:
-    """A run succeeds only if its adapter moved away from where it started (else ΔW is its initial value, zero for
-    every zero-initialised method: e.g. every step at learning rate 0). Not checked under ZeRO-3 (each rank holds a
-    partition) or on resume (this attempt may rightly run no step)."""
-    import torch
-
-    if initial is None:
+def record_initial(plan: Plan, dist: distributed.Dist, digest: str | None) -> None:
+    """Rank 0 records the untrained adapter's digest in the marker on a fresh start (a resume keeps the first one)."""
+    if digest is None or plan.resume_from is not None or not dist.is_main:
         return
-    now = trainable_values(model)
-    if all(name in now and now[name].shape == value.shape and torch.equal(now[name], value)
-           for name, value in initial.items()):
-        raise TrainError(f"the adapter did not change in {steps} steps (every trainable value still at its "
-                         f"initial value): the learning rate was 0 at every step (warmup covering every step?) or "
-                         f"no gradient reached it. Check train.learning_rate, train.warmup_steps and "
-                         f"train.max_steps, and rerun in another run_dir")
+    info = plan.run.read_marker() or {"outputs": {}}
+    info[INITIAL_ADAPTER] = digest
+    plan.run.write_marker(info)
+
+
+def check_moved(plan: Plan, digest: str | None, steps: int) -> None:
+    """A run succeeds only if its adapter moved away from where its first attempt started (else ΔW is its initial
+    value, zero for every zero-initialised method: e.g. every step at learning rate 0). Compared across resumes
+    through the marker; not under ZeRO-3, where each rank holds only a partition."""
+    if digest is None or digest != (plan.run.read_marker() or {}).get(INITIAL_ADAPTER):
+        return
+    raise TrainError(f"the adapter did not change in {steps} steps (every trainable value still at its initial "
+                     f"value): the learning rate was 0 at every step (warmup covering every step?) or no gradient "
+                     f"reached it. Check train.learning_rate, train.warmup_steps and train.max_steps, and rerun in "
+                     f"another run_dir")
 
 
 def train(plan: Plan, dist: distributed.Dist, flag: distributed.PreemptionFlag) -> int:
@@ -307,7 +316,7 @@ def train(plan: Plan, dist: distributed.Dist, flag: distributed.PreemptionFlag) 
     callbacks = [CompleteMarker(run, dist, recipe.train.save_total_limit, timer), stop, timer]
     trainer = build_trainer(plan, dist, model, tokenizer, dataset, eval_dataset, callbacks)
     counts = count_params(trainer.model)
-    initial = None if zero3 or plan.resume_from else trainable_values(trainer.model)
+    record_initial(plan, dist, None if zero3 else trainable_digests(trainer.model)[0])
     if dist.is_main:
         log.info("trainable parameters: %d of %d (%s)", counts["trainable"], counts["total"],
                  recipe.adapter.method)
@@ -320,7 +329,7 @@ def train(plan: Plan, dist: distributed.Dist, flag: distributed.PreemptionFlag) 
                         flag.received, stop.stopped_at, PREEMPTED_EXIT_CODE)
         return PREEMPTED_EXIT_CODE
     check_ranks_agree(trainer.model, timer, zero3)
-    check_moved(trainer.model, initial, trainer.state.global_step)
+    check_moved(plan, None if zero3 else trainable_digests(trainer.model)[0], trainer.state.global_step)
     if eval_dataset is not None and not recipe.train.eval_steps:
         trainer.evaluate()  # held-out loss at the end (logged through the callbacks)
     write_final(trainer, plan, dist, counts, timer, dropped)

@@ -215,12 +215,18 @@ def test_an_adapter_that_did_not_move_is_no_success(tmp_path, tiny_llama, capsys
     """Two records, one epoch, batch 2: one step, and the default 3 % warmup makes it a warmup step at lr 0 (the
     recipe alone cannot tell: the step count comes from the data)."""
     model, data = tiny_llama
-    recipe = write_recipe(tmp_path / "r.yaml", model, data, tmp_path / "run", data={"limit": 2},
+    recipe = write_recipe(tmp_path / "r.yaml", model, data, tmp_path / "run",
                           train={"max_steps": -1, "num_train_epochs": 1, "warmup_steps": 0.03, "save_steps": 10})
-    assert train_stage.main([str(recipe)]) == 2
+    assert train_stage.main([str(recipe), "data.limit=2"]) == 2
     err = capsys.readouterr().err
     assert "the adapter did not change in 1 steps (every trainable value still at its initial value)" in err
-    assert not (tmp_path / "run" / "adapter").exists() and not (tmp_path / "run").exists()
+    run = RunDir(tmp_path / "run")
+    assert not run.adapter.exists() and not run.params.exists()
+    # the trainer's final checkpoint stays (a complete checkpoint is never discarded): a rerun that resumes from it
+    # compares with the adapter the first attempt started from, and fails again
+    assert run.complete_checkpoints()
+    assert train_stage.main([str(recipe), "data.limit=2"]) == 2
+    assert "the adapter did not change" in capsys.readouterr().err and not run.adapter.exists()
 
 
 def test_non_finite_adapter_is_no_success(tmp_path, tiny_llama, capsys, monkeypatch):
@@ -241,7 +247,8 @@ def test_non_finite_adapter_is_no_success(tmp_path, tiny_llama, capsys, monkeypa
     monkeypatch.setattr(train_stage, "check_ranks_agree", diverge)
     assert train_stage.main([str(recipe)]) == 2
     assert "the trained adapter holds non-finite values (NaN/inf) in" in capsys.readouterr().err
-    assert not (tmp_path / "run").exists()
+    run = RunDir(tmp_path / "run")
+    assert not run.adapter.exists() and not run.params.exists() and not (run.root / ".adapter.saving").exists()
 
 
 # ---------------------------------------------------------------- class 1 with a real signal
