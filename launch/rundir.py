@@ -153,7 +153,7 @@ class RunDir:
             found = sorted(p.name for p in root.iterdir())
             shown = ", ".join(found[:5]) + (f" and {len(found) - 5} more" if len(found) > 5 else "")
             raise RunDirError(f"run_dir = {str(root)!r} already holds files ({shown}) but no {RUN_MARKER} marker, "
-                              f"so launch.train did not make it; it is never written into. Expected a new or empty "
+                              f"so launch.train did not make it; it is never overwritten. Expected a new or empty "
                               f"directory, or a run directory made by launch.train")
 
     def holds_progress(self) -> bool:

@@ -349,9 +349,11 @@ def write_run_files(plan: Plan, dist: distributed.Dist, template: str) -> None:
         if not run.recipe.is_file():
             plan.recipe.dump(run.recipe)
         atomic_write_text(run.template, template)
-        for path in run.complete_checkpoints():  # damaged ones newer than the resume point: the trainer rewrites
-            if plan.resume_from is None or path.name != plan.resume_from.name and _step(path) > _step(plan.resume_from):
-                (path / COMPLETE_MARKER).unlink()  # them, and a marker left over would vouch for the half-written
+        # a damaged checkpoint newer than the resume point is about to be rewritten by the trainer: without its
+        # marker it is dropped now, so the marker never vouches for a half-rewritten directory
+        newer = [p for p in run.complete_checkpoints() if plan.resume_from and _step(p) > _step(plan.resume_from)]
+        for path in newer:
+            (path / COMPLETE_MARKER).unlink()
         for path in drop_incomplete_checkpoints(run):
             log.warning("removed incomplete checkpoint %s (killed while saving)", path)
     distributed.barrier()
