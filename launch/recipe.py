@@ -571,8 +571,8 @@ def _check_combinations(recipe: Recipe, source: str) -> None:
         raise RecipeError(f"{source}: train.warmup_steps = {train.warmup_steps} must be an integer number of steps "
                           f"or a fraction in [0, 1)")
     if data.eval_fraction == 0 and train.options.get("eval_strategy", "no") != "no":
-        raise RecipeError(f"{source}: train.eval_strategy = {shown(train.options['eval_strategy'])} needs held-out data; "
-                          f"set data.eval_fraction > 0 or drop train.eval_strategy")
+        raise RecipeError(f"{source}: train.eval_strategy = {shown(train.options['eval_strategy'])} needs held-out "
+                          f"data; set data.eval_fraction > 0 or drop train.eval_strategy")
     for key, value in {"data.eval_fraction": data.eval_fraction,
                        "eval.max_failure_rate": recipe.eval.max_failure_rate}.items():
         if not 0.0 <= value < 1.0 and not (key == "eval.max_failure_rate" and value == 1.0):

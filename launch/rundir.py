@@ -37,6 +37,7 @@ import contextlib
 import errno
 import fcntl
 import json
+import logging
 import os
 import shutil
 import socket
@@ -47,6 +48,7 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any, Literal
 
+log = logging.getLogger("launch.rundir")
 JudgmentKind = Literal["single", "pair"]
 LOCK_FILE = ".lock"
 RUN_MARKER = ".run.json"
@@ -137,8 +139,8 @@ class RunDir:
 
     def check_usable(self) -> None:
         """Raise RunDirError unless the directory may be created or reused by launch.train: never a filesystem
-        root, never the home directory, never an existing file, never a non-empty directory without launch.train's marker (a recipe.yaml alone, such as the user's
-        own with `run_dir: .`, does not make a directory a run)."""
+        root, never the home directory, never an existing file, never a non-empty directory without launch.train's
+        marker (a recipe.yaml alone, such as the user's own with `run_dir: .`, does not make a directory a run)."""
         root = self.root
         if root.parent == root:
             raise RunDirError(f"run_dir = {str(root)!r} is a filesystem root; expected a directory of its own "
@@ -376,7 +378,7 @@ def atomic_directory(path: str | os.PathLike[str]) -> Iterator[Path]:
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     for stale in clear_stale_temporaries(path):
-        print(f"removed {stale}: a temporary output left by a process that no longer runs", file=sys.stderr)
+        log.warning("removed %s: a temporary output left by a process that no longer runs", stale)
     owner = f"{socket.gethostname()}-{os.getpid()}"
     tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.{owner}.", suffix=".tmp", dir=path.parent))
     try:

@@ -99,18 +99,20 @@ def check_report_to(value: Any, source: str) -> None:
     from transformers.integrations import INTEGRATION_TO_CALLBACK, get_available_reporting_integrations
 
     if not isinstance(value, str) and not (isinstance(value, list) and all(isinstance(v, str) for v in value)):
-        raise RecipeError(f"{source}: train.report_to = {shown(value)} has the wrong type; expected a name or a list")
+        raise RecipeError(f"{source}: train.report_to = {shown(value)} has the wrong type; expected a name or a "
+                          f"list")
     names = [value] if isinstance(value, str) else value
     if len(names) == 1 and names[0] in ("none", "all"):
         return
     installed = get_available_reporting_integrations()
     for name in names:
         if name not in INTEGRATION_TO_CALLBACK:
-            raise RecipeError(f"{source}: train.report_to = {shown(value)}: {shown(name)} is not an integration transformers "
-                              f"knows; expected 'none', 'all' or some of {sorted(INTEGRATION_TO_CALLBACK)}")
+            raise RecipeError(f"{source}: train.report_to = {shown(value)}: {shown(name)} is not an integration "
+                              f"transformers knows; expected 'none', 'all' or some of "
+                              f"{sorted(INTEGRATION_TO_CALLBACK)}")
         if name not in installed:
-            raise RecipeError(f"{source}: train.report_to = {shown(value)}: {shown(name)} is not installed here (installed: "
-                              f"{installed or 'none'}); install its package or leave it out")
+            raise RecipeError(f"{source}: train.report_to = {shown(value)}: {shown(name)} is not installed here "
+                              f"(installed: {installed or 'none'}); install its package or leave it out")
 
 
 def check_precision(options: dict[str, Any], dtype: str, source: str) -> None:
