@@ -133,7 +133,7 @@ def check_pattern(targets) -> None:
         try:
             re.compile(targets)
         except re.error as e:
-            raise TrainError(f"adapter.target_modules = {targets!r} is not a valid regular expression ({e}); "
+            raise TrainError(f"adapter.target_modules = {shown(targets)} is not a valid regular expression ({e}); "
                              f"expected a pattern that fully matches module names (e.g. '.*\\.(q_proj|v_proj)'), "
                              f"a list of name suffixes, or 'all-linear'") from e
 

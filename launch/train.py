@@ -30,7 +30,7 @@ from launch.models import ModelSpecError, check_model_spec, load_causal_lm, logi
 from launch.preflight import (TrainError, adopt_launcher_deepspeed, check_against_model, check_fingerprint,
                               check_run_dir, check_split, resume_point, run_fingerprint, zero_stage_of)
 from launch.process import PREEMPTED_EXIT_CODE
-from launch.recipe import Recipe, RecipeError, load_recipe
+from launch.recipe import Recipe, RecipeError, load_recipe, shown
 from launch.rundir import (COMPLETE_MARKER, Attempt, RunDir, RunDirError, RunDirLock, atomic_directory,
                            atomic_write_json, atomic_write_text)
 
@@ -93,7 +93,7 @@ def preflight(recipe: Recipe, run: RunDir) -> Plan:
     finished = not discard and _finished(run)
     stage = zero_stage_of(recipe.train.deepspeed)
     if stage == 3 and recipe.model.device_map:
-        raise TrainError(f"model.device_map = {recipe.model.device_map!r} is incompatible with ZeRO-3 "
+        raise TrainError(f"model.device_map = {shown(recipe.model.device_map)} is incompatible with ZeRO-3 "
                          f"({recipe.train.deepspeed}); set model.device_map to null")
     check_model_spec(recipe.model.path)
     adapter_peft_config(recipe)  # validates every adapter field with the library's own messages

@@ -85,6 +85,12 @@ def _empty_in_run(d: Path, model: Path, data: Path) -> Path:
     return path
 
 
+def _huge_record(d: Path, model: Path, data: Path) -> Path:
+    records = d / "records.json"
+    records.write_text(json.dumps([{"instruction": "Count.", "input": "", "output": [1] * 200_000}]))
+    return _recipe_file(d, model, records)
+
+
 TRAIN_ROWS = {
     # class 3: numbers
     "lr-inf": (_recipe_file, ["train.learning_rate=.inf"], "train.learning_rate = inf is not a finite number"),
@@ -110,6 +116,7 @@ TRAIN_ROWS = {
     "deep-nesting": (_text_recipe("name: " + "[" * 60 + "]" * 60 + "\n"), [], "nested deeper than 50 levels"),
     "huge-value": (_recipe_file, ["name=[" + ",".join(["'" + "x" * 1000 + "'"] * 1000) + "]"],
                    "name = ['xxxxxxxxx"),
+    "huge-record-value": (_huge_record, [], "field 'output' is [1, 1, 1, 1, 1, 1, 1, 1, ...], expected a string"),
     "huge-key": (_recipe_file, ["train." + "k" * 5000 + "=1"], "unknown key in section 'train' 'train.kkkk"),
     # class 1: a directory is a run only by our marker
     "user-recipe-run-dir-dot": (_user_dir, [], "already holds files (notes.txt, recipe.yaml) but no .run.json "
