@@ -36,6 +36,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Optional
 
+from launch.recipe import shown
+
 ALPACA_HEADER = ("Below is an instruction that describes a task. "
                  "Write a response that appropriately completes the request.\n\n")
 ALPACA_HEADER_WITH_INPUT = ("Below is an instruction that describes a task, paired with an input that provides "
@@ -225,23 +227,23 @@ def _strings(record: dict, where: str, keys: tuple[tuple[str, bool], ...]) -> di
         if required and (value is None or (isinstance(value, str) and not value.strip())):
             raise DataError(f"{where}: field {key!r} is missing or empty")
         if not isinstance(value, str):
-            raise DataError(f"{where}: field {key!r} is {value!r}, expected a string")
+            raise DataError(f"{where}: field {key!r} is {shown(value)}, expected a string")
         values[names.get(key, key)] = value
     return values
 
 
 def _messages(value: Any, where: str) -> list[dict[str, str]]:
     if not isinstance(value, list) or not value:
-        raise DataError(f"{where} is {value!r}, expected a non-empty list of {{role, content}} messages")
+        raise DataError(f"{where} is {shown(value)}, expected a non-empty list of {{role, content}} messages")
     out = []
     for turn, message in enumerate(value):
         if not isinstance(message, dict):
-            raise DataError(f"{where}: message {turn} is {message!r}, expected an object with role and content")
+            raise DataError(f"{where}: message {turn} is {shown(message)}, expected an object with role and content")
         role, content = message.get("role"), message.get("content")
         if role not in ROLES:
-            raise DataError(f"{where}: message {turn} has role {role!r}, expected one of {list(ROLES)}")
+            raise DataError(f"{where}: message {turn} has role {shown(role)}, expected one of {list(ROLES)}")
         if not isinstance(content, str):
-            raise DataError(f"{where}: message {turn} has content {content!r}, expected a string")
+            raise DataError(f"{where}: message {turn} has content {shown(content)}, expected a string")
         out.append({"role": role, "content": content})
     return out
 

@@ -12,6 +12,8 @@ checkpoint. For a 4-bit run it is the dequantized base `launch.merge --no-adapte
 base and quantisation into BASE_CACHE/<quantize>-<dtype>-<fingerprint>/ (default: lora_bases/ next to the run
 directory), and RUN_DIR/baseline/merged is a symlink to it, so every run of that base shares one copy. The
 fingerprint hashes every base linear weight as training saw it (dequantized), so different bases never collide.
+A baseline the run already holds (`launch.merge --no-adapter`, as the README's order makes one) is adopted as the
+shared copy when its weights are those the shared base would hold (same dtype, every layer's fingerprint equal).
 Exit status 0 on success, 2 for bad input or when --max-error is exceeded (nothing is written then).
 """
 
@@ -31,8 +33,10 @@ from pathlib import Path
 import torch
 
 from launch.filelock import exclusive
+from launch.process import Terminated, terminate_on_signals
 from launch.recipe import RecipeError, load_resolved
-from launch.rundir import RunDir, atomic_directory, atomic_write_json
+from launch.rundir import (OutputError, RunDir, atomic_directory, atomic_write_json, check_writable,
+                           describe_os_error)
 
 log = logging.getLogger("launch.export")
 REPORT_FILE = "export_report.json"
@@ -56,16 +60,51 @@ def default_base_cache(run: RunDir) -> Path:
 
 def base_fingerprint(model: torch.nn.Module, quantize: str) -> str:
     """A hash of every base linear weight as the adapter sees it (dequantized if 4-bit) and the quantisation."""
+    h = hashlib.sha256(quantize.encode())
+    for clean, value in layer_fingerprints(model).items():
+        h.update(f"{clean}:{value};".encode())
+    return h.hexdigest()[:16]
+
+
+def layer_fingerprints(model: torch.nn.Module, dtype: torch.dtype | None = None) -> dict[str, str]:
+    """{module name as in the base checkpoint: fingerprint of its dense weight} for every base linear layer, the
+    weight first rounded to `dtype` when given (as a checkpoint written in that dtype holds it)."""
     from sspeft.layer import SpectralLinear
     from sspeft.weights import dense_weight, fingerprint, is_supported_base
 
-    h = hashlib.sha256(quantize.encode())
+    out = {}
     for name, module in model.named_modules():
         if isinstance(module, SpectralLinear) or not is_supported_base(module):
             continue
         clean = name.replace(".base_layer", "").removeprefix("base_model.model.")
-        h.update(f"{clean}:{fingerprint(dense_weight(module))};".encode())
-    return h.hexdigest()[:16]
+        weight = dense_weight(module)
+        out[clean] = fingerprint(weight.to(dtype).float() if dtype is not None else weight)
+    return out
+
+
+def baseline_matches(baseline: Path, expected: dict[str, str], dtype: str) -> str | None:
+    """None when the checkpoint in `baseline` holds, in `dtype`, exactly the weights `expected` fingerprints (read one
+    tensor at a time); otherwise what differs."""
+    from safetensors import safe_open
+
+    from sspeft.weights import fingerprint
+
+    try:
+        recorded = json.loads((baseline / "merge_report.json").read_text())["dtype"]
+    except (OSError, ValueError, KeyError, TypeError) as e:
+        return f"{baseline / 'merge_report.json'} does not record its dtype ({type(e).__name__})"
+    if recorded != dtype:
+        return f"it is {recorded}, the shared base is {dtype}"
+    found: dict[str, str] = {}
+    for file in sorted(baseline.glob("*.safetensors")):
+        with safe_open(str(file), "pt") as f:
+            for key in f.keys():
+                name = key.removesuffix(".weight")
+                if key.endswith(".weight") and name in expected:
+                    found[name] = fingerprint(f.get_tensor(key))
+    # a tied output layer is stored once, as the embedding
+    differ = [n for n, v in expected.items() if found.get(n, v if n == "lm_head" else None) != v]
+    return f"{len(differ)} layers differ (first: {differ[0]})" if differ else None
 
 
 def probe_prompts(recipe, tokenizer, template: str) -> list[list[int]]:
@@ -101,9 +140,10 @@ def probe(adapted: torch.Tensor, plain: torch.Tensor, lora: torch.Tensor, lora_p
     }
 
 
-def shared_base(run: RunDir, cache: Path, key: str, dtype: str) -> Path:
+def shared_base(run: RunDir, cache: Path, key: str, dtype: str, layers: dict[str, str]) -> Path:
     """The dequantized base of a 4-bit run in cache/<key>/, written once by launch.merge --no-adapter; the run's
-    baseline/merged points at it (a symlink) unless the run already holds a baseline of its own."""
+    baseline/merged points at it (a symlink). A baseline the run holds already becomes the shared copy when it holds
+    the same weights (`layers`: launch.export.layer_fingerprints in `dtype`)."""
     from launch.merge import merge
 
     target = cache / key
@@ -113,11 +153,16 @@ def shared_base(run: RunDir, cache: Path, key: str, dtype: str) -> Path:
             if link.is_symlink():
                 link.unlink()
             if link.is_dir():
-                raise ExportError(f"{link} already holds a baseline; move it away (or into {target}) so the shared "
-                                  f"base is written once")
-            log.info("writing the dequantized base once into %s", target)
-            written = merge(run.root, dtype_name=dtype, with_adapter=False)
-            shutil.move(str(written), str(target))
+                differs = baseline_matches(link, layers, dtype)
+                if differs:
+                    raise ExportError(f"{link} holds a baseline that is not the shared base {key} ({differs}); "
+                                      f"move it away so the shared base is written once")
+                log.info("adopting %s as the shared base %s (same weights)", link, target)
+                shutil.move(str(link), str(target))
+            else:
+                log.info("writing the dequantized base once into %s", target)
+                written = merge(run.root, dtype_name=dtype, with_adapter=False)
+                shutil.move(str(written), str(target))
         if not link.exists():
             if link.is_symlink():
                 link.unlink()
@@ -146,6 +191,10 @@ def _check(run: RunDir, to: str, max_rank: int | None, max_error: float | None):
     if recipe.adapter.method == "lora":
         raise ExportError(f"{run.root} trained a LoRA adapter already (adapter.method = lora); serve {run.adapter} "
                           f"directly")
+    import sspeft
+
+    sspeft.read_adapter(run.adapter)  # the loaders' one validation (positions, shapes), before the base loads
+    check_writable(run.root, "launch.export")
     return recipe
 
 
@@ -161,6 +210,9 @@ def export(run_dir: str | Path, to: str = "lora", max_rank: int | None = 512, ma
     _, base_dir, model = load_trained(run, with_adapter=True)
     quantize = recipe.model.quantize
     key = f"{quantize}-{recipe.model.dtype}-{base_fingerprint(model, quantize)}"
+    from launch.models import torch_dtype
+
+    layers = layer_fingerprints(model, torch_dtype(recipe.model.dtype)) if quantize == "nf4" else {}
     lora = sspeft.export_lora(model, max_rank=max_rank)
     worst = max(lora.layers, key=lambda n: lora.layers[n].measured_error)
     if max_error is not None and lora.max_error > max_error:
@@ -178,7 +230,9 @@ def export(run_dir: str | Path, to: str = "lora", max_rank: int | None = 512, ma
     del model
     gc.collect()
     cache = Path(base_cache).expanduser().resolve() if base_cache else default_base_cache(run)
-    lora_base = shared_base(run, cache, key, recipe.model.dtype) if quantize == "nf4" else base_dir
+    if quantize == "nf4":
+        check_writable(cache, "launch.export (the shared base)")
+    lora_base = shared_base(run, cache, key, recipe.model.dtype, layers) if quantize == "nf4" else base_dir
     with atomic_directory(lora_dir(run)) as out:
         lora.config["base_model_name_or_path"] = str(lora_base)
         lora.save(out)
@@ -221,11 +275,22 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--base-cache", help=f"where 4-bit runs share their dequantized base (default: {BASE_CACHE}/ "
                                              "next to the run directory)")
     args = parser.parse_args(argv)
+    import sspeft
+    from launch.merge import MergeError
+
     try:
-        out = export(args.run_dir, args.to, args.max_rank, args.max_error, args.base_cache)
-    except (ExportError, RecipeError) as e:
+        with terminate_on_signals():
+            out = export(args.run_dir, args.to, args.max_rank, args.max_error, args.base_cache)
+    except (ExportError, RecipeError, MergeError, OutputError, sspeft.AdapterFileError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
+    except OSError as e:
+        print(f"error: launch.export could not write its output: {describe_os_error(e)}; nothing was kept",
+              file=sys.stderr)
+        return 2
+    except Terminated as e:
+        print(f"launch.export stopped by {e}; its temporary output was removed, nothing was kept", file=sys.stderr)
+        return e.exit_status
     report = json.loads((out / REPORT_FILE).read_text())
     p = report["probe"]
     print(f"wrote a rank-{report['r']} LoRA of {len(report['layers'])} layers into {out} for base {report['base']}; "

@@ -43,9 +43,11 @@ import torch
 from torch import nn
 
 import sspeft
-from launch.models import ModelSpecError, load_causal_lm, resolve_model_path, torch_dtype
+from launch.models import ModelSpecError, load_causal_lm, logical_numel, resolve_model_path, torch_dtype
+from launch.process import Terminated, terminate_on_signals
 from launch.recipe import RecipeError, load_resolved
-from launch.rundir import MERGE_REPORT, RunDir, atomic_directory, atomic_write_json
+from launch.rundir import (MERGE_REPORT, OutputError, RunDir, atomic_directory, atomic_write_json, check_free_space,
+                           check_writable, describe_os_error)
 
 log = logging.getLogger("launch.merge")
 SHARD_BYTES = 2 * 1024**3
@@ -191,13 +193,17 @@ class ShardWriter:
             self.flush()
 
     def flush(self) -> None:
+        from safetensors import SafetensorError
         from safetensors.torch import save_file
 
         if not self.current:
             return
         index = len(self.shards)
         path = self.out / f"shard-{index:05d}.safetensors"
-        save_file(self.current, str(path), metadata={"format": "pt"})
+        try:
+            save_file(self.current, str(path), metadata={"format": "pt"})
+        except SafetensorError as e:  # safetensors reports OS errors (ENOSPC, EROFS) as its own type
+            raise OutputError(f"cannot write {path}: {e}") from e
         self.shards.append(path)
         self.weight_map.update({k: index for k in self.current})
         self.current, self.size = {}, 0
@@ -357,6 +363,8 @@ def merge(run_dir: str | Path, dtype_name: str = "auto", with_adapter: bool = Tr
         sspeft.read_adapter(run.adapter)  # the loaders' one validation, before the base model is loaded
     if not run.template.is_file():
         raise MergeError(f"{run.template} is missing; rerun python -m launch.train {run.recipe}")
+    target = run.merged if with_adapter else run.baseline_run().merged
+    check_writable(target.parent, "launch.merge")
     requested, reason = dtype_name, None
     if not with_adapter:
         dtype_name, reason = baseline_dtype(run, dtype_name, has_adapter)
@@ -367,7 +375,7 @@ def merge(run_dir: str | Path, dtype_name: str = "auto", with_adapter: bool = Tr
     if dtype_name == "auto":
         dtype_name, reason = choose_dtype("auto", survival, max_delta_loss)
     lossy = check_loss(dtype_name, survival, max_delta_loss, allow_lossy) if with_adapter else False
-    target = run.merged if with_adapter else run.baseline_run().merged
+    check_free_space(target.parent, checkpoint_bytes(inner, dtype_name), f"the {dtype_name} checkpoint {target}")
     report = {"run": str(run.root), "adapter": str(run.adapter) if with_adapter else None, "dtype": dtype_name,
               "dtype_requested": requested, "dtype_reason": reason or "requested", "base": str(base_dir),
               "quantize": recipe.model.quantize, "max_delta_loss": max_delta_loss,
@@ -387,6 +395,12 @@ def merge(run_dir: str | Path, dtype_name: str = "auto", with_adapter: bool = Tr
     if not with_adapter:
         shutil.copyfile(run.template, run.baseline_run().template)
     return target
+
+
+def checkpoint_bytes(model: nn.Module, dtype_name: str) -> int:
+    """About what the written checkpoint takes: every parameter (packed 4-bit ones as what they stand for) in the
+    output dtype."""
+    return sum(logical_numel(p) for p in model.parameters()) * torch_dtype(dtype_name).itemsize
 
 
 def write_checkpoint(run: RunDir, recipe, base_dir: Path, inner: nn.Module, out: Path, dtype_name: str,
@@ -565,11 +579,19 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--no-adapter", action="store_true", help="write baseline/merged/: the base without ΔW")
     args = parser.parse_args(argv)
     try:
-        out = merge(args.run_dir, args.dtype, with_adapter=not args.no_adapter, max_delta_loss=args.max_delta_loss,
-                    allow_lossy=args.allow_lossy)
-    except (MergeError, RecipeError, sspeft.AdapterFileError) as e:
+        with terminate_on_signals():
+            out = merge(args.run_dir, args.dtype, with_adapter=not args.no_adapter,
+                        max_delta_loss=args.max_delta_loss, allow_lossy=args.allow_lossy)
+    except (MergeError, RecipeError, OutputError, sspeft.AdapterFileError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
+    except OSError as e:
+        print(f"error: launch.merge could not write its output: {describe_os_error(e)}; nothing was kept",
+              file=sys.stderr)
+        return 2
+    except Terminated as e:
+        print(f"launch.merge stopped by {e}; its temporary output was removed, nothing was kept", file=sys.stderr)
+        return e.exit_status
     print(summary_line(json.loads((out / REPORT_FILE).read_text()), out))
     return 0
 

@@ -6,15 +6,19 @@ and the adapter and sequence length against the model's own shapes (read from it
 
 from __future__ import annotations
 
+import dataclasses
+import hashlib
 import json
 import logging
+import math
 import os
 import re
 from pathlib import Path
+from typing import Any
 
 from launch.models import context_length, meta_model, model_config
-from launch.recipe import Recipe, RecipeError, load_resolved
-from launch.rundir import RunDir
+from launch.recipe import Recipe, RecipeError, load_resolved, shown
+from launch.rundir import RunDir, RunDirError
 
 log = logging.getLogger("launch.train")
 
@@ -60,7 +64,7 @@ def check_run_dir(recipe: Recipe, run: RunDir) -> bool:
     if not run.holds_progress():
         return True
     old, new = previous.flat(), recipe.flat()
-    details = "; ".join(f"{k}: {old.get(k)!r} -> {new.get(k)!r}" for k in changed)
+    details = "; ".join(f"{k}: {shown(old.get(k))} -> {shown(new.get(k))}" for k in changed)
     raise TrainError(f"{run.root} was made by a different recipe ({details}). Use another run_dir, or "
                      f"remove the directory to start over")
 
@@ -129,7 +133,7 @@ def check_pattern(targets) -> None:
         try:
             re.compile(targets)
         except re.error as e:
-            raise TrainError(f"adapter.target_modules = {targets!r} is not a valid regular expression ({e}); "
+            raise TrainError(f"adapter.target_modules = {shown(targets)} is not a valid regular expression ({e}); "
                              f"expected a pattern that fully matches module names (e.g. '.*\\.(q_proj|v_proj)'), "
                              f"a list of name suffixes, or 'all-linear'") from e
 
@@ -158,3 +162,80 @@ def _check_lora(recipe: Recipe, model, where: str) -> None:
         inject_adapter_in_model(config, model, low_cpu_mem_usage=True)
     except (ValueError, TypeError) as e:
         raise TrainError(f"the adapter does not fit {where}: {e}") from e
+
+
+# ---------------------------------------------------------------- what a resume continues
+
+SMALL_FILE = 4 * 1024**2
+"""Model files up to this size (config, tokenizer, template) are hashed whole; larger ones (weights) by name and size,
+so fingerprinting an 8B base reads a few MB, not 16 GB."""
+
+
+def run_fingerprint(recipe: Recipe, records: list) -> dict[str, Any]:
+    """What defines a run besides its recipe: the data records as read (content, not file name), the base model's
+    files and the DeepSpeed config's contents. Stored in the run directory's marker when training starts."""
+    data = hashlib.sha256(json.dumps([dataclasses.asdict(r) for r in records], sort_keys=True).encode())
+    return {"data": {"sha256": data.hexdigest()[:16], "records": len(records)},
+            "model": {"sha256": _path_digest(recipe.model.path)},
+            "deepspeed": {"sha256": _path_digest(recipe.train.deepspeed) if recipe.train.deepspeed else None}}
+
+
+def _path_digest(spec: str) -> str:
+    """A digest of a local file or directory (small files by content, large ones by name and size); a hub id or
+    keyword by its name."""
+    path = Path(spec)
+    h = hashlib.sha256()
+    files = sorted(p for p in path.rglob("*") if p.is_file()) if path.is_dir() else [path] if path.is_file() else []
+    if not files:
+        h.update(f"spec:{spec}".encode())
+    for file in files:
+        size = file.stat().st_size
+        h.update(f"{file.relative_to(path) if path.is_dir() else file.name}:{size};".encode())
+        if size <= SMALL_FILE:
+            h.update(file.read_bytes())
+    return h.hexdigest()[:16]
+
+
+def check_fingerprint(run: RunDir, fingerprint: dict[str, Any]) -> None:
+    """Refuse to resume checkpoints trained on other data, another base or another DeepSpeed config, naming what
+    changed (the recipe's own keys are compared by check_run_dir)."""
+    try:
+        recorded = (run.read_marker() or {}).get("fingerprint")
+    except RunDirError as e:
+        raise TrainError(str(e)) from e
+    if not recorded or not run.complete_checkpoints():
+        return
+    what = {"data": "the records of data.path", "model": "the files of model.path",
+            "deepspeed": "the DeepSpeed config train.deepspeed"}
+    changed = [f"{what.get(k, k)} ({recorded.get(k)} -> {fingerprint.get(k)})" for k in sorted(set(recorded)
+               | set(fingerprint)) if recorded.get(k) != fingerprint.get(k)]
+    if changed:
+        raise TrainError(f"{run.root} holds checkpoints trained on other inputs: {'; '.join(changed)} changed since "
+                         f"training started. Resuming would continue on inputs the checkpoints never saw; restore "
+                         f"them, or use another run_dir to start over")
+
+
+def resume_point(recipe: Recipe, run: RunDir) -> Path | None:
+    """The newest complete checkpoint whose files all check out (train.resume = 'auto'); newer damaged ones are
+    passed over with a warning naming the file. Complete checkpoints that are all damaged are an error."""
+    if recipe.train.resume != "auto" or not run.complete_checkpoints():
+        return None
+    chosen, skipped = run.resumable_checkpoint()
+    for problem in skipped:
+        log.warning("passing over a damaged checkpoint: %s", problem)
+    if chosen is None:
+        raise TrainError(f"no checkpoint in {run.checkpoints} can be resumed: {'; '.join(skipped)}. Restore the "
+                         f"file, or use another run_dir to start over")
+    return chosen
+
+
+def check_split(recipe: Recipe, records: list) -> None:
+    """data.eval_fraction against the records: the held-out split must leave records on both sides (checked on the
+    records, before the model loads)."""
+    fraction = recipe.data.eval_fraction
+    if fraction > 0:
+        held = math.ceil(fraction * len(records))
+        if held < 1 or len(records) - held < 1:
+            raise TrainError(f"data.eval_fraction = {fraction} holds out {held} of {len(records)} records, leaving "
+                             f"{len(records) - held} to train on; expected a fraction that leaves at least one "
+                             f"record on each side (at most {(len(records) - 1) / max(len(records), 1):.3f})")

@@ -3,7 +3,10 @@ so the Slurm renderer and eval import it without torch."""
 
 from __future__ import annotations
 
+import contextlib
+import signal
 import socket
+import threading
 
 PREEMPTED_EXIT_CODE = 75
 """Exit status after a preemption checkpoint (EX_TEMPFAIL): rerunning the same command resumes. The Slurm job
@@ -15,3 +18,34 @@ def free_port() -> int:
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
+
+
+class Terminated(KeyboardInterrupt):
+    """SIGTERM, SIGHUP or SIGINT raised in the main thread, so every `finally` and context manager runs (temporary
+    outputs are removed). A KeyboardInterrupt, so nothing that catches Exception swallows it."""
+
+    def __init__(self, signum: int) -> None:
+        super().__init__(signal.Signals(signum).name)
+        self.signum = signum
+
+    @property
+    def exit_status(self) -> int:
+        return 128 + self.signum
+
+
+@contextlib.contextmanager
+def terminate_on_signals():
+    """Turn SIGTERM, SIGHUP and SIGINT into `Terminated` for the length of the block (main thread only)."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+
+    def handler(signum, _frame):
+        raise Terminated(signum)
+
+    previous = {s: signal.signal(s, handler) for s in (signal.SIGTERM, signal.SIGHUP, signal.SIGINT)}
+    try:
+        yield
+    finally:
+        for s, h in previous.items():
+            signal.signal(s, h)

@@ -19,8 +19,10 @@ import copy
 import dataclasses
 import difflib
 import inspect
+import math
 import os
 import re
+import reprlib
 import types
 import typing
 from dataclasses import dataclass, field
@@ -43,6 +45,63 @@ RESUME_EXEMPT = ("run_dir", "train.resume", "train.logging_steps", "train.loggin
 
 class RecipeError(ValueError):
     """A recipe is invalid; the message names the file, the key, the value and what was expected."""
+
+
+MAX_YAML_NODES = 100_000
+"""The most values a recipe (or an override) may hold once YAML aliases are expanded: real recipes hold ~100; an
+alias bomb ("billion laughs") parses into a small shared graph that anything walking it (a repr in a message, a
+deep copy, a YAML dump) would expand until memory runs out."""
+MAX_YAML_DEPTH = 50
+"""The deepest nesting a recipe value may have (real recipes: 3)."""
+
+_SHOWN = reprlib.Repr()
+_SHOWN.maxlevel, _SHOWN.maxstring, _SHOWN.maxother, _SHOWN.maxlong = 3, 120, 120, 60
+_SHOWN.maxdict = _SHOWN.maxlist = _SHOWN.maxtuple = _SHOWN.maxset = 8
+
+
+def shown(value: Any) -> str:
+    """repr(value) bounded in length and depth, for quoting user input in a message (the whole value may be huge)."""
+    return _SHOWN.repr(value)
+
+
+def load_yaml(text: str, source: str) -> Any:
+    """yaml.safe_load, refusing documents whose aliases expand to more than MAX_YAML_NODES values or nest deeper
+    than MAX_YAML_DEPTH (measured on the loaded graph, counting each shared node by its expanded size, never
+    expanding it)."""
+    try:
+        value = yaml.safe_load(text)
+    except yaml.YAMLError as e:
+        raise RecipeError(f"{source}: not valid YAML: {e}") from e
+    except RecursionError:
+        raise RecipeError(f"{source}: nested deeper than {MAX_YAML_DEPTH} levels; expected a recipe") from None
+    size = _expanded_size(value, {}, 0, source)
+    if size > MAX_YAML_NODES:
+        raise RecipeError(f"{source}: expands to more than {MAX_YAML_NODES} values through YAML aliases "
+                          f"(&anchor/*alias); expected at most {MAX_YAML_NODES}. Write the values out instead of "
+                          f"nesting aliases")
+    return value
+
+
+def _expanded_size(value: Any, sizes: dict[int, int], depth: int, source: str) -> int:
+    if not isinstance(value, (dict, list)):
+        return 1
+    key = id(value)
+    if key in sizes:
+        if sizes[key] < 0:
+            raise RecipeError(f"{source}: a YAML alias refers to a value that contains it (a recursive structure); "
+                              f"expected plain nested values")
+        return sizes[key]
+    if depth > MAX_YAML_DEPTH:
+        raise RecipeError(f"{source}: nested deeper than {MAX_YAML_DEPTH} levels; expected a recipe")
+    sizes[key] = -1
+    items = [*value.keys(), *value.values()] if isinstance(value, dict) else value
+    total = 1
+    for item in items:
+        total += _expanded_size(item, sizes, depth + 1, source)
+        if total > MAX_YAML_NODES:
+            break  # big enough to refuse; no need to count the rest
+    sizes[key] = total
+    return total
 
 
 @dataclass
@@ -249,11 +308,13 @@ def load_recipe(path: str | os.PathLike[str], overrides: list[str] | tuple[str, 
     if not path.is_file():
         raise RecipeError(f"recipe file {str(path)!r} does not exist")
     try:
-        raw = yaml.safe_load(path.read_text(encoding="utf-8"))
-    except yaml.YAMLError as e:
-        raise RecipeError(f"{path}: not valid YAML: {e}") from e
+        text = path.read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError) as e:
+        raise RecipeError(f"recipe file {str(path)!r} cannot be read: {e}") from e
+    raw = load_yaml(text, str(path))
     if raw is None:
-        raw = {}
+        raise RecipeError(f"{path}: the file is empty ({path.stat().st_size} bytes, no YAML document); expected a "
+                          f"mapping of sections (model, adapter, data, train, eval)")
     if not isinstance(raw, dict):
         raise RecipeError(f"{path}: the top level must be a mapping of sections, got {type(raw).__name__}")
     base = path.resolve().parent
@@ -282,7 +343,7 @@ def _blame(error: RecipeError, source: str, overrides, build) -> RecipeError:
             build(overrides[:i])
         except RecipeError as e:
             if str(e) == message:
-                return error if i == 0 else RecipeError(f"{source}, override {overrides[i - 1]!r}: "
+                return error if i == 0 else RecipeError(f"{source}, override {shown(overrides[i - 1])}: "
                                                         f"{message[len(prefix):]}")
     return error
 
@@ -298,7 +359,7 @@ def load_resolved(run_dir: str | os.PathLike[str]) -> Recipe:
 def parse_override(item: str) -> tuple[str, str, Any]:
     """'section.key=value' → (section, key, YAML-parsed value); top-level keys give section ''."""
     if "=" not in item:
-        raise RecipeError(f"override {item!r} must look like section.key=value (e.g. train.max_steps=10)")
+        raise RecipeError(f"override {shown(item)} must look like section.key=value (e.g. train.max_steps=10)")
     dotted, text = item.split("=", 1)
     parts = dotted.strip().split(".")
     if len(parts) == 1 and parts[0] in _TOP_LEVEL:
@@ -306,11 +367,8 @@ def parse_override(item: str) -> tuple[str, str, Any]:
     elif len(parts) == 2 and all(parts):
         section, key = parts
     else:
-        raise RecipeError(f"override {item!r}: the key must be section.key or one of {list(_TOP_LEVEL)}")
-    try:
-        value = yaml.safe_load(text) if text.strip() else ""
-    except yaml.YAMLError as e:
-        raise RecipeError(f"override {item!r}: value is not valid YAML: {e}") from e
+        raise RecipeError(f"override {shown(item)}: the key must be section.key or one of {list(_TOP_LEVEL)}")
+    value = load_yaml(text, f"override {shown(item)}: value") if text.strip() else ""
     return section, key, value
 
 
@@ -322,7 +380,7 @@ def _apply_override(raw: dict[str, Any], item: str) -> None:
         raw[key] = value
         return
     if section not in _SECTIONS:
-        raise RecipeError(_unknown(f"override {item!r}", "section", section, list(_SECTIONS)))
+        raise RecipeError(_unknown(f"override {shown(item)}", "section", section, list(_SECTIONS)))
     target = raw.setdefault(section, {})
     if target is None:
         target = raw[section] = {}
@@ -379,7 +437,7 @@ def _build(raw: dict[str, Any], source: str) -> Recipe:
     for section, cls in _SECTIONS.items():
         values = raw.get(section) or {}
         if not isinstance(values, dict):
-            raise RecipeError(f"{source}: section {section!r} must be a mapping, got {values!r}")
+            raise RecipeError(f"{source}: section {section!r} must be a mapping, got {shown(values)}")
         if cls is AdapterSection:
             recipe.adapter = _build_adapter(values, source)
         elif cls is TrainSection:
@@ -407,8 +465,8 @@ def _build_train(values: dict[str, Any], data_values: dict[str, Any], recipe: Re
         if key in sftconfig.DATA_KEYS:
             # SFTConfig's max_length/packing shape the tokenized data, so they are stored in the data section
             if key in data_values and data_values[key] != value:
-                raise RecipeError(f"{source}: train.{key} = {value!r} contradicts data.{key} = "
-                                  f"{data_values[key]!r}; set one of them")
+                raise RecipeError(f"{source}: train.{key} = {shown(value)} contradicts data.{key} = "
+                                  f"{shown(data_values[key])}; set one of them")
             hint = typing.get_type_hints(DataSection)[key]
             setattr(recipe.data, key, _check_type(source, f"train.{key}", value, hint))
         elif key in fields:
@@ -447,7 +505,7 @@ def methods() -> tuple[str, ...]:
 def _build_adapter(values: dict[str, Any], source: str) -> AdapterSection:
     method = values.get("method", AdapterSection.method)
     if method not in methods():
-        raise RecipeError(f"{source}: adapter.method = {method!r} is not a known method; expected one of "
+        raise RecipeError(f"{source}: adapter.method = {shown(method)} is not a known method; expected one of "
                           f"{list(methods())}")
     options = {k: v for k, v in values.items() if k != "method"}
     valid = adapter_fields(method)
@@ -489,8 +547,19 @@ def adapter_fields(method: str) -> set[str]:
     return {name for name in params if name not in ("method", "layers", "version")}
 
 
+SEED_RANGE = (0, 2**32 - 1)
+"""What numpy's and torch's seeding accept (the trainer seeds both)."""
+
+
 def _check_combinations(recipe: Recipe, source: str) -> None:
     train, model, data = recipe.train, recipe.model, recipe.data
+    for key, value in recipe.flat().items():  # every number, SFTConfig's own fields included
+        if isinstance(value, float) and not math.isfinite(value):
+            raise RecipeError(f"{source}: {key} = {value} is not a finite number; expected a finite value")
+    for key, value in {"train.seed": train.seed, "eval.seed": recipe.eval.seed}.items():
+        if not SEED_RANGE[0] <= value <= SEED_RANGE[1]:
+            raise RecipeError(f"{source}: {key} = {value} is out of range; expected an integer in "
+                              f"[{SEED_RANGE[0]}, {SEED_RANGE[1]}]")
     positive = {"train.per_device_train_batch_size": train.per_device_train_batch_size,
                 "train.gradient_accumulation_steps": train.gradient_accumulation_steps,
                 "train.save_steps": train.save_steps, "train.logging_steps": train.logging_steps,
@@ -510,8 +579,8 @@ def _check_combinations(recipe: Recipe, source: str) -> None:
         raise RecipeError(f"{source}: train.warmup_steps = {train.warmup_steps} must be an integer number of steps "
                           f"or a fraction in [0, 1)")
     if data.eval_fraction == 0 and train.options.get("eval_strategy", "no") != "no":
-        raise RecipeError(f"{source}: train.eval_strategy = {train.options['eval_strategy']!r} needs held-out data; "
-                          f"set data.eval_fraction > 0 or drop train.eval_strategy")
+        raise RecipeError(f"{source}: train.eval_strategy = {shown(train.options['eval_strategy'])} needs held-out "
+                          f"data; set data.eval_fraction > 0 or drop train.eval_strategy")
     for key, value in {"data.eval_fraction": data.eval_fraction,
                        "eval.max_failure_rate": recipe.eval.max_failure_rate}.items():
         if not 0.0 <= value < 1.0 and not (key == "eval.max_failure_rate" and value == 1.0):
@@ -521,12 +590,21 @@ def _check_combinations(recipe: Recipe, source: str) -> None:
             raise RecipeError(f"{source}: {key} = {value} must be a positive integer or null")
     if train.learning_rate <= 0:
         raise RecipeError(f"{source}: train.learning_rate = {train.learning_rate} must be > 0")
+    if train.max_steps == 1 and _warmup_steps(train.warmup_steps, 1) >= 1:
+        raise RecipeError(f"{source}: train.warmup_steps = {train.warmup_steps} makes the only step of "
+                          f"train.max_steps = 1 a warmup step at learning rate 0, so the adapter would not change; "
+                          f"expected train.warmup_steps = 0 or train.max_steps > 1")
     if train.deepspeed and model.device_map:
-        raise RecipeError(f"{source}: model.device_map = {model.device_map!r} cannot be combined with "
+        raise RecipeError(f"{source}: model.device_map = {shown(model.device_map)} cannot be combined with "
                           f"train.deepspeed (DeepSpeed places and partitions the weights itself); set "
                           f"model.device_map to null")
     if not recipe.name or "/" in recipe.name:
-        raise RecipeError(f"{source}: name = {recipe.name!r} must be a non-empty name without '/'")
+        raise RecipeError(f"{source}: name = {shown(recipe.name)} must be a non-empty name without '/'")
+
+
+def _warmup_steps(warmup: int | float, total: int) -> int:
+    """Warmup steps as transformers counts them: a float below 1 is a fraction of the steps, rounded up."""
+    return math.ceil(warmup * total) if isinstance(warmup, float) and warmup < 1 else int(warmup)
 
 
 def _check_type(source: str, key: str, value: Any, hint: Any, ints_to_float: bool = True) -> Any:
@@ -542,7 +620,7 @@ def _check_type(source: str, key: str, value: Any, hint: Any, ints_to_float: boo
             pass
     ok, expected = _matches(value, hint)
     if not ok:
-        raise RecipeError(f"{source}: {key} = {value!r} has the wrong type; expected {expected}")
+        raise RecipeError(f"{source}: {key} = {shown(value)} has the wrong type; expected {expected}")
     if ints_to_float and wants_float and int not in union and isinstance(value, int) and not isinstance(value, bool):
         return float(value)
     return value
@@ -570,7 +648,7 @@ def _matches(value: Any, hint: Any) -> tuple[bool, str]:
 
 
 def _unknown(source: str, what: str, key: str, valid: list[str], prefix: str = "") -> str:
-    close = difflib.get_close_matches(str(key), valid, n=1, cutoff=0.5)
-    name = f"{prefix}.{key}" if prefix else str(key)
+    close = difflib.get_close_matches(str(key)[:200], valid, n=1, cutoff=0.5)
+    name = shown(f"{prefix}.{key}") if prefix and isinstance(key, str) else shown(key)
     hint = f"; did you mean {(prefix + '.' if prefix else '') + close[0]!r}?" if close else ""
-    return f"{source}: unknown {what} {name!r}{hint} Valid keys: {', '.join(valid)}"
+    return f"{source}: unknown {what} {name}{hint} Valid keys: {', '.join(valid)}"

@@ -20,17 +20,24 @@ Layout (documented in the README):
     comparison/      baseline vs tuned report
     slurm/           job scripts and Slurm logs (a directory holding only slurm/ counts as fresh)
     .lock            held (flock) by the training process that owns the directory; it names pid, host and start
+    .run.json        the marker launch.train writes when it claims the directory: what makes a directory a run (a
+                     recipe.yaml alone never does), which training outputs each attempt created (the only things a
+                     failed attempt removes), and the fingerprint of the data, base and DeepSpeed config trained on
 
 Every file is written under a temporary name and renamed, so a crash never leaves a half-written file that a
 later stage would trust. Files and directories get the permissions the umask allows, as a plain open() would.
-A non-empty directory without our recipe.yaml, a filesystem root and the home directory are never run directories.
+A non-empty directory without our marker, a filesystem root and the home directory are never run directories.
+Temporary outputs are named after their writer (`.merged.HOST-PID.XXXX.tmp`): a signal removes them, and a writer
+whose process is gone leaves one that the next atomic_directory() on that path clears.
 """
 
 from __future__ import annotations
 
 import contextlib
+import errno
 import fcntl
 import json
+import logging
 import os
 import shutil
 import socket
@@ -41,8 +48,11 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any, Literal
 
+log = logging.getLogger("launch.rundir")
 JudgmentKind = Literal["single", "pair"]
 LOCK_FILE = ".lock"
+RUN_MARKER = ".run.json"
+"""Written by launch.train when it claims a directory (see the module docstring); never by anything else."""
 MERGE_REPORT = "merge_report.json"
 """What launch.merge writes beside a merged checkpoint (its dtype choice, ΔW loss, logits probe, held-out loss)."""
 TRAIN_OUTPUTS = ("recipe.yaml", "template.jinja", "params.json", "adapter", "checkpoints", "logs", "base",
@@ -77,6 +87,7 @@ class RunDir:
         self.comparison = self.root / "comparison"
         self.slurm = self.root / "slurm"
         self.lock = self.root / LOCK_FILE
+        self.marker = self.root / RUN_MARKER
 
     def __repr__(self) -> str:
         return f"RunDir({str(self.root)!r})"
@@ -109,9 +120,27 @@ class RunDir:
             return True
         return all((p.name == "slurm" and p.is_dir()) or p.name == LOCK_FILE for p in self.root.iterdir())
 
+    def read_marker(self) -> dict[str, Any] | None:
+        """The marker launch.train wrote (None when there is none); an unreadable one is a RunDirError."""
+        if not self.marker.is_file():
+            return None
+        try:
+            info = json.loads(self.marker.read_text(encoding="utf-8"))
+        except (OSError, ValueError) as e:
+            raise RunDirError(f"{self.marker} is not readable JSON ({e}); it marks {self.root} as a run directory "
+                              f"made by launch.train. Use another run_dir") from e
+        if not isinstance(info, dict) or not isinstance(info.get("outputs", {}), dict):
+            raise RunDirError(f"{self.marker} does not hold launch.train's marker (a JSON object with 'outputs'); "
+                              f"use another run_dir")
+        return info
+
+    def write_marker(self, info: dict[str, Any]) -> None:
+        atomic_write_json(self.marker, info)
+
     def check_usable(self) -> None:
         """Raise RunDirError unless the directory may be created or reused by launch.train: never a filesystem
-        root, never the home directory, never an existing file, never a non-empty directory without recipe.yaml."""
+        root, never the home directory, never an existing file, never a non-empty directory without launch.train's
+        marker (a recipe.yaml alone, such as the user's own with `run_dir: .`, does not make a directory a run)."""
         root = self.root
         if root.parent == root:
             raise RunDirError(f"run_dir = {str(root)!r} is a filesystem root; expected a directory of its own "
@@ -122,11 +151,11 @@ class RunDir:
         if root.exists() and not root.is_dir():
             raise RunDirError(f"run_dir = {str(root)!r} is a file, not a directory; expected a new or empty "
                               f"directory, or one made by launch.train")
-        if not self.is_fresh() and not self.recipe.is_file():
+        if not self.is_fresh() and self.read_marker() is None:
             found = sorted(p.name for p in root.iterdir())
             shown = ", ".join(found[:5]) + (f" and {len(found) - 5} more" if len(found) > 5 else "")
-            raise RunDirError(f"run_dir = {str(root)!r} already holds files ({shown}) but no recipe.yaml, so "
-                              f"launch.train did not make it; it is never overwritten. Expected a new or empty "
+            raise RunDirError(f"run_dir = {str(root)!r} already holds files ({shown}) but no {RUN_MARKER} marker, "
+                              f"so launch.train did not make it; it is never overwritten. Expected a new or empty "
                               f"directory, or a run directory made by launch.train")
 
     def holds_progress(self) -> bool:
@@ -136,16 +165,16 @@ class RunDir:
             return False
         if self.complete_checkpoints() or self.adapter.exists():
             return True
-        return any(p.name not in TRAIN_OUTPUTS + ("slurm", LOCK_FILE) for p in self.root.iterdir())
+        return any(p.name not in TRAIN_OUTPUTS + ("slurm", LOCK_FILE, RUN_MARKER) for p in self.root.iterdir())
 
-    def discard_train_outputs(self) -> None:
-        """Remove what an attempt without a complete checkpoint wrote (slurm/ and the lock stay)."""
-        for name in TRAIN_OUTPUTS:
-            item = self.root / name
-            if item.is_dir() and not item.is_symlink():
-                shutil.rmtree(item)
-            elif item.exists() or item.is_symlink():
-                item.unlink()
+    def discard_recorded_outputs(self) -> list[str]:
+        """Remove the training outputs the marker records as created by earlier attempts (of a recipe that never
+        completed a checkpoint here); anything the marker does not list stays. Returns the names removed."""
+        info = self.read_marker() or {"outputs": {}}
+        removed = [name for name in info["outputs"] if _remove(self.root / name)]
+        info["outputs"] = {}
+        self.write_marker(info)
+        return removed
 
     def complete_checkpoints(self) -> list[Path]:
         """Checkpoints marked complete, oldest first (by step number)."""
@@ -154,10 +183,120 @@ class RunDir:
         found = [p for p in self.checkpoints.glob("checkpoint-*") if (p / COMPLETE_MARKER).is_file()]
         return sorted(found, key=_step_of)
 
+    def resumable_checkpoint(self) -> tuple[Path | None, list[str]]:
+        """The newest complete checkpoint that passes `checkpoint_problem`, and a line per newer one passed over
+        (naming the file and what is wrong with it)."""
+        skipped = []
+        for path in reversed(self.complete_checkpoints()):
+            problem = checkpoint_problem(path)
+            if problem is None:
+                return path, skipped
+            skipped.append(problem)
+        return None, skipped
+
 
 COMPLETE_MARKER = "COMPLETE"
 """File written last into a checkpoint directory; a checkpoint without it is ignored (transformers' save is not
 atomic, so a kill during saving leaves a directory that looks whole but is not)."""
+
+
+class Attempt:
+    """One training attempt's claim on a run directory: it marks the directory as a run and records, before
+    writing anything, the training outputs it may create (those not there yet). `undo()` removes exactly those, so a
+    failed or stopped first start leaves the directory as it was found, whatever else the directory holds (a user's
+    own recipe.yaml, merged/ and answers/ of earlier work). The record lives in the marker, so it survives a kill."""
+
+    def __init__(self, run: RunDir) -> None:
+        self.run = run
+        self.id = f"{socket.gethostname()}:{os.getpid()}:{time.time():.0f}"
+        self.created: list[str] = []
+        self.found: dict[str, Any] | None = None  # the marker as this attempt found it
+
+    def claim(self, fingerprint: dict[str, Any] | None = None) -> None:
+        """Record what this attempt may create (and the fingerprint of what it trains on, if the directory has
+        none), before it creates any of it."""
+        run = self.run
+        run.root.mkdir(parents=True, exist_ok=True)
+        self.found = run.read_marker()
+        info = json.loads(json.dumps(self.found)) if self.found else {
+            "made_by": "launch.train", "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "outputs": {}}
+        self.created = [n for n in TRAIN_OUTPUTS if not (run.root / n).exists() and not (run.root / n).is_symlink()]
+        info["outputs"].update(dict.fromkeys(self.created, self.id))
+        if fingerprint is not None and not run.complete_checkpoints():
+            info["fingerprint"] = fingerprint
+        run.write_marker(info)
+
+    def undo(self) -> list[str]:
+        """Remove what this attempt created and put the marker back as it was found (none: removed)."""
+        run = self.run
+        removed = [name for name in self.created if _remove(run.root / name)]
+        if self.found is None:
+            run.marker.unlink(missing_ok=True)
+        else:
+            run.write_marker(self.found)
+        return removed
+
+
+def _remove(item: Path) -> bool:
+    if item.is_dir() and not item.is_symlink():
+        shutil.rmtree(item)
+    elif item.exists() or item.is_symlink():
+        item.unlink()
+    else:
+        return False
+    return True
+
+
+CHECKPOINT_FILES = ("trainer_state.json", "adapter_config.json")
+"""JSON files a resumable checkpoint must hold, parseable (the adapter weights and optimizer state are checked too)."""
+
+
+def checkpoint_problem(path: Path) -> str | None:
+    """What makes checkpoint `path` unusable for resuming (a missing, truncated or unparseable file, named), or None.
+
+    Checked before a checkpoint is chosen, so a damaged newest checkpoint falls back to the previous one instead of
+    failing inside the trainer."""
+    for name in CHECKPOINT_FILES:
+        file = path / name
+        try:
+            data = json.loads(file.read_text(encoding="utf-8"))
+        except FileNotFoundError:
+            return f"{file} is missing"
+        except (OSError, ValueError) as e:
+            return f"{file} is not readable JSON ({type(e).__name__}: {e})"
+        if not isinstance(data, dict) or (name == "trainer_state.json" and not isinstance(data.get("global_step"),
+                                                                                          int)):
+            return f"{file} does not hold the expected JSON object" + (
+                " with an integer global_step" if name == "trainer_state.json" else "")
+    weights = path / "adapter_model.safetensors"
+    problem = safetensors_problem(weights)
+    if problem:
+        return problem
+    if not (path / "optimizer.pt").is_file() and not any(path.glob("global_step*")):
+        return f"{path / 'optimizer.pt'} is missing (no optimizer state to resume)"
+    return None
+
+
+def safetensors_problem(file: Path) -> str | None:
+    """Whether a safetensors file is present and whole: its header parses and the file holds every byte the header
+    promises (a truncated copy fails here, without loading any tensor)."""
+    try:
+        with open(file, "rb") as f:
+            size = os.fstat(f.fileno()).st_size
+            head = f.read(8)
+            length = int.from_bytes(head, "little") if len(head) == 8 else -1
+            if length < 0 or 8 + length > size:
+                return f"{file} is truncated ({size} bytes, header incomplete)"
+            header = json.loads(f.read(length))
+    except FileNotFoundError:
+        return f"{file} is missing"
+    except (OSError, ValueError) as e:
+        return f"{file} is not a readable safetensors file ({type(e).__name__}: {e})"
+    ends = [v["data_offsets"][1] for k, v in header.items() if k != "__metadata__" and isinstance(v, dict)
+            and isinstance(v.get("data_offsets"), list) and len(v["data_offsets"]) == 2]
+    if 8 + length + max(ends, default=0) > size:
+        return f"{file} is truncated ({size} bytes, its header promises {8 + length + max(ends)})"
+    return None
 
 
 def _step_of(path: Path) -> int:
@@ -238,7 +377,10 @@ def atomic_directory(path: str | os.PathLike[str]) -> Iterator[Path]:
     """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent))
+    for stale in clear_stale_temporaries(path):
+        log.warning("removed %s: a temporary output left by a process that no longer runs", stale)
+    owner = f"{socket.gethostname()}-{os.getpid()}"
+    tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.{owner}.", suffix=".tmp", dir=path.parent))
     try:
         yield tmp
         apply_umask(tmp)  # mkdtemp made it 0700, safetensors writes 0600: whatever the umask says
@@ -253,6 +395,72 @@ def atomic_directory(path: str | os.PathLike[str]) -> Iterator[Path]:
     os.replace(tmp, path)
     if old is not None:
         shutil.rmtree(old, ignore_errors=True)
+
+
+def clear_stale_temporaries(path: Path) -> list[Path]:
+    """Remove the temporary directories atomic_directory(path) left behind when its process was killed outright
+    (`.NAME.HOST-PID.XXXX.tmp` whose PID no longer runs on this host); those of live or other hosts' processes stay."""
+    removed = []
+    host = socket.gethostname()
+    for candidate in path.parent.glob(f".{path.name}.{host}-*.tmp"):
+        pid = candidate.name[len(f".{path.name}.{host}-"):].split(".", 1)[0]
+        if candidate.is_dir() and pid.isdigit() and not _alive(int(pid)):
+            shutil.rmtree(candidate, ignore_errors=True)
+            removed.append(candidate)
+    return removed
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True  # another user's live process
+    return True
+
+
+def check_writable(directory: Path, what: str) -> None:
+    """Raise OutputError unless a file can be created in `directory` (or, while it does not exist, in its nearest
+    existing parent; nothing is created): a read-only file system or a missing permission is found before any work,
+    not after it."""
+    while not directory.exists() and directory.parent != directory:
+        directory = directory.parent
+    try:
+        fd, probe = tempfile.mkstemp(prefix=".write-probe.", dir=directory)
+        os.close(fd)
+        os.unlink(probe)
+    except OSError as e:
+        raise OutputError(f"{what}: cannot write into {directory}: {describe_os_error(e)}") from e
+
+
+def check_free_space(directory: Path, need: int, what: str) -> None:
+    """Raise OutputError unless `directory`'s file system has `need` bytes free (plus 1 % and 16 MiB of margin)."""
+    while not directory.exists() and directory.parent != directory:
+        directory = directory.parent
+    free = shutil.disk_usage(directory).free
+    want = int(need * 1.01) + 16 * 1024**2
+    if free < want:
+        raise OutputError(f"{what} needs about {_size(want)} in {directory}, but its file system has {_size(free)} "
+                          f"free; free some space or write elsewhere")
+
+
+def _size(n: int) -> str:
+    return f"{n / 1024**3:.2f} GiB" if n >= 1024**3 else f"{n / 1024**2:.1f} MiB"
+
+
+def describe_os_error(e: OSError) -> str:
+    """An OSError as one line: what failed (errno name and text) and the file, without a traceback."""
+    name = errno.errorcode.get(e.errno or 0, "")
+    where = f" ({e.filename})" if e.filename else ""
+    advice = {errno.ENOSPC: "; the file system is full: free some space",
+              errno.EROFS: "; the file system is read-only: write elsewhere",
+              errno.EDQUOT: "; the disk quota is exhausted"}.get(e.errno or 0, "")
+    return f"{name or 'OSError'}: {e.strerror or e}{where}{advice}"
+
+
+class OutputError(RuntimeError):
+    """An output cannot be written (no space, read-only file system, no permission); the message says where."""
 
 
 class RunDirLock:

@@ -15,7 +15,7 @@ import functools
 import typing
 from typing import Any
 
-from launch.recipe import DataSection, RecipeError, TrainSection
+from launch.recipe import DataSection, RecipeError, TrainSection, shown
 
 RENAMED = {
     "epochs": "num_train_epochs",
@@ -99,18 +99,20 @@ def check_report_to(value: Any, source: str) -> None:
     from transformers.integrations import INTEGRATION_TO_CALLBACK, get_available_reporting_integrations
 
     if not isinstance(value, str) and not (isinstance(value, list) and all(isinstance(v, str) for v in value)):
-        raise RecipeError(f"{source}: train.report_to = {value!r} has the wrong type; expected a name or a list")
+        raise RecipeError(f"{source}: train.report_to = {shown(value)} has the wrong type; expected a name or a "
+                          f"list")
     names = [value] if isinstance(value, str) else value
     if len(names) == 1 and names[0] in ("none", "all"):
         return
     installed = get_available_reporting_integrations()
     for name in names:
         if name not in INTEGRATION_TO_CALLBACK:
-            raise RecipeError(f"{source}: train.report_to = {value!r}: {name!r} is not an integration transformers "
-                              f"knows; expected 'none', 'all' or some of {sorted(INTEGRATION_TO_CALLBACK)}")
+            raise RecipeError(f"{source}: train.report_to = {shown(value)}: {shown(name)} is not an integration "
+                              f"transformers knows; expected 'none', 'all' or some of "
+                              f"{sorted(INTEGRATION_TO_CALLBACK)}")
         if name not in installed:
-            raise RecipeError(f"{source}: train.report_to = {value!r}: {name!r} is not installed here (installed: "
-                              f"{installed or 'none'}); install its package or leave it out")
+            raise RecipeError(f"{source}: train.report_to = {shown(value)}: {shown(name)} is not installed here "
+                              f"(installed: {installed or 'none'}); install its package or leave it out")
 
 
 def check_precision(options: dict[str, Any], dtype: str, source: str) -> None:
@@ -120,7 +122,7 @@ def check_precision(options: dict[str, Any], dtype: str, source: str) -> None:
         if value is None:
             continue
         if not isinstance(value, bool):
-            raise RecipeError(f"{source}: train.{key} = {value!r} has the wrong type; expected true or false")
+            raise RecipeError(f"{source}: train.{key} = {shown(value)} has the wrong type; expected true or false")
         if key.startswith("fp16") and value:
             raise RecipeError(f"{source}: train.{key} = true is not supported: the base computes in model.dtype "
                               f"(bf16 or fp32) and adapter coefficients stay fp32; drop train.{key}")
@@ -169,7 +171,7 @@ def validate(train: TrainSection, data: DataSection, source: str) -> None:
         try:
             _dry_build(single, data)
         except (ValueError, TypeError) as e:
-            raise RecipeError(f"{source}: train.{key} = {value!r} is refused by SFTConfig: {e}") from e
+            raise RecipeError(f"{source}: train.{key} = {shown(value)} is refused by SFTConfig: {e}") from e
     raise RecipeError(f"{source}: the train section is refused by SFTConfig: {error}") from error
 
 

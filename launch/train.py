@@ -27,11 +27,12 @@ from pathlib import Path
 from launch import distributed
 from launch.data import DataError, Example, build_template, load_records, sft_rows
 from launch.models import ModelSpecError, check_model_spec, load_causal_lm, logical_numel, resolve_model_path
-from launch.preflight import (TrainError, adopt_launcher_deepspeed, check_against_model, check_run_dir,
-                              zero_stage_of)
+from launch.preflight import (TrainError, adopt_launcher_deepspeed, check_against_model, check_fingerprint,
+                              check_run_dir, check_split, resume_point, run_fingerprint, zero_stage_of)
 from launch.process import PREEMPTED_EXIT_CODE
-from launch.recipe import Recipe, RecipeError, load_recipe
-from launch.rundir import RunDir, RunDirError, RunDirLock, atomic_directory, atomic_write_json, atomic_write_text
+from launch.recipe import Recipe, RecipeError, load_recipe, shown
+from launch.rundir import (COMPLETE_MARKER, Attempt, RunDir, RunDirError, RunDirLock, atomic_directory,
+                           atomic_write_json, atomic_write_text)
 
 log = logging.getLogger("launch.train")
 SUMMARY_FILE = "train_summary.json"
@@ -49,6 +50,8 @@ class Plan:
     finished: bool
     discard: bool = False
     """The directory holds only an attempt of another recipe that never completed a checkpoint: start over."""
+    fingerprint: dict | None = None
+    """The data, base and DeepSpeed config this run trains on (launch.preflight.run_fingerprint)."""
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
@@ -90,24 +93,26 @@ def preflight(recipe: Recipe, run: RunDir) -> Plan:
     finished = not discard and _finished(run)
     stage = zero_stage_of(recipe.train.deepspeed)
     if stage == 3 and recipe.model.device_map:
-        raise TrainError(f"model.device_map = {recipe.model.device_map!r} is incompatible with ZeRO-3 "
+        raise TrainError(f"model.device_map = {shown(recipe.model.device_map)} is incompatible with ZeRO-3 "
                          f"({recipe.train.deepspeed}); set model.device_map to null")
     check_model_spec(recipe.model.path)
     adapter_peft_config(recipe)  # validates every adapter field with the library's own messages
     if not finished:
         check_against_model(recipe, run)
     records = [] if finished else load_records(recipe.data.path, recipe.data.split, recipe.data.limit)
+    fingerprint = None
+    if not finished:
+        check_split(recipe, records)
+        fingerprint = run_fingerprint(recipe, records)
+        if not discard:
+            check_fingerprint(run, fingerprint)
     return Plan(recipe=recipe, run=run, records=records, zero_stage=stage,
-                resume_from=None if discard else _resume_point(recipe, run), finished=finished, discard=discard)
+                resume_from=None if discard or finished else resume_point(recipe, run), finished=finished,
+                discard=discard, fingerprint=fingerprint)
 
 
 def _finished(run: RunDir) -> bool:
     return run.params.is_file() and (run.adapter / "adapter_config.json").is_file()
-
-
-def _resume_point(recipe: Recipe, run: RunDir) -> Path | None:
-    complete = run.complete_checkpoints()
-    return complete[-1] if complete and recipe.train.resume == "auto" else None
 
 
 def refresh(plan: Plan) -> Plan:
@@ -115,7 +120,9 @@ def refresh(plan: Plan) -> Plan:
     finished or checkpointed since)."""
     plan.discard = check_run_dir(plan.recipe, plan.run)
     plan.finished = not plan.discard and _finished(plan.run)
-    plan.resume_from = None if plan.discard else _resume_point(plan.recipe, plan.run)
+    if not plan.finished and not plan.discard:
+        check_fingerprint(plan.run, plan.fingerprint or {})
+    plan.resume_from = None if plan.discard or plan.finished else resume_point(plan.recipe, plan.run)
     return plan
 
 
@@ -202,7 +209,14 @@ def write_final(trainer, plan: Plan, dist: distributed.Dist, counts: dict, timer
         return
     # the trainer drops its pickled arguments next to the adapter; adapter/ must never need unpickling
     (tmp / "training_args.bin").unlink(missing_ok=True)
-    _check_not_empty(tmp)
+    try:
+        _check_not_empty(tmp)
+        _check_finite(tmp)
+    except TrainError:
+        import shutil
+
+        shutil.rmtree(tmp)  # a refused adapter is not kept half-way
+        raise
     with atomic_directory(run.adapter) as out:
         for item in tmp.iterdir():
             item.rename(out / item.name)
@@ -238,6 +252,43 @@ def _check_not_empty(adapter_dir: Path) -> None:
                              f"needs stage3_gather_16bit_weights_on_model_save: true")
 
 
+def _check_finite(adapter_dir: Path) -> None:
+    """The saved adapter (gathered, also under ZeRO-3) holds only finite values; a diverged run is no success."""
+    from safetensors.torch import load_file
+
+    for file in sorted(adapter_dir.glob("*.safetensors")):
+        for key, tensor in load_file(str(file)).items():
+            if tensor.is_floating_point() and not bool(tensor.isfinite().all()):
+                raise TrainError(f"the trained adapter holds non-finite values (NaN/inf) in {key}: training "
+                                 f"diverged; lower train.learning_rate (or raise train.warmup_steps) and rerun in "
+                                 f"another run_dir")
+
+
+INITIAL_ADAPTER = "initial_adapter"
+"""Marker key: the digest of the adapter's trainable values before the first step (launch.train.trainable_digests)."""
+
+
+def record_initial(plan: Plan, dist: distributed.Dist, digest: str | None) -> None:
+    """Rank 0 records the untrained adapter's digest in the marker on a fresh start (a resume keeps the first one)."""
+    if digest is None or plan.resume_from is not None or not dist.is_main:
+        return
+    info = plan.run.read_marker() or {"outputs": {}}
+    info[INITIAL_ADAPTER] = digest
+    plan.run.write_marker(info)
+
+
+def check_moved(plan: Plan, digest: str | None, steps: int) -> None:
+    """A run succeeds only if its adapter moved away from where its first attempt started (else ΔW is its initial
+    value, zero for every zero-initialised method: e.g. every step at learning rate 0). Compared across resumes
+    through the marker; not under ZeRO-3, where each rank holds only a partition."""
+    if digest is None or digest != (plan.run.read_marker() or {}).get(INITIAL_ADAPTER):
+        return
+    raise TrainError(f"the adapter did not change in {steps} steps (every trainable value still at its initial "
+                     f"value): the learning rate was 0 at every step (warmup covering every step?) or no gradient "
+                     f"reached it. Check train.learning_rate, train.warmup_steps and train.max_steps, and rerun in "
+                     f"another run_dir")
+
+
 def train(plan: Plan, dist: distributed.Dist, flag: distributed.PreemptionFlag) -> int:
     import torch
     from transformers import AutoTokenizer
@@ -265,6 +316,7 @@ def train(plan: Plan, dist: distributed.Dist, flag: distributed.PreemptionFlag) 
     callbacks = [CompleteMarker(run, dist, recipe.train.save_total_limit, timer), stop, timer]
     trainer = build_trainer(plan, dist, model, tokenizer, dataset, eval_dataset, callbacks)
     counts = count_params(trainer.model)
+    record_initial(plan, dist, None if zero3 else trainable_digests(trainer.model)[0])
     if dist.is_main:
         log.info("trainable parameters: %d of %d (%s)", counts["trainable"], counts["total"],
                  recipe.adapter.method)
@@ -277,6 +329,7 @@ def train(plan: Plan, dist: distributed.Dist, flag: distributed.PreemptionFlag) 
                         flag.received, stop.stopped_at, PREEMPTED_EXIT_CODE)
         return PREEMPTED_EXIT_CODE
     check_ranks_agree(trainer.model, timer, zero3)
+    check_moved(plan, None if zero3 else trainable_digests(trainer.model)[0], trainer.state.global_step)
     if eval_dataset is not None and not recipe.train.eval_steps:
         trainer.evaluate()  # held-out loss at the end (logged through the callbacks)
     write_final(trainer, plan, dist, counts, timer, dropped)
@@ -296,9 +349,18 @@ def write_run_files(plan: Plan, dist: distributed.Dist, template: str) -> None:
         if not run.recipe.is_file():
             plan.recipe.dump(run.recipe)
         atomic_write_text(run.template, template)
+        # a damaged checkpoint newer than the resume point is about to be rewritten by the trainer: without its
+        # marker it is dropped now, so the marker never vouches for a half-rewritten directory
+        newer = [p for p in run.complete_checkpoints() if plan.resume_from and _step(p) > _step(plan.resume_from)]
+        for path in newer:
+            (path / COMPLETE_MARKER).unlink()
         for path in drop_incomplete_checkpoints(run):
             log.warning("removed incomplete checkpoint %s (killed while saving)", path)
     distributed.barrier()
+
+
+def _step(checkpoint: Path) -> int:
+    return int(checkpoint.name.rsplit("-", 1)[1])
 
 
 def build_trainer(plan: Plan, dist: distributed.Dist, model, tokenizer, dataset, eval_dataset, callbacks: list):
@@ -463,13 +525,16 @@ def _remove_if_empty(root: Path, created: Path | None) -> None:
 
 
 def train_or_clean(plan: Plan, dist: distributed.Dist, flag: distributed.PreemptionFlag) -> int:
-    """Train; a failure (or stop) before the first complete checkpoint removes what this attempt wrote, so the
-    corrected rerun starts from a clean directory instead of one 'made by a different recipe'."""
+    """Train; a failure (or stop) before the first complete checkpoint removes what this attempt created (recorded
+    in the run directory's marker before it was written) and nothing else, so the corrected rerun starts from the
+    directory as it was found."""
     run = plan.run
-    if dist.is_main and plan.discard:
-        log.warning("%s holds only an attempt of another recipe that never completed a checkpoint; starting over",
-                    run.root)
-        run.discard_train_outputs()
+    attempt = Attempt(run)
+    if dist.is_main:
+        if plan.discard:
+            log.warning("%s holds only an attempt of another recipe that never completed a checkpoint; starting "
+                        "over (removing %s)", run.root, ", ".join(run.discard_recorded_outputs()) or "nothing")
+        attempt.claim(plan.fingerprint)
     distributed.barrier()
     code = 1
     try:
@@ -477,7 +542,7 @@ def train_or_clean(plan: Plan, dist: distributed.Dist, flag: distributed.Preempt
         return code
     finally:
         if code != 0 and dist.is_main and not run.complete_checkpoints() and not run.adapter.exists():
-            run.discard_train_outputs()
+            attempt.undo()
 
 
 if __name__ == "__main__":

@@ -51,7 +51,7 @@ def test_foreign_directory_is_refused_and_untouched(tmp_path, tiny_llama, capsys
     (foreign / "adapter" / "notes.txt").write_text("keep me")
     before = snapshot(foreign)
     err = refused(capsys, write_recipe(tmp_path / "r.yaml", model, data, foreign))
-    assert f"run_dir = {str(foreign)!r} already holds files (adapter, checkpoints) but no recipe.yaml" in err
+    assert f"run_dir = {str(foreign)!r} already holds files (adapter, checkpoints) but no .run.json marker" in err
     assert snapshot(foreign) == before
 
 
@@ -70,6 +70,7 @@ def test_unusable_run_dir_is_refused(tmp_path, tiny_llama, capsys, monkeypatch, 
     if case == "unreadable-recipe":
         target.mkdir()
         (target / "recipe.yaml").write_text("model: [unclosed\n")
+        atomic_write_json(target / ".run.json", {"made_by": "launch.train", "outputs": {"recipe.yaml": "x"}})
     recipe = write_recipe(tmp_path / "r.yaml", model, data, target)
     before = snapshot(tmp_path)
     assert needle in refused(capsys, recipe)
@@ -118,6 +119,8 @@ def test_failed_first_start_leaves_nothing_and_corrected_rerun_trains(tmp_path, 
     load_recipe(recipe, ["train.learning_rate=0.5"]).dump(run.recipe)
     (run.logs).mkdir(parents=True)
     (run.checkpoints / "checkpoint-1").mkdir(parents=True)  # killed while saving: no COMPLETE marker
+    atomic_write_json(run.marker, {"made_by": "launch.train",
+                                   "outputs": dict.fromkeys(["recipe.yaml", "logs", "checkpoints"], "killed")})
     assert train_stage.main([str(recipe), "train.max_steps=1"]) == 0
     assert load_recipe(run.recipe).train.learning_rate == pytest.approx(1e-2)
     assert "never completed a checkpoint; starting over" in caplog.text
