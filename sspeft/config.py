@@ -9,6 +9,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from .transforms import DHT_VARIANTS, NORMALIZATIONS
+from .version import __version__
 from .wavelets import CONSTRUCTIONS, canonical_wavelet
 
 METHODS = ("ssh", "lfma", "waveft", "fourierft", "shira")
@@ -45,8 +46,8 @@ class SpectralConfig:
     """Configuration of one sparse spectral adapter. ΔW = scaling · T⁻¹(S), S zero except the trainable
     coefficients at fixed positions; the layer computes x·(W0 + ΔW)ᵀ + b.
 
-    The PEFT config `sspeft.peft_tuner.SspeftPeftConfig` declares these fields too, with the same names, types and
-    defaults (tests/test_sspeft_loading.py keeps them equal): a field added here is added there."""
+    The PEFT config `sspeft.peft_tuner.SspeftPeftConfig` derives its fields from these (same names, types and
+    defaults): a field added here is added there."""
 
     method: str
     """One of ssh, lfma, waveft, fourierft, shira."""
@@ -164,8 +165,6 @@ class SpectralConfig:
     # ------------------------------------------------------------------ defaults
     def resolved(self) -> "SpectralConfig":
         """A copy with every method default filled in, as it is saved with the adapter."""
-        from . import __version__
-
         d = METHOD_DEFAULTS[self.method]
         out = dataclasses.replace(self, layers=dict(self.layers))
         if out.n is None and not (self.method == "lfma" and out.top_k_ratio is not None) and out.r is None:
