@@ -140,7 +140,7 @@ def _compute_dtype(base, x: torch.Tensor) -> torch.dtype:
 
 def _dequantized(base) -> torch.Tensor:
     """A fresh dense (out, in) copy of a 4-bit weight (what bitsandbytes' own matmul materialises too)."""
-    bnb = weights._bnb()
+    bnb = weights.loaded_bitsandbytes()
     if getattr(base, "support_avx512bf16_for_cpu", False):
         base.support_avx512bf16_for_cpu = False
     weight = base.weight
@@ -322,7 +322,7 @@ def _mix(plan, t: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
     if plan.cas_scale is not None:
         return t * w
     a = plan.atoms
-    pr, pi = atoms._cmul(w[:, 0], w[:, 1], t[:, :a], t[:, a:])
+    pr, pi = atoms.cmul(w[:, 0], w[:, 1], t[:, :a], t[:, a:])
     return torch.cat([pr, -pi], dim=1)
 
 

@@ -153,9 +153,9 @@ class SpectralLinear(nn.Module):
         if not isinstance(positions, torch.Tensor) or not isinstance(coefficients, torch.Tensor):
             raise TypeError(f"{where}: positions and coefficients are {type(positions).__name__} and "
                             f"{type(coefficients).__name__}; expected torch tensors")
-        n = int(positions.shape[1]) if positions.dim() == 2 else -1
-        problem = methods.tensor_problem(config, self.shape, n, positions, coefficients) if n >= 0 else (
-            f"has positions of shape {tuple(positions.shape)}; expected (2, n)")
+        if positions.dim() != 2:
+            raise ValueError(f"{where} has positions of shape {tuple(positions.shape)}; expected (2, n)")
+        problem = methods.tensor_problem(config, self.shape, int(positions.shape[1]), positions, coefficients)
         if problem is not None:
             raise ValueError(f"{where} {problem}")
 

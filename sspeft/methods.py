@@ -91,7 +91,7 @@ def parameters_per_position(cfg: SpectralConfig) -> int:
     return 2 if cfg.method == "lfma" else 1
 
 
-def _sample_excluding(total: int, count: int, exclude: torch.Tensor | None, g: torch.Generator) -> torch.Tensor:
+def sample_excluding(total: int, count: int, exclude: torch.Tensor | None, g: torch.Generator) -> torch.Tensor:
     """``count`` distinct flat indices in [0, total), none in ``exclude``, seeded; memory O(count) for big grids."""
     if count == 0:
         return torch.empty(0, dtype=torch.long)
@@ -139,7 +139,7 @@ def select_positions(
         top = int(round(cfg.delta * count))
         energy = ssh_energy(weight, cfg).flatten()
         by_energy = torch.topk(energy, top, sorted=True).indices if top else torch.empty(0, dtype=torch.long)
-        rest = _sample_excluding(rows * cols, count - top, by_energy, g)
+        rest = sample_excluding(rows * cols, count - top, by_energy, g)
         return _to_positions(torch.cat([by_energy, rest]), cols)
     if cfg.method == "lfma":
         spectrum = lfma_init_spectrum(cfg, weight, g)
@@ -149,7 +149,7 @@ def select_positions(
         # PEFT's FourierFT and WaveFT draw randperm(m·n) from a generator seeded with the seed alone.
         perm = torch.randperm(rows * cols, generator=torch.Generator().manual_seed(int(cfg.seed)))
         return _to_positions(perm[:count], cols)
-    return _to_positions(_sample_excluding(rows * cols, count, None, g), cols)
+    return _to_positions(sample_excluding(rows * cols, count, None, g), cols)
 
 
 def lfma_init_spectrum(cfg: SpectralConfig, weight: torch.Tensor, g: torch.Generator) -> torch.Tensor:

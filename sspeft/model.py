@@ -165,7 +165,7 @@ def _global_positions(cfg: SpectralConfig, weight: torch.Tensor, name: str, coun
     energy = methods.ssh_energy(weight, cfg).flatten()
     top_idx = torch.topk(energy, by_energy, sorted=True).indices
     g = methods.generator_for(cfg, name, tuple(weight.shape))
-    rest = methods._sample_excluding(energy.numel(), rand, top_idx, g)
+    rest = methods.sample_excluding(energy.numel(), rand, top_idx, g)
     flat = torch.cat([top_idx, rest])
     return torch.stack([flat // weight.shape[1], flat % weight.shape[1]])
 

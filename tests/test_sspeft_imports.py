@@ -1,5 +1,6 @@
 """The import graph of the sspeft package, built from its modules' source (every import statement, at module level
-or inside a function), has no cycle: each module can be read knowing only those it imports."""
+or inside a function), has no cycle: each module can be read knowing only those it imports. No module uses another
+module's private (underscore) names."""
 
 from __future__ import annotations
 
@@ -91,3 +92,37 @@ def test_sspeft_has_no_import_cycle():
     assert "sspeft.forward" in graph["sspeft.layer"], "the layer reaches its execution paths by import"
     cycle = find_cycle(graph)
     assert cycle is None, f"sspeft has an import cycle: {' → '.join(cycle)}"
+
+
+def _is_private(name: str) -> bool:
+    return name.startswith("_") and not name.startswith("__")
+
+
+def private_uses(package: Path = PACKAGE) -> list[str]:
+    """'module: name' for every private name of another sspeft module that a module imports or reads off it."""
+    modules = {_module_name(p): p for p in sorted(package.glob("*.py"))}
+    found = []
+    for name, path in modules.items():
+        tree = ast.parse(path.read_text())
+        imported = {}  # local name → sibling module, from `from . import x [as y]`
+        for node in ast.walk(tree):
+            if isinstance(node, ast.ImportFrom) and node.level == 1:
+                if node.module:
+                    found += [f"{name}: {node.module}.{a.name}" for a in node.names if _is_private(a.name)]
+                else:
+                    imported |= {a.asname or a.name: a.name for a in node.names if f"sspeft.{a.name}" in modules}
+        for node in ast.walk(tree):
+            if (isinstance(node, ast.Attribute) and isinstance(node.value, ast.Name) and node.value.id in imported
+                    and _is_private(node.attr)):
+                found.append(f"{name}: {imported[node.value.id]}.{node.attr}")
+    return found
+
+
+def test_private_uses_are_found(tmp_path):
+    (tmp_path / "one.py").write_text("from .two import _helper\n")
+    (tmp_path / "two.py").write_text("from . import one\nx = one._state\n_helper = 1\n")
+    assert private_uses(tmp_path) == ["sspeft.one: two._helper", "sspeft.two: one._state"]
+
+
+def test_no_module_uses_another_modules_private_names():
+    assert private_uses() == []
