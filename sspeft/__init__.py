@@ -19,8 +19,7 @@ from __future__ import annotations
 import importlib.util
 import warnings
 
-from .version import __version__
-from .config import METHOD_DEFAULTS, METHODS, SpectralConfig  # noqa: E402
+from .config import METHOD_DEFAULTS, METHODS, VERSION as __version__, SpectralConfig  # noqa: E402
 from .export import export_lora  # noqa: E402
 from .io import AdapterFileError, load_adapter, read_adapter, save_adapter  # noqa: E402
 from .layer import SpectralLinear  # noqa: E402

@@ -9,8 +9,10 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from .transforms import DHT_VARIANTS, NORMALIZATIONS
-from .version import __version__
 from .wavelets import CONSTRUCTIONS, canonical_wavelet
+
+VERSION = "0.1.0"
+"""The sspeft version (`sspeft.__version__`), recorded in every config `SpectralConfig.resolved` returns."""
 
 METHODS = ("ssh", "lfma", "waveft", "fourierft", "shira")
 
@@ -178,7 +180,7 @@ class SpectralConfig:
             out.init_scale = 1e-3
         if out.shared_positions is None:
             out.shared_positions = self.method == "fourierft"
-        out.version = __version__
+        out.version = VERSION
         return out
 
     def suggested_lr(self) -> float:
