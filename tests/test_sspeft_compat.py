@@ -1,7 +1,8 @@
-"""Adapter files written by an earlier version load and give the outputs they gave when written.
+"""Adapter files kept in tests/data/adapters load and give the outputs recorded beside them, so a file saved by any
+release that wrote them keeps its numbers.
 
-tests/data/adapters was written by tests/write_adapter_fixtures.py (one sspeft adapter per ΔW construction, one PEFT
-adapter); each directory holds the adapter and the probe input and output recorded when it was saved.
+tests/write_adapter_fixtures.py writes them (one sspeft adapter per ΔW construction, one PEFT adapter); each
+directory holds the adapter and the probe input and output recorded when it was saved.
 """
 
 from __future__ import annotations
@@ -30,13 +31,13 @@ def _check_outputs(model, folder: Path) -> None:
 
 
 @pytest.mark.parametrize("variant", CONSTRUCTIONS)
-def test_sspeft_adapter_written_earlier_loads_with_the_same_outputs(variant):
+def test_kept_sspeft_adapter_loads_with_its_recorded_outputs(variant):
     folder = DATA / "sspeft" / variant
     model = sspeft.load_adapter(base_model("plain"), folder)
     _check_outputs(model, folder)
 
 
-def test_peft_adapter_written_earlier_loads_with_the_same_outputs():
+def test_kept_peft_adapter_loads_with_its_recorded_outputs():
     require_module("peft")
     import peft
 
