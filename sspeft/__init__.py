@@ -19,15 +19,16 @@ from __future__ import annotations
 import importlib.util
 import warnings
 
-__version__ = "0.1.0"
-
-from .config import METHOD_DEFAULTS, METHODS, SpectralConfig  # noqa: E402
+from .config import METHOD_DEFAULTS, METHODS, VERSION as __version__, SpectralConfig  # noqa: E402
 from .export import export_lora  # noqa: E402
 from .io import AdapterFileError, load_adapter, read_adapter, save_adapter  # noqa: E402
 from .layer import SpectralLinear  # noqa: E402
 from .model import (  # noqa: E402
     adapted_layers,
     adapter_config,
+    adapter_parameters,
+    adapter_positions,
+    base_linears,
     count_trainable,
     disabled,
     inject,
@@ -68,5 +69,5 @@ __all__ = [
     "METHODS", "METHOD_DEFAULTS", "SpectralConfig", "SpectralLinear", "inject", "adapted_layers", "adapter_config",
     "AdapterFileError", "save_adapter", "load_adapter", "read_adapter", "merge", "unmerge", "merge_and_unload",
     "disabled", "count_trainable", "restore_fp32", "KeepFP32Callback", "prepare_4bit", "peft_config", "PEFT_REGISTERED",
-    "export_lora",
+    "export_lora", "adapter_parameters", "adapter_positions", "base_linears",
 ]

@@ -29,7 +29,7 @@ from dataclasses import dataclass
 import torch
 
 from .config import SpectralConfig
-from .transforms import _inverse_factor
+from .transforms import inverse_factor
 from . import wavelets
 
 FOURIER_METHODS = ("ssh", "fourierft", "lfma")
@@ -42,7 +42,8 @@ def plan_inputs(cfg: SpectralConfig) -> tuple:
 
 
 # ---------------------------------------------------------------------------------------------------- Fourier plan
-def _cmul(ar, ai, br, bi):
+def cmul(ar, ai, br, bi):
+    """(ar + i·ai)(br + i·bi) as (real, imaginary) parts."""
     return ar * br - ai * bi, ar * bi + ai * br
 
 
@@ -100,7 +101,7 @@ class FourierPlan:
         if not self.complex_coefficients:
             cr = c[self.coef]
             return torch.stack([gr * cr, gi * cr], dim=-1)
-        zr, zi = _cmul(gr, gi, c[self.coef, 0], c[self.coef, 1] * self.conj_coef)
+        zr, zi = cmul(gr, gi, c[self.coef, 0], c[self.coef, 1] * self.conj_coef)
         return torch.stack([zr, zi], dim=-1)
 
     # ------------------------------------------------------------------ dense ΔW (merged path)
@@ -196,7 +197,7 @@ def fourier_plan(cfg: SpectralConfig, positions: torch.Tensor, shape: tuple[int,
     zero = torch.zeros(count, device=device)
     cas_scale = None
     if cfg.method == "ssh":
-        f = scale * _inverse_factor(cfg.normalization, m, n)
+        f = scale * inverse_factor(cfg.normalization, m, n)
         if cfg.dht == "standard":  # cas θ = Re((1 − i)·e^{iθ})
             k, l, coef, gamma = rows, cols, j, torch.stack([f * one, -f * one], -1)
         else:  # cas a·cas b = cos(a − b) + sin(a + b) = Re(e^{i(a−b)}) + Re(−i·e^{i(a+b)})
@@ -207,10 +208,10 @@ def fourier_plan(cfg: SpectralConfig, positions: torch.Tensor, shape: tuple[int,
             gamma = gamma.reshape(-1, 2)
             cas_scale = f
     elif cfg.method == "fourierft" or (cfg.method == "lfma" and not cfg.half_spectrum):
-        f = scale * _inverse_factor(cfg.normalization, m, n)
+        f = scale * inverse_factor(cfg.normalization, m, n)
         k, l, coef, gamma = rows, cols, j, torch.stack([f * one, zero], -1)
     elif cfg.method == "lfma":  # irfft2 of the half plane: inner columns count twice, bins 0 and n/2 once
-        f = scale * _inverse_factor(cfg.normalization, m, n)
+        f = scale * inverse_factor(cfg.normalization, m, n)
         weight = torch.where((cols == 0) | (2 * cols == n), 1.0, 2.0).to(device)
         k, l, coef, gamma = rows, cols, j, torch.stack([f * weight, zero], -1)
     else:

@@ -11,6 +11,9 @@ from typing import Any
 from .transforms import DHT_VARIANTS, NORMALIZATIONS
 from .wavelets import CONSTRUCTIONS, canonical_wavelet
 
+VERSION = "0.1.0"
+"""The sspeft version (`sspeft.__version__`), recorded in every config `SpectralConfig.resolved` returns."""
+
 METHODS = ("ssh", "lfma", "waveft", "fourierft", "shira")
 
 # Per-method defaults; the README's method table is generated from (and tested against) this dict.
@@ -45,8 +48,8 @@ class SpectralConfig:
     """Configuration of one sparse spectral adapter. ΔW = scaling · T⁻¹(S), S zero except the trainable
     coefficients at fixed positions; the layer computes x·(W0 + ΔW)ᵀ + b.
 
-    The PEFT config `sspeft.peft_tuner.SspeftPeftConfig` declares these fields too, with the same names, types and
-    defaults (tests/test_sspeft_loading.py keeps them equal): a field added here is added there."""
+    The PEFT config `sspeft.peft_tuner.SspeftPeftConfig` derives its fields from these (same names, types and
+    defaults): a field added here is added there."""
 
     method: str
     """One of ssh, lfma, waveft, fourierft, shira."""
@@ -164,8 +167,6 @@ class SpectralConfig:
     # ------------------------------------------------------------------ defaults
     def resolved(self) -> "SpectralConfig":
         """A copy with every method default filled in, as it is saved with the adapter."""
-        from . import __version__
-
         d = METHOD_DEFAULTS[self.method]
         out = dataclasses.replace(self, layers=dict(self.layers))
         if out.n is None and not (self.method == "lfma" and out.top_k_ratio is not None) and out.r is None:
@@ -179,7 +180,7 @@ class SpectralConfig:
             out.init_scale = 1e-3
         if out.shared_positions is None:
             out.shared_positions = self.method == "fourierft"
-        out.version = __version__
+        out.version = VERSION
         return out
 
     def suggested_lr(self) -> float:

@@ -1,5 +1,6 @@
-"""Execution paths of SpectralLinear.forward. All give the reference's numbers (base(x) + x·ΔWᵀ with ΔW from
-`methods.delta_weight`, tested in tests/test_sspeft_forward.py); they differ in cost and memory:
+"""Execution paths of SpectralLinear.forward, reached through `adapter_output`. All give the reference's numbers
+(base(x) + x·ΔWᵀ with ΔW from `methods.delta_weight`, tested in tests/test_sspeft_forward.py); they differ in cost
+and memory:
 
   reference   base(x) + x·ΔWᵀ through autograd (PEFT's form: a dense ΔW kept for backward, a second matmul).
   merged      one matmul with W0 + ΔW inside a custom autograd Function. Fourier methods build ΔW with one irfft2 of
@@ -17,8 +18,8 @@
 depends on nothing else, so a checkpointed forward recomputes on the same path. Plans (index tables, never out×in)
 are cached on each layer, keyed on every input they are built from. See docs/speed.md for measured figures.
 
-Coefficients found in another dtype than fp32 (cast outside sspeft, DeepSpeed aside) are used as they are, with a
-warning naming the fix, given once per layer and adapter.
+Coefficients found in another dtype than fp32 (cast outside sspeft, DeepSpeed aside) are used as they are; the layer
+warns about them.
 """
 
 from __future__ import annotations
@@ -32,7 +33,6 @@ import torch.nn.functional as F
 
 from . import atoms, weights
 from .config import SpectralConfig
-from .layer import FP32_FIX
 
 # Relative costs for `auto`, in multiply-adds of a large fp32 matmul. Measured on the 2-core CPU machines of
 # docs/speed.md; the CUDA row is an estimate (FFTs and gathers are memory-bound there, matmuls far faster).
@@ -140,7 +140,7 @@ def _compute_dtype(base, x: torch.Tensor) -> torch.dtype:
 
 def _dequantized(base) -> torch.Tensor:
     """A fresh dense (out, in) copy of a 4-bit weight (what bitsandbytes' own matmul materialises too)."""
-    bnb = weights._bnb()
+    bnb = weights.loaded_bitsandbytes()
     if getattr(base, "support_avx512bf16_for_cpu", False):
         base.support_avx512bf16_for_cpu = False
     weight = base.weight
@@ -322,12 +322,12 @@ def _mix(plan, t: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
     if plan.cas_scale is not None:
         return t * w
     a = plan.atoms
-    pr, pi = atoms._cmul(w[:, 0], w[:, 1], t[:, :a], t[:, a:])
+    pr, pi = atoms.cmul(w[:, 0], w[:, 1], t[:, :a], t[:, a:])
     return torch.cat([pr, -pi], dim=1)
 
 
 # ---------------------------------------------------------------------------------------------------- dispatch
-def _weights(layer, name: str, plan, path: str) -> torch.Tensor:
+def _path_coefficients(layer, name: str, plan, path: str) -> torch.Tensor:
     """The small differentiable vector a fast path consumes: atom weights z (Fourier), coefficients (sparse)."""
     coeff = layer.sspeft_coefficients[name]
     with weights.gathered(coeff):
@@ -348,32 +348,15 @@ def _branch(layer, name: str, path: str, x: torch.Tensor, dtype: torch.dtype) ->
     if path == "reference":
         return _reference_branch(layer, name, x, dtype)
     plan = plan_for(layer, name)
-    w = _weights(layer, name, plan, path)
+    w = _path_coefficients(layer, name, plan, path)
     if path == "factorized":
         return _FactorizedAdapter.apply(x, w, plan, dtype)
     return _SplitAdapter.apply(x, w, plan, dtype)
 
 
-def _warn_low_precision(layer) -> None:
-    """Warn, once per layer and adapter, about active coefficients cast away from fp32 outside sspeft."""
-    warned = _state(layer)["warned"]
-    for name in layer.low_precision_adapters():
-        if ("dtype", name) in warned:
-            continue
-        warned.add(("dtype", name))
-        dtype = layer.sspeft_coefficients[name].dtype
-        warnings.warn(
-            f"sspeft: the coefficients of adapter {name!r} are {dtype}, not fp32 (cast outside sspeft: TRL casts "
-            f"trainable parameters of 4-bit models to bf16); small updates to them are lost. Used as they are: "
-            f"{FP32_FIX}", stacklevel=5)
-
-
-def forward(layer, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
-    """SpectralLinear's adapted forward (adapters active, not merged): dispatch each adapter to its path."""
-    names = [a for a in layer.active_adapters if a in layer.sspeft_coefficients]
-    if not names:
-        return layer.base_layer(x, *args, **kwargs)
-    _warn_low_precision(layer)
+def adapter_output(layer, names: list[str], x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
+    """SpectralLinear's output with adapters ``names`` (active, present, not merged): base(x) plus each adapter's
+    term, each on the path `choose` picks (one fused matmul when a single adapter runs merged)."""
     tokens = x.numel() // max(x.shape[-1], 1)
     chosen = [choose(layer, name, tokens)[0] for name in names]
     if len(names) > 1 or args or kwargs:  # several adapters each add their own branch; merging needs exactly one
@@ -384,7 +367,7 @@ def forward(layer, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
         plan = plan_for(layer, name)
         out_dtype = x.dtype if weights.is_linear4bit(layer.base_layer) else _compute_dtype(layer.base_layer, x)
         run = _Run(layer, name, plan, _compute_dtype(layer.base_layer, x), out_dtype)
-        return _MergedLinear.apply(x, _weights(layer, name, plan, "merged"), run)
+        return _MergedLinear.apply(x, _path_coefficients(layer, name, plan, "merged"), run)
     result = layer.base_layer(x, *args, **kwargs)
     for name, path in zip(names, chosen):
         result = result + _branch(layer, name, path, x, result.dtype)

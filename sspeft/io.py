@@ -29,7 +29,7 @@ from torch import nn
 from . import methods, weights
 from .config import SpectralConfig
 from .layer import SpectralLinear
-from .model import adapted_layers, adapter_config, already_adapted, apply_plan, warn_base_mismatch
+from .model import adapted_layers, adapter_config, already_adapted, apply_plan, is_adapter_layer, warn_base_mismatch
 
 CONFIG_NAME = "adapter_config.json"
 WEIGHTS_NAME = "adapter_model.safetensors"
@@ -220,9 +220,11 @@ def check_adapter(cfg: SpectralConfig, tensors: dict[str, torch.Tensor], source:
         if missing:
             raise AdapterFileError(f"{source}: lacks tensor {missing[0]!r} of recorded layer {name!r}; the "
                                    "adapter file is incomplete")
-        check_layer_tensors(source, name, cfg, tuple(info["shape"]), info["n"],
-                            tensors[f"{KEY_PREFIX}{name}.sspeft_positions"],
-                            tensors[f"{KEY_PREFIX}{name}.sspeft_coefficients"])
+        problem = methods.tensor_problem(cfg, tuple(info["shape"]), info["n"],
+                                         tensors[f"{KEY_PREFIX}{name}.sspeft_positions"],
+                                         tensors[f"{KEY_PREFIX}{name}.sspeft_coefficients"])
+        if problem is not None:
+            raise AdapterFileError(f"{source}: layer {name!r} {problem}")
 
 
 def load_adapter(base_model: nn.Module, path: str | os.PathLike, adapter_name: str = "default") -> nn.Module:
@@ -260,7 +262,7 @@ def saved_layers(
         module = modules.get(key)
         if onto_spectral and isinstance(module, SpectralLinear):
             module = module.base_layer
-        elif module is not None and _is_wrapped(module):
+        elif module is not None and is_adapter_layer(module):
             raise ValueError(f"{source}: {already_adapted(name, module)}")
         if module is None or not weights.is_supported_base(module):
             raise ValueError(
@@ -281,38 +283,3 @@ def saved_layers(
         targets[key] = module
         plan[key] = (positions, coeff, info.get("fingerprint", fp))
     return targets, plan, mismatched
-
-
-def check_layer_tensors(source, name, cfg, shape, n, positions, coeff) -> None:
-    """One layer's saved tensors: (2, n) integral positions, in range and unique; finite float coefficients."""
-    want = (n, 2) if cfg.method == "lfma" else (n,)
-    where = f"{source}: layer {name!r}"
-    if tuple(positions.shape) != (2, n) or tuple(coeff.shape) != want:
-        raise AdapterFileError(
-            f"{where} holds {tuple(coeff.shape)} coefficients at {tuple(positions.shape)} positions; the config "
-            f"records n={n}, so expected {want} coefficients at (2, {n}) positions"
-        )
-    if positions.is_floating_point() or positions.is_complex() or positions.dtype == torch.bool:
-        raise AdapterFileError(f"{where} positions have dtype {positions.dtype}; expected an integer dtype (int64)")
-    if not coeff.is_floating_point():
-        raise AdapterFileError(f"{where} coefficients have dtype {coeff.dtype}; expected a float dtype (float32)")
-    bad = (~torch.isfinite(coeff)).sum()
-    if bad:
-        raise AdapterFileError(f"{where} holds {int(bad)} non-finite coefficient(s) (NaN or inf); expected finite "
-                               "values: the training run diverged or the file is corrupt")
-    rows, cols = methods.coefficient_grid(cfg, tuple(shape))
-    positions = positions.long()
-    if n and (positions.min() < 0 or positions[0].max() >= rows or positions[1].max() >= cols):
-        raise AdapterFileError(
-            f"{where} has positions outside its {rows}×{cols} coefficient matrix (rows "
-            f"{int(positions[0].min())}..{int(positions[0].max())}, cols {int(positions[1].min())}.."
-            f"{int(positions[1].max())}); expected rows in 0..{rows - 1} and cols in 0..{cols - 1}"
-        )
-    flat = positions[0] * cols + positions[1]
-    if flat.unique().numel() != n:
-        raise AdapterFileError(f"{where} lists {n - flat.unique().numel()} position(s) twice; expected {n} "
-                               "distinct positions")
-
-
-def _is_wrapped(module: nn.Module) -> bool:
-    return hasattr(type(module), "adapter_layer_names")

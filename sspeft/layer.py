@@ -1,6 +1,5 @@
-"""SpectralLinear: a Linear (plain or bitsandbytes 4-bit) plus sparse spectral adapters.
-
-    y = x·(W0 + ΔW)ᵀ + b,   ΔW = scaling · T⁻¹(S),   S zero except `coefficients` at `positions`
+"""SpectralLinear: a Linear (plain or bitsandbytes 4-bit) plus sparse spectral adapters (update rule in the class
+docstring).
 
 Adapters are kept per name (ParameterDict / buffer dict), with the attribute names PEFT's BaseTunerLayer expects,
 so the same class serves `sspeft.inject` and the PEFT tuner (see peft_tuner.py). Coefficients are fp32 Parameters
@@ -10,11 +9,13 @@ called once after it; the forward only warns about it.
 
 Merge state is explicit: `merge` and `unmerge` change it, and disabling the adapters (`enable_adapters(False)`,
 `set_disabled(True)`) unmerges first and enabling merges back, so a disabled layer never holds a merged ΔW. The
-forward never changes the layer.
+forward never changes the layer; how each adapter's term is computed (one of several equal-valued execution paths,
+chosen per call) lives in forward.py behind `adapter_output`.
 """
 
 from __future__ import annotations
 
+import math
 import sys
 import warnings
 
@@ -23,6 +24,7 @@ from torch import nn
 
 from . import methods, weights
 from .config import SpectralConfig
+from .forward import adapter_output
 
 
 class PositionBuffers(nn.Module):
@@ -66,12 +68,28 @@ FP32_FIX = ("call sspeft.restore_fp32(model) once after the trainer is built, or
 class SpectralLinear(nn.Module):
     """A target Linear wrapped with sparse spectral adapters. Works on nn.Linear and bitsandbytes Linear4bit.
 
+    For input x (..., in) and each active adapter a, not merged::
+
+        y = base(x) + Σₐ αₐ · x · T⁻¹(Sₐ)ᵀ
+
+    where base(x) = x·W0ᵀ + b is the wrapped layer (4-bit or not, untouched), αₐ is the adapter's ``config.scaling``,
+    Sₐ is the coefficient matrix of `methods.coefficient_grid` — zero except the trainable ``coefficients`` at
+    ``positions`` — and T⁻¹ is the method's inverse transform (2-D DHT for SSH, inverse FFT for LFMA/FourierFT,
+    inverse DWT for WaveFT, identity for SHiRA); ΔWₐ = αₐ·T⁻¹(Sₐ) is `delta_weight(a)`, (out, in) in fp32. Disabled
+    or merged, y = base(x) (merged: W0 + ΔW sits in the base).
+
     Args:
-        base_layer: the wrapped layer; frozen by the caller.
+        base_layer: the wrapped layer (nn.Linear or bitsandbytes Linear4bit); frozen by the caller.
         adapter_name: name of the first adapter ("default" for `sspeft.inject`).
-        config: a *resolved* SpectralConfig.
-        positions: (2, n) int64 positions in the coefficient matrix.
-        coefficients: initial fp32 coefficients, (n,) or (n, 2) for LFMA.
+        config: a *resolved* SpectralConfig (every method default filled in; finite ``scaling``).
+        positions: (2, n) integer (row, col) positions in the coefficient matrix, in range and distinct.
+        coefficients: initial coefficients, a float tensor of shape (n,), or (n, 2) real/imag pairs for LFMA,
+            all finite; stored as an fp32 Parameter.
+
+    Raises:
+        TypeError: ``base_layer`` is not a supported Linear.
+        ValueError: ``config`` is not resolved or its scaling is not finite; ``positions`` or ``coefficients`` have
+            the wrong shape or dtype, positions out of range or repeated, non-finite coefficients.
     """
 
     adapter_layer_names = ("sspeft_coefficients",)
@@ -102,6 +120,7 @@ class SpectralLinear(nn.Module):
         self.merged_adapters: list[str] = []
         self._merge_on_enable: list[str] = []  # adapters unmerged by disabling, merged back by enabling
         self._quantized_stash: list[nn.Module] = []  # the 4-bit base while merged (a list: not a submodule)
+        self._warned_low_precision: set[str] = set()  # adapters whose non-fp32 coefficients were warned about
         self.kwargs: dict = {}
         self.add_adapter(adapter_name, config, positions, coefficients)
 
@@ -109,6 +128,8 @@ class SpectralLinear(nn.Module):
     def add_adapter(
         self, name: str, config: SpectralConfig, positions: torch.Tensor, coefficients: torch.Tensor
     ) -> None:
+        """Add adapter ``name`` (arguments as in the class docstring), checked before anything is stored."""
+        self._check_adapter(name, config, positions, coefficients)
         device = self.base_layer.weight.device
         if device.type == "meta":
             device = torch.device("cpu")
@@ -117,6 +138,26 @@ class SpectralLinear(nn.Module):
         self.sspeft_positions[name] = positions.detach().long().to(device)
         self.sspeft_config[name] = config
         self._fp32_master[name] = param.data
+
+    def _check_adapter(
+        self, name: str, config: SpectralConfig, positions: torch.Tensor, coefficients: torch.Tensor
+    ) -> None:
+        where = f"SpectralLinear adapter {name!r} on a {self.out_features}×{self.in_features} layer"
+        if not isinstance(config, SpectralConfig):
+            raise TypeError(f"{where}: config is a {type(config).__name__}; expected a resolved SpectralConfig")
+        if config.scaling is None or config.normalization is None:
+            raise ValueError(f"{where}: config has scaling={config.scaling!r}, normalization="
+                             f"{config.normalization!r}; expected a resolved config (SpectralConfig.resolved())")
+        if not math.isfinite(float(config.scaling)):
+            raise ValueError(f"{where}: config.scaling={config.scaling!r}; expected a finite number")
+        if not isinstance(positions, torch.Tensor) or not isinstance(coefficients, torch.Tensor):
+            raise TypeError(f"{where}: positions and coefficients are {type(positions).__name__} and "
+                            f"{type(coefficients).__name__}; expected torch tensors")
+        if positions.dim() != 2:
+            raise ValueError(f"{where} has positions of shape {tuple(positions.shape)}; expected (2, n)")
+        problem = methods.tensor_problem(config, self.shape, int(positions.shape[1]), positions, coefficients)
+        if problem is not None:
+            raise ValueError(f"{where} {problem}")
 
     @property
     def shape(self) -> tuple[int, int]:
@@ -204,16 +245,30 @@ class SpectralLinear(nn.Module):
 
     # ------------------------------------------------------------------ forward
     def forward(self, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
+        """y = base(x) + Σₐ αₐ·x·T⁻¹(Sₐ)ᵀ over the active adapters; base(x) alone when disabled or merged."""
         if self.disable_adapters and self.merged:
             raise RuntimeError(
                 f"sspeft: adapters {self.merged_adapters} are merged into a layer whose adapters are disabled, so "
                 f"its forward would not run the base; disable adapters with enable_adapters(False), set_disabled(True) "
                 f"or sspeft.disabled(model), which unmerge first")
-        if self.disable_adapters or self.merged:
+        names = [a for a in self.active_adapters if a in self.sspeft_coefficients]
+        if self.disable_adapters or self.merged or not names:
             return self.base_layer(x, *args, **kwargs)
-        from . import forward  # execution paths (merged/split/factorized/reference), chosen per layer and call
+        self._warn_low_precision()
+        # base(x) plus each adapter's term, every path giving `delta_weight`'s numbers (see forward.py)
+        return adapter_output(self, names, x, *args, **kwargs)
 
-        return forward.forward(self, x, *args, **kwargs)
+    def _warn_low_precision(self) -> None:
+        """Warn, once per adapter, about active coefficients cast away from fp32 outside sspeft (used as they are)."""
+        for name in self.low_precision_adapters():
+            if name in self._warned_low_precision:
+                continue
+            self._warned_low_precision.add(name)
+            dtype = self.sspeft_coefficients[name].dtype
+            warnings.warn(
+                f"sspeft: the coefficients of adapter {name!r} are {dtype}, not fp32 (cast outside sspeft: TRL casts "
+                f"trainable parameters of 4-bit models to bf16); small updates to them are lost. Used as they are: "
+                f"{FP32_FIX}", stacklevel=4)
 
     # ------------------------------------------------------------------ enable / disable
     def set_disabled(self, disabled: bool) -> None:

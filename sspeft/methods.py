@@ -37,6 +37,36 @@ def coefficient_grid(cfg: SpectralConfig, shape: tuple[int, int]) -> tuple[int, 
     return m, n
 
 
+def tensor_problem(
+    cfg: SpectralConfig, shape: tuple[int, int], n: int, positions: torch.Tensor, coefficients: torch.Tensor
+) -> str | None:
+    """What is wrong with one layer's adapter tensors, or None: (2, n) integer positions, in range of the
+    coefficient grid and distinct; float coefficients of shape (n,) ((n, 2) for LFMA), all finite. The check shared
+    by adding an adapter to a layer and reading one from disk; the text completes a sentence naming the layer."""
+    want = (n, 2) if cfg.method == "lfma" else (n,)
+    if tuple(positions.shape) != (2, n) or tuple(coefficients.shape) != want:
+        return (f"holds {tuple(coefficients.shape)} coefficients at {tuple(positions.shape)} positions; the config "
+                f"records n={n}, so expected {want} coefficients at (2, {n}) positions")
+    if positions.is_floating_point() or positions.is_complex() or positions.dtype == torch.bool:
+        return f"positions have dtype {positions.dtype}; expected an integer dtype (int64)"
+    if not coefficients.is_floating_point():
+        return f"coefficients have dtype {coefficients.dtype}; expected a float dtype (float32)"
+    bad = int((~torch.isfinite(coefficients)).sum())
+    if bad:
+        return (f"holds {bad} non-finite coefficient(s) (NaN or inf); expected finite values: the training run "
+                "diverged or the file is corrupt")
+    rows, cols = coefficient_grid(cfg, tuple(shape))
+    positions = positions.long()
+    if n and (positions.min() < 0 or positions[0].max() >= rows or positions[1].max() >= cols):
+        return (f"has positions outside its {rows}×{cols} coefficient matrix (rows "
+                f"{int(positions[0].min())}..{int(positions[0].max())}, cols {int(positions[1].min())}.."
+                f"{int(positions[1].max())}); expected rows in 0..{rows - 1} and cols in 0..{cols - 1}")
+    distinct = (positions[0] * cols + positions[1]).unique().numel()
+    if distinct != n:
+        return f"lists {n - distinct} position(s) twice; expected {n} distinct positions"
+    return None
+
+
 def num_positions(cfg: SpectralConfig, shape: tuple[int, int], module_name: str = "") -> int:
     """Trainable positions for a layer of ``shape`` (validated against the grid size)."""
     m, n = shape
@@ -61,7 +91,7 @@ def parameters_per_position(cfg: SpectralConfig) -> int:
     return 2 if cfg.method == "lfma" else 1
 
 
-def _sample_excluding(total: int, count: int, exclude: torch.Tensor | None, g: torch.Generator) -> torch.Tensor:
+def sample_excluding(total: int, count: int, exclude: torch.Tensor | None, g: torch.Generator) -> torch.Tensor:
     """``count`` distinct flat indices in [0, total), none in ``exclude``, seeded; memory O(count) for big grids."""
     if count == 0:
         return torch.empty(0, dtype=torch.long)
@@ -109,7 +139,7 @@ def select_positions(
         top = int(round(cfg.delta * count))
         energy = ssh_energy(weight, cfg).flatten()
         by_energy = torch.topk(energy, top, sorted=True).indices if top else torch.empty(0, dtype=torch.long)
-        rest = _sample_excluding(rows * cols, count - top, by_energy, g)
+        rest = sample_excluding(rows * cols, count - top, by_energy, g)
         return _to_positions(torch.cat([by_energy, rest]), cols)
     if cfg.method == "lfma":
         spectrum = lfma_init_spectrum(cfg, weight, g)
@@ -119,7 +149,7 @@ def select_positions(
         # PEFT's FourierFT and WaveFT draw randperm(m·n) from a generator seeded with the seed alone.
         perm = torch.randperm(rows * cols, generator=torch.Generator().manual_seed(int(cfg.seed)))
         return _to_positions(perm[:count], cols)
-    return _to_positions(_sample_excluding(rows * cols, count, None, g), cols)
+    return _to_positions(sample_excluding(rows * cols, count, None, g), cols)
 
 
 def lfma_init_spectrum(cfg: SpectralConfig, weight: torch.Tensor, g: torch.Generator) -> torch.Tensor:

@@ -18,8 +18,14 @@ from .layer import SpectralLinear
 _HEAD_NAMES = ("lm_head", "embed_out", "output", "score", "classifier")
 
 
+def is_adapter_layer(module: nn.Module) -> bool:
+    """Whether ``module`` wraps a base layer with adapters: a SpectralLinear or any PEFT tuner layer (LoRA & co.),
+    recognised by the `adapter_layer_names` every BaseTunerLayer declares (so PEFT need not be imported)."""
+    return hasattr(type(module), "adapter_layer_names")
+
+
 def _is_peft_tuner_layer(module: nn.Module) -> bool:
-    return hasattr(type(module), "adapter_layer_names") and not isinstance(module, SpectralLinear)
+    return is_adapter_layer(module) and not isinstance(module, SpectralLinear)
 
 
 def already_adapted(name: str, module: nn.Module) -> str:
@@ -159,7 +165,7 @@ def _global_positions(cfg: SpectralConfig, weight: torch.Tensor, name: str, coun
     energy = methods.ssh_energy(weight, cfg).flatten()
     top_idx = torch.topk(energy, by_energy, sorted=True).indices
     g = methods.generator_for(cfg, name, tuple(weight.shape))
-    rest = methods._sample_excluding(energy.numel(), rand, top_idx, g)
+    rest = methods.sample_excluding(energy.numel(), rand, top_idx, g)
     flat = torch.cat([top_idx, rest])
     return torch.stack([flat // weight.shape[1], flat % weight.shape[1]])
 
@@ -235,6 +241,36 @@ def _owners(model: nn.Module, module_name: str) -> list[nn.Module]:
 def adapted_layers(model: nn.Module) -> dict[str, SpectralLinear]:
     """{name as in ``model.named_modules()``: SpectralLinear} for every adapted layer."""
     return {name: m for name, m in model.named_modules() if isinstance(m, SpectralLinear)}
+
+
+def adapter_parameters(model: nn.Module) -> dict[str, nn.Parameter]:
+    """{name as in ``model.named_parameters()``: coefficients} of every adapter of every adapted layer — the
+    parameters sspeft trains, found by asking the layers rather than by matching names."""
+    owned = {id(p) for layer in adapted_layers(model).values() for p in layer.sspeft_coefficients.values()}
+    return {name: p for name, p in model.named_parameters(remove_duplicate=False) if id(p) in owned}
+
+
+def adapter_positions(model: nn.Module) -> dict[str, torch.Tensor]:
+    """{name as in ``model.named_buffers()``: (2, n) int64 positions} of every adapter of every adapted layer."""
+    owned = {id(layer.sspeft_positions[adapter]) for layer in adapted_layers(model).values()
+             for adapter in layer.sspeft_positions.keys()}
+    return {name: b for name, b in model.named_buffers(remove_duplicate=False) if id(b) in owned}
+
+
+def base_linears(model: nn.Module) -> dict[str, nn.Module]:
+    """{name in the unwrapped model: Linear} of every supported Linear (nn.Linear, Linear4bit) the model computes
+    with as a base: an adapted layer's (sspeft or PEFT tuner layer, e.g. LoRA) base under the adapted layer's own
+    name, every other Linear under its own. Names are those of the model without adapters, so they match a
+    checkpoint of the base; a PeftModel is unwrapped with `get_base_model()`."""
+    inner = model.get_base_model() if hasattr(model, "get_base_model") else model
+    modules = dict(inner.named_modules())
+    wrappers = {name: m for name, m in modules.items() if is_adapter_layer(m)}
+    inside = {id(sub) for wrapper in wrappers.values() for sub in wrapper.modules()}  # bases, adapters (LoRA's A, B)
+    named_by_wrapper: dict[int, str] = {}
+    for name, wrapper in wrappers.items():  # outermost first: named_modules walks parents before children
+        named_by_wrapper.setdefault(id(wrapper.get_base_layer()), name)
+    return {named_by_wrapper.get(id(m), name): m for name, m in modules.items()
+            if weights.is_supported_base(m) and (id(m) not in inside or id(m) in named_by_wrapper)}
 
 
 def adapter_config(model: nn.Module, adapter_name: str | None = None) -> SpectralConfig:

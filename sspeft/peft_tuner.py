@@ -3,9 +3,8 @@ sspeft adapters on a 4-bit base, and `get_peft_model`, `save_pretrained`, `PeftM
 `merge_and_unload` work. One PEFT type serves all five methods (the method is a config field), under a name of our
 own that never collides with PEFT's FOURIERFT/SHIRA/WAVEFT.
 
-`SspeftPeftConfig` is a PEFT config like PEFT's own: a dataclass subclass of PeftConfig holding SpectralConfig's
-fields (same names and defaults; tests/test_sspeft_loading.py keeps them equal), converted by `spectral()` and
-`from_spectral()`.
+`SspeftPeftConfig` is a PEFT config like PEFT's own: a dataclass subclass of PeftConfig whose other fields are
+derived from SpectralConfig's (same names, types and defaults), converted by `spectral()` and `from_spectral()`.
 
 Loading (`PeftModel.from_pretrained`, `PeftModel.load_adapter` of a new adapter name): `SspeftPeftConfig.from_pretrained`
 reads the adapter directory with `sspeft.read_adapter` (every check) and keeps its tensors on the config; the tuner
@@ -61,41 +60,36 @@ def _extend_peft_type() -> None:
 SPECTRAL_FIELDS = tuple(f.name for f in dataclasses.fields(SpectralConfig))
 
 
+def _spectral_field_specs() -> list[tuple[str, Any, dataclasses.Field]]:
+    """SpectralConfig's fields as `make_dataclass` entries: same names, order, types and defaults. ``method`` has no
+    default, so it is keyword-only (PeftConfig's own fields, which come first, all have defaults)."""
+    specs = []
+    for f in dataclasses.fields(SpectralConfig):
+        if f.default is not dataclasses.MISSING:
+            spec = field(default=f.default)
+        elif f.default_factory is not dataclasses.MISSING:
+            spec = field(default_factory=f.default_factory)
+        else:
+            spec = field(kw_only=True)
+        specs.append((f.name, f.type, spec))
+    return specs
+
+
+_SpectralPeftFields = dataclasses.make_dataclass("_SpectralPeftFields", _spectral_field_specs(), bases=(PeftConfig,))
+"""PeftConfig's fields followed by SpectralConfig's, derived from SpectralConfig so a field added there is here."""
+
+
 @dataclass
-class SspeftPeftConfig(PeftConfig):
+class SspeftPeftConfig(_SpectralPeftFields):
     """PEFT config for sspeft adapters: PEFT's fields plus SpectralConfig's, with SpectralConfig's names, types,
     defaults and meaning (see its field docs) and its validation on construction."""
-
-    method: str = field(kw_only=True)
-    n: int | None = None
-    target_modules: list[str] | str = field(default_factory=lambda: ["q_proj", "v_proj"])
-    exclude_modules: list[str] | None = None
-    scaling: float | None = None
-    seed: int = 0
-    init: str | None = None
-    init_scale: float | None = None
-    normalization: str | None = None
-    delta: float = 0.7
-    dht: str = "standard"
-    budget: str = "layer"
-    top_k_ratio: float | None = None
-    half_spectrum: bool = False
-    wavelet: str = "haar"
-    construction: str = "reference"
-    r: int | None = None
-    shared_positions: bool | None = None
-    path: str = "auto"
-    cache_delta: bool = False
-    layers: dict[str, dict[str, Any]] = field(default_factory=dict)
-    version: str = ""
-
-    # Not a dataclass field, so never saved or compared: (source, tensors) of the adapter `from_pretrained` read,
-    # taken by the tuner when it builds the layers.
-    _saved = None
 
     def __post_init__(self) -> None:
         super().__post_init__()
         self.peft_type = PeftType.SSPEFT
+        # (source, tensors) of the adapter `from_pretrained` read, handed to the tuner once by `take_saved`. An
+        # attribute, not a dataclass field: never saved with the config, compared or printed.
+        self._saved: tuple[str, dict] | None = None
         self.adopt(self.spectral(resolve=False))  # SpectralConfig validates every field, with its messages
 
     # ------------------------------------------------------------------ conversion

@@ -17,7 +17,7 @@ NORMALIZATIONS = ("backward", "ortho", "forward")
 DHT_VARIANTS = ("standard", "separable")
 
 
-def _inverse_factor(norm: str, m: int, n: int) -> float:
+def inverse_factor(norm: str, m: int, n: int) -> float:
     """The factor applied by the inverse transform under ``norm``."""
     if norm == "backward":
         return 1.0 / (m * n)
@@ -59,7 +59,7 @@ def idht2(s: torch.Tensor, variant: str = "standard", norm: str = "ortho") -> to
     """Inverse of :func:`dht2` under the same normalisation."""
     m, n = s.shape[-2:]
     h = _cas_of_fft(torch.fft.fft2(s.float()), variant)
-    return h * _inverse_factor(norm, m, n)
+    return h * inverse_factor(norm, m, n)
 
 
 def cas_matrix(size: int, device=None) -> torch.Tensor:

@@ -1,6 +1,6 @@
 """Single-level 2-D inverse wavelet transforms as sparse syntheses, in two constructions.
 
-``reference`` (the default; the official WaveFT code and PEFT's WaveFT): positions live in the m×n weight grid and
+``reference`` (SpectralConfig's default; the official WaveFT code and PEFT's WaveFT): positions live in the m×n weight grid and
 are placed, centred, in an M×N coefficient matrix padded by the filter length (M = m + L − 2, rounded up to even);
 the matrix is split as ``[[cA, cH], [cV, cD]]`` and reconstructed with ``waverec2`` under zero boundaries
 (PyWavelets' ``mode="zero"``; PEFT's vendored conv_transpose2d), and the result is cropped back to m×n. Row p of
@@ -15,7 +15,8 @@ wrap around, cropped to m×n. Adapters trained before the construction was recor
 For Haar at even sizes the two are the same set of 2×2 blocks under a relabelling of positions. Either way a
 coefficient touches at most L² entries of ΔW: with p coefficients the update has at most p·L² non-zeros, and it is
 built by scattering those blocks instead of running a dense transform. Both are checked against PyWavelets and the
-reference against PEFT in the tests.
+reference against PEFT in the tests. Every function that depends on the construction takes it as a required
+argument, so no caller gets one it did not state.
 """
 
 from __future__ import annotations
@@ -68,7 +69,7 @@ def filter_length(name: str) -> int:
     return len(_REC_LO[canonical_wavelet(name)])
 
 
-def padded_shape(shape: tuple[int, int], wavelet: str = "db1", construction: str = "periodic") -> tuple[int, int]:
+def padded_shape(shape: tuple[int, int], wavelet: str, construction: str) -> tuple[int, int]:
     """Coefficient-matrix shape M×N for an m×n weight: padded by L − 2 (reference) and rounded up to even."""
     extra = filter_length(wavelet) - 2 if construction == "reference" else 0
     return tuple(s + extra + (s + extra) % 2 for s in shape)
@@ -76,7 +77,7 @@ def padded_shape(shape: tuple[int, int], wavelet: str = "db1", construction: str
 
 def position_grid(shape: tuple[int, int], construction: str) -> tuple[int, int]:
     """Where WaveFT positions are drawn: the weight grid (reference) or the even-padded matrix (periodic)."""
-    return tuple(shape) if construction == "reference" else padded_shape(shape)
+    return tuple(shape) if construction == "reference" else padded_shape(shape, "haar", "periodic")  # any wavelet
 
 
 def _axis_atoms(lo_hi: torch.Tensor, index: torch.Tensor, high: torch.Tensor, half: int, offset: int, size: int | None):
@@ -117,8 +118,7 @@ def synthesis_atoms(wavelet: str, shape: tuple[int, int], positions: torch.Tenso
 
 
 def idwt2_sparse(
-    values: torch.Tensor, positions: torch.Tensor, shape: tuple[int, int], wavelet: str,
-    construction: str = "reference",
+    values: torch.Tensor, positions: torch.Tensor, shape: tuple[int, int], wavelet: str, construction: str,
 ) -> torch.Tensor:
     """ΔW (m, n) of the coefficient matrix holding ``values`` at ``positions`` (of the position grid).
 

@@ -14,12 +14,13 @@ import torch
 from torch import nn
 
 
-def _bnb():
+def loaded_bitsandbytes():
+    """The bitsandbytes module if something has imported it, else None (never imports it)."""
     return sys.modules.get("bitsandbytes")
 
 
 def is_linear4bit(module: nn.Module) -> bool:
-    bnb = _bnb()
+    bnb = loaded_bitsandbytes()
     return bnb is not None and isinstance(module, bnb.nn.Linear4bit)
 
 
@@ -94,7 +95,7 @@ def dense_weight(base: nn.Module) -> torch.Tensor:
     weight = base.weight
     with gathered(weight):
         if is_linear4bit(base):
-            bnb = _bnb()
+            bnb = loaded_bitsandbytes()
             if getattr(base, "support_avx512bf16_for_cpu", False) or getattr(
                 weight.quant_state, "packing_format_for_cpu", False
             ):

@@ -77,7 +77,7 @@ def _all_positions(rows: int, cols: int) -> torch.Tensor:
 @pytest.mark.parametrize("shape", WAVELET_SHAPES)
 def test_periodic_idwt2_matches_pywavelets(family, shape):
     m, n = shape
-    mp, np_ = wavelets.padded_shape(shape)
+    mp, np_ = wavelets.padded_shape(shape, family, "periodic")
     coeffs = torch.randn(mp, np_, dtype=torch.float64)
     half_r, half_c = mp // 2, np_ // 2
     ca, cv = coeffs[:half_r, :half_c], coeffs[:half_r, half_c:]
