@@ -46,6 +46,7 @@ import sspeft
 from launch.models import ModelSpecError, load_causal_lm, resolve_model_path, torch_dtype
 from launch.recipe import RecipeError, load_resolved
 from launch.rundir import MERGE_REPORT, RunDir, atomic_directory, atomic_write_json
+from launch.threads import ThreadSettingError, configure_threads
 
 log = logging.getLogger("launch.merge")
 SHARD_BYTES = 2 * 1024**3
@@ -565,9 +566,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--no-adapter", action="store_true", help="write baseline/merged/: the base without ΔW")
     args = parser.parse_args(argv)
     try:
+        log.info("CPU threads: %s", configure_threads())
         out = merge(args.run_dir, args.dtype, with_adapter=not args.no_adapter, max_delta_loss=args.max_delta_loss,
                     allow_lossy=args.allow_lossy)
-    except (MergeError, RecipeError, sspeft.AdapterFileError) as e:
+    except (MergeError, RecipeError, sspeft.AdapterFileError, ThreadSettingError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
     print(summary_line(json.loads((out / REPORT_FILE).read_text()), out))

@@ -32,6 +32,7 @@ from launch.preflight import (TrainError, adopt_launcher_deepspeed, check_agains
 from launch.process import PREEMPTED_EXIT_CODE
 from launch.recipe import Recipe, RecipeError, load_recipe
 from launch.rundir import RunDir, RunDirError, RunDirLock, atomic_directory, atomic_write_json, atomic_write_text
+from launch.threads import configure_threads
 
 log = logging.getLogger("launch.train")
 SUMMARY_FILE = "train_summary.json"
@@ -396,6 +397,7 @@ def main(argv: list[str] | None = None) -> int:
 def _main(args: argparse.Namespace, flag: distributed.PreemptionFlag) -> int:
     try:
         recipe = load_recipe(args.recipe, args.overrides)
+        log.info("CPU threads: %s", configure_threads())
         adopt_launcher_deepspeed(recipe)
         run = recipe.run
         plan = preflight(recipe, run)
