@@ -13,6 +13,11 @@ The comparison resamples questions jointly for both models (paired bootstrap of 
 by launch.merge): the merged dtype, the share of ΔW rounding lost, the logits probe's agreement with the trained
 adapter, and the response loss on the run's held-out records computed from that checkpoint. The comparison puts
 the held-out losses of baseline and model side by side, a measured effect next to the judge's scores.
+
+Order of every page and figure: the measured effect first (report.md: the checkpoint paragraph; comparison.md and
+the left panel of comparison.png: the held-out losses with the record count), then the judge's scores under a
+heading that states how far that judge can be read as quality (`judge.reliability` in report.json,
+`judge_reliability` in comparison.json; see eval/judge_reliability.py).
 """
 
 from __future__ import annotations
@@ -120,8 +125,9 @@ def heldout_comparison(base: dict[str, Any], other: dict[str, Any]) -> dict[str,
 
 
 def heldout_markdown(cmp: dict[str, Any]) -> str:
-    lines = ["## Measured effect: held-out response loss", "", "Mean loss per response token on the run's held-out records, from the "
-             "checkpoints evaluation answers with (lower is better).", "",
+    lines = ["## Measured effect: held-out response loss", "",
+             "Mean loss per response token on the run's held-out records, from the checkpoints evaluation answers "
+             "with (lower is better).", "",
              "| model | baseline | model | Δ | records |", "|---|---|---|---|---|"]
     for model, res in cmp["models"].items():
         h = res["heldout_loss"]
