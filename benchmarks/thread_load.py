@@ -101,7 +101,7 @@ class BusyLoad:
 
 
 def measure(args) -> dict:
-    names = list(SETTINGS)
+    names = args.settings
     samples: dict[str, dict[str, list]] = {"idle": {n: [] for n in names}, "load": {n: [] for n in names}}
     loads = []
     for r in range(args.rounds):
@@ -112,9 +112,17 @@ def measure(args) -> dict:
                     res = run_setting(name, args)
                     samples[block][name].append(res)
                     loads.append(os.getloadavg()[0])
+                    _save(args, {"partial": True, "samples": samples})  # a killed run keeps what it measured
                     print(f"round {r} {block:>4} {name:>6}: threads {res['threads']}, median step "
                           f"{statistics.median(res['step_s']):.3f} s", flush=True)
     return {"samples": samples, "load_average_seen": [min(loads), max(loads)]}
+
+
+def _save(args, result: dict) -> None:
+    if args.json:
+        from launch.rundir import atomic_write_text
+
+        atomic_write_text(Path(args.json), json.dumps(result, indent=1) + "\n")
 
 
 def summarise(samples: dict) -> dict:
@@ -124,7 +132,7 @@ def summarise(samples: dict) -> dict:
     med = {b: {n: [statistics.median(s["step_s"]) for s in runs] for n, runs in by.items()}
            for b, by in samples.items()}
     table = {}
-    for name in SETTINGS:
+    for name in med["idle"]:
         idle, load = med["idle"][name], med["load"][name]
         table[name] = {"threads": samples["idle"][name][0]["threads"],
                        "idle_s": statistics.median(idle), "idle_range": [min(idle), max(idle)],
@@ -161,6 +169,8 @@ def parse_args(argv=None):
     p.add_argument("--rounds", type=int, default=4)
     p.add_argument("--steps", type=int, default=3, help="timed steps per process (after one warm-up step)")
     p.add_argument("--layers", type=int, default=30, help="decoder layers (SmolLM2 has 30)")
+    p.add_argument("--settings", default="before,after", help=f"comma-separated, the first two compared: "
+                   f"{', '.join(SETTINGS)}")
     p.add_argument("--load", type=int, default=os.cpu_count() or 1, help="busy-loop processes in the loaded blocks")
     p.add_argument("--timeout", type=int, default=600, help="seconds one setting's process may take")
     p.add_argument("--quick", action="store_true", help="a smoke run: 1 round, 1 step, 2 layers")
@@ -169,6 +179,10 @@ def parse_args(argv=None):
     args = p.parse_args(argv)
     if args.quick:
         args.rounds, args.steps, args.layers = 1, 1, 2
+    args.settings = [x.strip() for x in args.settings.split(",") if x.strip()]
+    bad = [x for x in args.settings if x not in SETTINGS]
+    if bad or args.settings[:2] != ["before", "after"]:
+        p.error(f"--settings is {args.settings}; expected before,after then any of {', '.join(SETTINGS)}")
     return args
 
 
@@ -185,10 +199,7 @@ def main(argv=None) -> int:
                                              "load_average_seen": measured["load_average_seen"]},
               "samples": measured["samples"], "summary": summarise(measured["samples"])}
     print(markdown(result))
-    if args.json:
-        from launch.rundir import atomic_write_text
-
-        atomic_write_text(Path(args.json), json.dumps(result, indent=1) + "\n")
+    _save(args, result)
     return 0
 
 
