@@ -101,13 +101,13 @@ def eval_available() -> list[str]:
     return [m for m in ("eval.generate", "eval.judge", "eval.report") if importlib.util.find_spec(m) is None]
 
 
-def conversion_markers(run: RunDir) -> set[tuple[str, int, int]]:
-    """(path, inode, mtime) of every GGUF-conversion marker in the shared model cache and the run's base/: a marker
-    not seen before means a conversion ran (a run's hard-linked copy of the cache keeps the cache's inode)."""
-    found = set()
+def conversion_markers(run: RunDir) -> dict[tuple[int, int], str]:
+    """{(inode, mtime): path} of every GGUF-conversion marker in the shared model cache and the run's base/: an
+    identity not seen before means a conversion ran (a run's hard-linked copy of the cache keeps the cache's inode)."""
+    found = {}
     for marker in [*shared_cache().glob(f"*/{SOURCE_FILE}"), *run.base.glob(f"*/{SOURCE_FILE}")]:
         st = marker.stat()
-        found.add((str(marker), st.st_ino, st.st_mtime_ns))
+        found.setdefault((st.st_ino, st.st_mtime_ns), str(marker))
     return found
 
 
@@ -153,7 +153,7 @@ def main(argv: list[str] | None = None) -> int:
     finally:
         timings["total_s"] = round(time.perf_counter() - started, 1)
         timings["machine_end"] = machine_state()
-        converted = sorted(path for path, *_ in conversion_markers(run) - markers)
+        converted = sorted(path for key, path in conversion_markers(run).items() if key not in markers)
         timings["model_conversion"] = {"ran": bool(converted), "markers": converted}
         if run.root.is_dir():
             atomic_write_json(run.logs / TIMINGS_FILE, timings)
