@@ -13,6 +13,11 @@ The comparison resamples questions jointly for both models (paired bootstrap of 
 by launch.merge): the merged dtype, the share of ΔW rounding lost, the logits probe's agreement with the trained
 adapter, and the response loss on the run's held-out records computed from that checkpoint. The comparison puts
 the held-out losses of baseline and model side by side, a measured effect next to the judge's scores.
+
+Order of every page and figure: the measured effect first (report.md: the checkpoint paragraph; comparison.md and
+the left panel of comparison.png: the held-out losses with the record count), then the judge's scores under a
+heading that states how far that judge can be read as quality (`judge.reliability` in report.json,
+`judge_reliability` in comparison.json; see eval/judge_reliability.py).
 """
 
 from __future__ import annotations
@@ -26,6 +31,7 @@ from typing import Any, Optional
 
 from eval.auditing.section import audit_markdown, load_audit, requirement_problems
 from eval.common import EvalError, atomic_write_json, atomic_write_text, check_file_id
+from eval.judge_reliability import judge_reliability
 from eval.judging.engine import JudgmentStore
 from eval.questions import MT_BENCH_CATEGORIES, load_answers
 from eval.stats import DEFAULT_RESAMPLES, DEFAULT_SEED, bootstrap_mean, check_resamples
@@ -121,8 +127,9 @@ def heldout_comparison(base: dict[str, Any], other: dict[str, Any]) -> dict[str,
 
 
 def heldout_markdown(cmp: dict[str, Any]) -> str:
-    lines = ["## Held-out response loss", "", "Mean loss per response token on the run's held-out records, from the "
-             "checkpoints evaluation answers with (lower is better).", "",
+    lines = ["## Measured effect: held-out response loss", "",
+             "Mean loss per response token on the run's held-out records, from the checkpoints evaluation answers "
+             "with (lower is better).", "",
              "| model | baseline | model | Δ | records |", "|---|---|---|---|---|"]
     for model, res in cmp["models"].items():
         h = res["heldout_loss"]
@@ -172,10 +179,11 @@ def _one_or_all(values: list[Any]) -> Any:
 
 def summarize(judged: Judged, seed: int, resamples: int) -> dict[str, Any]:
     rows = judged.rows
+    spec = _one_or_all([redact(r.get("judge_spec")) for r in rows])
     report: dict[str, Any] = {
         "model": judged.target.model_id,
         "judge": {"id": _one_or_all([r.get("judge") for r in rows]),
-                  "spec": _one_or_all([redact(r.get("judge_spec")) for r in rows]),
+                  "spec": spec, "reliability": judge_reliability(spec),
                   "samples": _one_or_all([r.get("samples") for r in rows]),
                   "temperature": _one_or_all([r.get("judge_temperature") for r in rows]),
                   "judgments": str(judged.path)},
@@ -258,7 +266,7 @@ def _write_report(rep: dict[str, Any], folder: Path) -> Path:
 
     folder.mkdir(parents=True, exist_ok=True)
     atomic_write_json(folder / "report.json", rep)
-    atomic_write_text(folder / "report.md", report_markdown(rep) + checkpoint_markdown(rep)
+    atomic_write_text(folder / "report.md", report_markdown(rep, effect=checkpoint_markdown(rep))
                       + audit_markdown(rep.get("audit")))
     report_png(rep, folder / "report.png")
     return folder / "report.md"
@@ -301,15 +309,16 @@ def _run(args: argparse.Namespace) -> int:
         raise EvalError("with more than two TARGETs give --out DIR for the comparison")
     for t, rep in zip(targets, reports):
         print(f"report: {_write_report(rep, t.out.root)}")
-    cmp = {"baseline": reports[0]["model"], "judge": reports[0]["judge"]["spec"], "seed": args.seed,
+    cmp = {"baseline": reports[0]["model"], "judge": reports[0]["judge"]["spec"],
+           "judge_reliability": reports[0]["judge"]["reliability"], "seed": args.seed,
            "resamples": args.resamples,
            "models": {rep["model"]: compare(judged[0], j, args.seed, args.resamples)
                       | {"heldout_loss": heldout_comparison(reports[0], rep)}
                       for j, rep in zip(judged[1:], reports[1:])}}
     out.mkdir(parents=True, exist_ok=True)
     atomic_write_json(out / "comparison.json", cmp)
-    atomic_write_text(out / "comparison.md", comparison_markdown(cmp) + "\n" + heldout_markdown(cmp))
-    comparison_png(reports, out / "comparison.png")
+    atomic_write_text(out / "comparison.md", comparison_markdown(cmp, effect=heldout_markdown(cmp)))
+    comparison_png(reports, cmp, out / "comparison.png")
     print(f"comparison: {out / 'comparison.md'}")
     return _judge_requirements(reports, args)
 

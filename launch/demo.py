@@ -13,6 +13,11 @@ starts), and a rerun continues where an interrupted one stopped: training resume
 checkpoint (a finished run is a no-op), each merge is skipped when its checkpoint exists, generation and judging add
 only the answers and judgments still missing, and the report is written again. The scores
 exercise the pipeline; a 135M judge is not a quality measure, the held-out loss is the measured effect.
+
+Every stage uses the thread count of launch/threads.py (`--threads N` or SSPEFT_THREADS to set it). The run's
+logs/demo_timings.json holds each stage's seconds (`stages_s`), `total_s`, the thread plan, the machine's load
+average, cores and CPU affinity at the start and the end, and whether a model conversion ran (`model_conversion`:
+the first run on a machine dequantizes the GGUF once).
 """
 
 from __future__ import annotations
@@ -21,13 +26,16 @@ import argparse
 import importlib
 import importlib.util
 import json
+import os
 import subprocess
 import sys
 import time
 from pathlib import Path
 
+from launch.models import SOURCE_FILE, shared_cache
 from launch.recipe import load_recipe
 from launch.rundir import RunDir, atomic_write_json
+from launch.threads import ThreadSettingError, configure_threads, cgroup_quota
 
 REPO = Path(__file__).resolve().parents[1]
 DEMO_RECIPE = REPO / "recipes" / "demo" / "smollm2_ssh.yaml"
@@ -46,6 +54,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--steps", type=int, help="training steps (default: the recipe's)")
     p.add_argument("--questions", type=int, help="questions to answer and judge (default: the recipe's eval.limit)")
     p.add_argument("--max-new-tokens", type=int, help="new tokens per answer and per judgment")
+    p.add_argument("--threads", type=int, help="CPU threads per stage (default: $SSPEFT_THREADS, else "
+                   "$OMP_NUM_THREADS, else the cores this process may use; see launch/threads.py)")
     return p.parse_args(argv)
 
 
@@ -82,7 +92,7 @@ def run_stage(name: str, argv: list[str], log_dir: Path, timings: dict) -> None:
                 sink.write(line)
             code = proc.wait()
         where = str(log)
-    timings[name] = round(time.perf_counter() - start, 1)
+    timings["stages_s"][name] = round(time.perf_counter() - start, 1)
     if code != 0:
         raise DemoError(f"stage {name!r} failed with exit status {code}; see {where}")
 
@@ -91,13 +101,35 @@ def eval_available() -> list[str]:
     return [m for m in ("eval.generate", "eval.judge", "eval.report") if importlib.util.find_spec(m) is None]
 
 
+def conversion_markers(run: RunDir) -> dict[tuple[int, int], str]:
+    """{(inode, mtime): path} of every GGUF-conversion marker in the shared model cache and the run's base/: an
+    identity not seen before means a conversion ran (a run's hard-linked copy of the cache keeps the cache's inode)."""
+    found = {}
+    for marker in [*shared_cache().glob(f"*/{SOURCE_FILE}"), *run.base.glob(f"*/{SOURCE_FILE}")]:
+        st = marker.stat()
+        found.setdefault((st.st_ino, st.st_mtime_ns), str(marker))
+    return found
+
+
+def machine_state() -> dict:
+    """What the timings ran on: load averages (1, 5, 15 min), cores, the CPUs this process may use, the quota."""
+    return {"load_average": [round(x, 2) for x in os.getloadavg()], "cpu_count": os.cpu_count(),
+            "affinity": sorted(os.sched_getaffinity(0)), "cgroup_quota_cpus": cgroup_quota()}
+
+
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     overrides = recipe_overrides(args)
     recipe = load_recipe(args.recipe, overrides)  # fails here, before anything runs, on a bad override
+    try:  # before any stage imports torch: the OpenMP runtime reads its settings once, at load
+        threads = configure_threads(args.threads)
+    except ThreadSettingError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
     run = RunDir(recipe.run_dir)
     baseline = run.baseline_run()
-    timings: dict[str, float] = {}
+    markers = conversion_markers(run)
+    timings: dict = {"stages_s": {}, "threads": threads, "machine_start": machine_state()}
     started = time.perf_counter()
     try:
         run_stage("train", ["launch.train", args.recipe, *overrides], run.logs, timings)
@@ -119,7 +151,10 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: {e}", file=sys.stderr)
         return 1
     finally:
-        timings["total"] = round(time.perf_counter() - started, 1)
+        timings["total_s"] = round(time.perf_counter() - started, 1)
+        timings["machine_end"] = machine_state()
+        converted = sorted(path for key, path in conversion_markers(run).items() if key not in markers)
+        timings["model_conversion"] = {"ran": bool(converted), "markers": converted}
         if run.root.is_dir():
             atomic_write_json(run.logs / TIMINGS_FILE, timings)
     print_outputs(run, timings)
@@ -138,7 +173,10 @@ def print_outputs(run: RunDir, timings: dict) -> None:
         f"  judgments         {run.judgments}  and  {baseline.judgments}",
         f"  reports           {run.report_md}  and  {baseline.report_md}",
         f"  comparison        {run.comparison}",
-        f"  timings (s)       {json.dumps(timings)}",
+        f"  timings (s)       {json.dumps(timings['stages_s'])}, total {timings['total_s']}; "
+        f"model conversion {'ran' if timings['model_conversion']['ran'] else 'not needed'}; load average "
+        f"{timings['machine_start']['load_average'][0]} at the start, {timings['machine_end']['load_average'][0]} "
+        f"at the end on {timings['machine_start']['cpu_count']} cores ({run.logs / TIMINGS_FILE})",
         *checkpoint_lines(run),
         "The scores exercise the pipeline; a 135M judge is not a quality measure.",
     ]

@@ -48,6 +48,7 @@ from launch.process import Terminated, terminate_on_signals
 from launch.recipe import RecipeError, load_resolved
 from launch.rundir import (MERGE_REPORT, OutputError, RunDir, atomic_directory, atomic_write_json, check_free_space,
                            check_writable, describe_os_error)
+from launch.threads import ThreadSettingError, configure_threads
 
 log = logging.getLogger("launch.merge")
 SHARD_BYTES = 2 * 1024**3
@@ -579,10 +580,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--no-adapter", action="store_true", help="write baseline/merged/: the base without ΔW")
     args = parser.parse_args(argv)
     try:
+        log.info("CPU threads: %s", configure_threads())
         with terminate_on_signals():
             out = merge(args.run_dir, args.dtype, with_adapter=not args.no_adapter,
                         max_delta_loss=args.max_delta_loss, allow_lossy=args.allow_lossy)
-    except (MergeError, RecipeError, OutputError, sspeft.AdapterFileError) as e:
+    except (MergeError, RecipeError, OutputError, sspeft.AdapterFileError, ThreadSettingError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
     except OSError as e:

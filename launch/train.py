@@ -33,6 +33,7 @@ from launch.process import PREEMPTED_EXIT_CODE
 from launch.recipe import Recipe, RecipeError, load_recipe, shown
 from launch.rundir import (COMPLETE_MARKER, Attempt, RunDir, RunDirError, RunDirLock, atomic_directory,
                            atomic_write_json, atomic_write_text)
+from launch.threads import configure_threads
 
 log = logging.getLogger("launch.train")
 SUMMARY_FILE = "train_summary.json"
@@ -458,6 +459,7 @@ def main(argv: list[str] | None = None) -> int:
 def _main(args: argparse.Namespace, flag: distributed.PreemptionFlag) -> int:
     try:
         recipe = load_recipe(args.recipe, args.overrides)
+        log.info("CPU threads: %s", configure_threads())
         adopt_launcher_deepspeed(recipe)
         run = recipe.run
         plan = preflight(recipe, run)

@@ -100,7 +100,39 @@ def test_comparison_paired(tmp_path):
     assert res["overall"]["all"]["mean"] - res["overall"]["all"]["baseline_mean"] == pytest.approx(1.0)
     assert (run / "report.json").is_file() and (run / "baseline" / "report.json").is_file()
     assert (run / "comparison" / "comparison.png").is_file()
-    assert "+1.00 [+1.00, +1.00]" in (run / "comparison" / "comparison.md").read_text()
+    md = (run / "comparison" / "comparison.md").read_text()
+    assert "+1.00 [+1.00, +1.00]" in md
+    # the measured effect leads; the judge's scores follow under a heading that says how far they can be trusted
+    assert md.index("## Measured effect: held-out response loss") < md.index("## Judge scores (judge agreement "
+                                                                           "not measured)")
+    assert cmp["judge_reliability"]["level"] == "unaudited" and "**Reliability:**" in md
+
+
+def test_judge_reliability_levels():
+    from eval.judge_reliability import judge_reliability
+
+    assert judge_reliability("local:smollm2")["level"] == "not-a-quality-measure"
+    assert judge_reliability("local:/cache/SmolLM2-135M-Instruct.Q4_1")["label"] == "tiny judge: not a quality measure"
+    assert judge_reliability("openai:gpt-4o@https://api.openai.com/v1")["level"] == "unaudited"
+    assert judge_reliability(None)["level"] == "unaudited"
+    # rows graded by several specs: the least reliable one decides
+    assert judge_reliability(["serve:/models/qwen", "local:smollm2"])["level"] == "not-a-quality-measure"
+
+
+def test_tiny_judge_report_leads_with_the_checkpoint(tmp_path):
+    """report.md of a run judged by the demo's judge: the checkpoint paragraph first, then scores marked as not a
+    quality measure."""
+    from eval.report_files import report_markdown
+
+    root = _canned(tmp_path / "run", judge="smollm2")
+    path = root / "judgments" / "smollm2_single.jsonl"
+    path.write_text(path.read_text().replace("openai:smollm2@http://127.0.0.1:1/v1", "local:smollm2"))
+    assert report_main([str(root), "--resamples", "200"]) == 0
+    rep = json.loads((root / "report.json").read_text())
+    assert rep["judge"]["reliability"]["level"] == "not-a-quality-measure"
+    md = report_markdown(rep, effect="Checkpoint: merged in fp32. Response loss on the run's 3 held-out records: 1.5.")
+    assert md.index("## Checkpoint and held-out response loss") < md.index("held-out records: 1.5") < md.index(
+        "## Judge scores (tiny judge: not a quality measure)") < md.index("| **overall** |")
 
 
 def test_report_bad_input(tmp_path, capsys):

@@ -91,4 +91,18 @@ def test_demo_with_tiny_settings(tmp_path, model_cache):
     assert list(run.judgments.glob("*_single.jsonl")) and list(run.baseline_run().judgments.glob("*_single.jsonl"))
     assert run.comparison.is_dir() and any(run.comparison.iterdir())
     timings = json.loads((run.logs / "demo_timings.json").read_text())
-    assert {"train", "merge", "baseline", "report", "total"} <= set(timings)
+    assert {"train", "merge", "baseline", "report"} <= set(timings["stages_s"]) and timings["total_s"] > 0
+    assert timings["model_conversion"]["ran"] in (True, False) and timings["threads"]["threads"] >= 1
+    for state in (timings["machine_start"], timings["machine_end"]):
+        assert len(state["load_average"]) == 3 and state["cpu_count"] >= len(state["affinity"]) >= 1
+    # the comparison leads with the measured effect and says the tiny judge's scores are not a quality measure
+    cmp = json.loads((run.comparison / "comparison.json").read_text())
+    held = next(iter(cmp["models"].values()))["heldout_loss"]
+    assert held["records"] >= 1 and held["baseline"] > 0 and held["model"] > 0
+    assert cmp["judge_reliability"]["level"] == "not-a-quality-measure"
+    md = (run.comparison / "comparison.md").read_text()
+    assert md.index("## Measured effect: held-out response loss") < md.index(
+        "## Judge scores (tiny judge: not a quality measure)")
+    report = (run.report_md).read_text()
+    assert report.index("held-out records") < report.index("## Judge scores (tiny judge: not a quality measure)")
+    assert (run.comparison / "comparison.png").read_bytes()[:4] == b"\x89PNG"
