@@ -183,7 +183,7 @@ def summarize(judged: Judged, seed: int, resamples: int) -> dict[str, Any]:
     report: dict[str, Any] = {
         "model": judged.target.model_id,
         "judge": {"id": _one_or_all([r.get("judge") for r in rows]),
-                  "spec": spec, "reliability": judge_reliability(spec),
+                  "spec": spec,
                   "samples": _one_or_all([r.get("samples") for r in rows]),
                   "temperature": _one_or_all([r.get("judge_temperature") for r in rows]),
                   "judgments": str(judged.path)},
@@ -198,6 +198,7 @@ def summarize(judged: Judged, seed: int, resamples: int) -> dict[str, Any]:
     }
     judge_id = report["judge"]["id"]
     report["audit"] = load_audit(judged.target.out.root, judge_id) if isinstance(judge_id, str) else None
+    report["judge"]["reliability"] = judge_reliability(spec, report["audit"])
     if judged.pair_rows:
         report["pairwise"] = _pairwise(judged.pair_rows)
     return report

@@ -115,6 +115,13 @@ def test_judge_reliability_levels():
     assert judge_reliability("local:/cache/SmolLM2-135M-Instruct.Q4_1")["label"] == "tiny judge: not a quality measure"
     assert judge_reliability("openai:gpt-4o@https://api.openai.com/v1")["level"] == "unaudited"
     assert judge_reliability(None)["level"] == "unaudited"
+    audit = {"sample": {"questions": [81, 82, 83]}, "position_consistency": {"value": 0.625, "n": 16},
+             "repeat_weighted_kappa": {"value": None, "n": 0}, "label_agreement": {"label_kappa": {"value": 0.41}}}
+    audited = judge_reliability("openai:gpt-4o@https://api.openai.com/v1", audit)
+    assert audited["level"] == "audited"
+    assert audited["label"] == "judge audited: position consistency 0.62, κ against labels 0.41"
+    assert "on 3 of this run's questions" in audited["reason"]
+    assert judge_reliability("local:smollm2", audit)["level"] == "not-a-quality-measure"  # an audit does not lift it
     # rows graded by several specs: the least reliable one decides
     assert judge_reliability(["serve:/models/qwen", "local:smollm2"])["level"] == "not-a-quality-measure"
 
