@@ -117,6 +117,12 @@ def summarise(runs: list[dict], bases) -> dict:
     return out
 
 
+def shown_path(path: str) -> str:
+    """``path`` relative to the repository when it lies inside it (results name no checkout), else absolute."""
+    resolved = Path(path).resolve()
+    return str(resolved.relative_to(REPO)) if resolved.is_relative_to(REPO) else str(resolved)
+
+
 def markdown(result: dict) -> str:
     m = result["machine"]
     lines = [f"Recipe `{result['recipe']}`, {result['rounds']} rounds × {result['steps']} steps per run; "
@@ -162,7 +168,7 @@ def main(argv=None) -> int:
 
     runs = measure(args)
     loads = [x for r in runs for x in r["load_average"]]
-    result = {"command": " ".join([Path(sys.argv[0]).name, *sys.argv[1:]]), "recipe": args.recipe,
+    result = {"command": " ".join([Path(sys.argv[0]).name, *sys.argv[1:]]), "recipe": shown_path(args.recipe),
               "rounds": args.rounds, "steps": args.steps,
               "machine": {"cpu_count": os.cpu_count(), "threads": thread_plan()["threads"],
                           "load_average_seen": [min(loads), max(loads)]},

@@ -242,18 +242,18 @@ class _MergedLinear(torch.autograd.Function):
 
 
 class _SplitAdapter(torch.autograd.Function):
-    """x·ΔWᵀ by per-token transforms (the base output is added outside); saves only x and w."""
+    """x·ΔWᵀ by per-token transforms (the base output is added outside). Saves w and the input's transform at the
+    positions (tokens × atoms, or tokens × sampled columns), which backward reuses for the coefficient gradient:
+    the input is transformed once per step, not again in backward."""
 
     @staticmethod
     def forward(ctx, x: torch.Tensor, w: torch.Tensor, plan, out_dtype: torch.dtype) -> torch.Tensor:
         x2 = x.reshape(-1, x.shape[-1])
         with torch.autocast(x.device.type, enabled=False):  # transforms run in fp32 whatever the autocast dtype
-            if isinstance(plan, atoms.FourierPlan):
-                y = plan.synth_out(w, plan.analysis_in(x2))
-            else:
-                y = plan.synth_out(w, plan.sampled_in(x2))
-        ctx.plan = plan
-        ctx.save_for_backward(x, w)
+            x_spec = plan.analysis_in(x2) if isinstance(plan, atoms.FourierPlan) else plan.sampled_in(x2)
+            y = plan.synth_out(w, x_spec)
+        ctx.plan, ctx.x_shape, ctx.x_dtype = plan, x.shape, x.dtype
+        ctx.save_for_backward(x_spec, w)
         return y.to(out_dtype).view(*x.shape[:-1], plan.shape[0])
 
     @staticmethod
@@ -263,20 +263,19 @@ class _SplitAdapter(torch.autograd.Function):
 
     @staticmethod
     def _backward(ctx, grad_out: torch.Tensor):
-        x, w = ctx.saved_tensors
+        x_spec, w = ctx.saved_tensors
         plan = ctx.plan
         g2 = grad_out.reshape(-1, grad_out.shape[-1])
-        x2 = x.reshape(-1, x.shape[-1])
         fourier = isinstance(plan, atoms.FourierPlan)
         g_spec = plan.analysis_out(g2) if fourier else plan.sampled_out(g2)
         grad_x = grad_w = None
         if ctx.needs_input_grad[0]:
-            grad_x = plan.synth_in(w, g_spec).to(x.dtype).view(x.shape)
+            grad_x = plan.synth_in(w, g_spec).to(ctx.x_dtype).view(ctx.x_shape)
         if ctx.needs_input_grad[1]:
             if fourier:
-                grad_w = plan.atom_grad(plan.analysis_in(x2), g_spec)
+                grad_w = plan.atom_grad(x_spec, g_spec)
             else:
-                grad_w = (g_spec * plan.sampled_in(x2)).sum(0) * plan.scale
+                grad_w = (g_spec * x_spec).sum(0) * plan.scale
         return grad_x, grad_w, None, None
 
 

@@ -170,6 +170,23 @@ def test_no_out_by_in_tensor_saved_for_backward(case):
         assert max(sizes) < out_f * in_f, f"{path} saved a tensor of {max(sizes)} elements"
 
 
+@pytest.mark.parametrize("case", sorted(FOURIER))
+def test_split_path_transforms_the_input_once_per_step(case):
+    """Forward and backward of the split path run two forward FFTs in all (the input's, the output gradient's):
+    backward reuses the input spectrum saved in forward instead of transforming the input again."""
+    from torch.profiler import ProfilerActivity, profile
+
+    model, layer = adapted(case, (24, 36))
+    set_path(layer, "split")
+    x = torch.randn(2, 5, 36, requires_grad=True)
+    with profile(activities=[ProfilerActivity.CPU]) as prof:
+        model(x).sum().backward()
+    assert forward.last_paths(layer)["default"] == "split"
+    counts = {e.key: e.count for e in prof.key_averages()}
+    assert counts.get("aten::_fft_r2c", 0) == 2, f"forward FFTs: {counts.get('aten::_fft_r2c', 0)} (expected 2)"
+    assert x.grad is not None and layer.coefficients.grad is not None
+
+
 def test_merged_sparse_path_restores_the_base_weight_bitwise():
     model, layer = adapted("waveft", (15, 9))
     before = layer.base_layer.weight.detach().clone()
