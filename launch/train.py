@@ -396,27 +396,28 @@ def check_ranks_agree(model, timer, zero3: bool) -> None:
 
 
 def positions_digests(model) -> list[str]:
-    """A digest of every adapter's positions on each rank, in rank order (identical ranks → identical digests)."""
-    import hashlib
+    """A digest of every adapter's positions on each rank, in rank order (identical ranks → identical digests);
+    the positions are those the sspeft layers hold (`sspeft.adapter_positions`; LoRA has none)."""
+    import sspeft
 
-    digest = hashlib.sha256()
-    for name, buffer in sorted(model.named_buffers()):
-        if "positions" in name:  # sspeft_positions buffers; LoRA has none
-            digest.update(name.encode())
-            digest.update(buffer.detach().cpu().long().numpy().tobytes())
-    return _all_ranks(digest.hexdigest()[:16])
+    return _all_ranks(_digest(sspeft.adapter_positions(model).items(), lambda t: t.long()))
 
 
 def trainable_digests(model) -> list[str]:
     """A digest of every trainable parameter's values on each rank, in rank order (data parallel → identical)."""
+    trainable = ((name, p) for name, p in model.named_parameters() if p.requires_grad)
+    return _all_ranks(_digest(trainable, lambda t: t.float().contiguous()))
+
+
+def _digest(named_tensors, as_stored) -> str:
+    """A 16-hex-digit digest of (name, tensor) pairs, in name order, each tensor first mapped by `as_stored`."""
     import hashlib
 
     digest = hashlib.sha256()
-    for name, param in sorted(model.named_parameters()):
-        if param.requires_grad:
-            digest.update(name.encode())
-            digest.update(param.detach().float().cpu().contiguous().numpy().tobytes())
-    return _all_ranks(digest.hexdigest()[:16])
+    for name, tensor in sorted(named_tensors, key=lambda item: item[0]):
+        digest.update(name.encode())
+        digest.update(as_stored(tensor.detach().cpu()).numpy().tobytes())
+    return digest.hexdigest()[:16]
 
 
 def _all_ranks(mine: str) -> list[str]:
