@@ -181,7 +181,7 @@ class RunDir:
         if not self.checkpoints.is_dir():
             return []
         found = [p for p in self.checkpoints.glob("checkpoint-*") if (p / COMPLETE_MARKER).is_file()]
-        return sorted(found, key=_step_of)
+        return sorted(found, key=checkpoint_step)
 
     def resumable_checkpoint(self) -> tuple[Path | None, list[str]]:
         """The newest complete checkpoint that passes `checkpoint_problem`, and a line per newer one passed over
@@ -299,7 +299,8 @@ def safetensors_problem(file: Path) -> str | None:
     return None
 
 
-def _step_of(path: Path) -> int:
+def checkpoint_step(path: Path) -> int:
+    """The training step a checkpoint directory (`checkpoint-<step>`) holds; -1 for a name without one."""
     try:
         return int(path.name.rsplit("-", 1)[1])
     except (IndexError, ValueError):

@@ -32,7 +32,7 @@ from launch.preflight import (TrainError, adopt_launcher_deepspeed, check_agains
 from launch.process import PREEMPTED_EXIT_CODE
 from launch.recipe import Recipe, RecipeError, load_recipe, shown
 from launch.rundir import (COMPLETE_MARKER, Attempt, RunDir, RunDirError, RunDirLock, atomic_directory,
-                           atomic_write_json, atomic_write_text)
+                           atomic_write_json, atomic_write_text, checkpoint_step)
 from launch.threads import configure_threads
 
 log = logging.getLogger("launch.train")
@@ -352,16 +352,12 @@ def write_run_files(plan: Plan, dist: distributed.Dist, template: str) -> None:
         atomic_write_text(run.template, template)
         # a damaged checkpoint newer than the resume point is about to be rewritten by the trainer: without its
         # marker it is dropped now, so the marker never vouches for a half-rewritten directory
-        newer = [p for p in run.complete_checkpoints() if plan.resume_from and _step(p) > _step(plan.resume_from)]
+        newer = [p for p in run.complete_checkpoints() if plan.resume_from and checkpoint_step(p) > checkpoint_step(plan.resume_from)]
         for path in newer:
             (path / COMPLETE_MARKER).unlink()
         for path in drop_incomplete_checkpoints(run):
             log.warning("removed incomplete checkpoint %s (killed while saving)", path)
     distributed.barrier()
-
-
-def _step(checkpoint: Path) -> int:
-    return int(checkpoint.name.rsplit("-", 1)[1])
 
 
 def build_trainer(plan: Plan, dist: distributed.Dist, model, tokenizer, dataset, eval_dataset, callbacks: list):
