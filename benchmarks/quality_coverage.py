@@ -28,7 +28,7 @@ from pathlib import Path
 import torch
 
 from benchmarks import quality_common as qc
-from launch.rundir import atomic_write_json
+from launch.rundir import atomic_file, atomic_write_json
 
 @dataclass
 class CoverageConfig:
@@ -469,10 +469,8 @@ def _cached(path: Path, make):
     if path.is_file():
         return torch.load(path)
     value = make()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(".tmp")
-    torch.save(value, tmp)
-    tmp.replace(path)
+    with atomic_file(path) as tmp:
+        torch.save(value, tmp)
     return value
 
 

@@ -22,7 +22,7 @@ from pathlib import Path
 import torch
 
 from benchmarks import quality_common as qc
-from launch.rundir import atomic_write_json
+from launch.rundir import atomic_file, atomic_write_json
 
 RANK_TOL = 1e-3
 """ΔW numerical rank counts singular values above RANK_TOL·σmax."""
@@ -298,10 +298,8 @@ def _stems(model, splits: dict, first: int, cache: Path, settings: dict) -> dict
     if path.is_file():
         return torch.load(path)
     stems = {s: qc.compute_stems(model, splits[s], first) for s in ("train", "val", "test")}
-    cache.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(".tmp")
-    torch.save(stems, tmp)
-    tmp.replace(path)
+    with atomic_file(path) as tmp:
+        torch.save(stems, tmp)
     return stems
 
 

@@ -352,7 +352,8 @@ def write_run_files(plan: Plan, dist: distributed.Dist, template: str) -> None:
         atomic_write_text(run.template, template)
         # a damaged checkpoint newer than the resume point is about to be rewritten by the trainer: without its
         # marker it is dropped now, so the marker never vouches for a half-rewritten directory
-        newer = [p for p in run.complete_checkpoints() if plan.resume_from and checkpoint_step(p) > checkpoint_step(plan.resume_from)]
+        newer = [p for p in run.complete_checkpoints()
+                 if plan.resume_from and checkpoint_step(p) > checkpoint_step(plan.resume_from)]
         for path in newer:
             (path / COMPLETE_MARKER).unlink()
         for path in drop_incomplete_checkpoints(run):
