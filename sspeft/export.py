@@ -39,11 +39,10 @@ from . import weights
 from .layer import SpectralLinear
 from .model import adapted_layers
 from .atoms import FourierPlan, SparsePlan, cas
+from .io import CONFIG_NAME, WEIGHTS_NAME  # PEFT's file names, shared by both adapter formats
 
 VLLM_LORA_RANKS = (1, 8, 16, 32, 64, 128, 256, 320, 512)
 """The LoRA ranks vLLM's `max_lora_rank` accepts."""
-CONFIG_NAME = "adapter_config.json"
-WEIGHTS_NAME = "adapter_model.safetensors"
 
 
 @dataclass
