@@ -398,7 +398,7 @@ def run(setup: qc.Setup, cfg: CoverageConfig, results: Path, cache: Path, progre
     first = qc.first_adapted_layer(model, setup)
     all_names = qc.target_names(model, setup)
     top_names = qc.target_names(model, setup, first)
-    grad, train_stems = _gradient(model, splits, all_names, first, setup, cfg, cache, settings, progress)
+    grad, train_stems = cached_gradient(model, splits, all_names, first, setup, cfg, cache, settings, progress)
     tree = skeleton(model, all_names)
     r1 = lora_r1_budget(tree, all_names)
     plan = [(mult, v, seed) for mult in sorted(cfg.budget_multiples, key=lambda m: (m != 1.0, m))
@@ -478,7 +478,7 @@ def _digest(*parts) -> str:
     return hashlib.sha256(json.dumps(parts).encode()).hexdigest()[:16]
 
 
-def _gradient(model, splits, all_names, first, setup, cfg, cache: Path, settings: dict, progress) -> tuple:
+def cached_gradient(model, splits, all_names, first, setup, cfg, cache: Path, settings: dict, progress) -> tuple:
     """(G over all layers, the stems of the gradient records at the first adapted layer), cached under `cache`."""
     def make():
         t0 = time.time()
