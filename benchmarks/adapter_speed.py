@@ -33,6 +33,7 @@ import torch
 
 from launch.rundir import atomic_write_text
 from sspeft import METHODS as SSPEFT_METHODS
+from timing import quartiles  # benchmarks/ is on sys.path when this file runs
 
 SHAPES = {
     # the CPU benchmark model: hidden 2048, 2 layers, MHA, small vocabulary
@@ -138,13 +139,6 @@ class Bench:
 
 
 # ---------------------------------------------------------------------------------------------------- timing
-def quartiles(values: list[float]) -> tuple[float, float]:
-    if len(values) < 2:
-        return values[0], values[0]
-    q = statistics.quantiles(values, n=4, method="inclusive")
-    return q[0], q[2]
-
-
 def time_methods(methods: list[str], args, tokens: int, checkpointing: bool, quant4: bool = False) -> dict:
     """Interleaved timing of ``methods`` (the first is the reference for the ratios)."""
     benches = []

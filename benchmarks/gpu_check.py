@@ -56,6 +56,7 @@ from torch import nn  # noqa: E402
 
 import sspeft  # noqa: E402
 from benchmarks.gpu_check_report import markdown  # noqa: E402
+from benchmarks.timing import quartiles  # noqa: E402
 from launch.rundir import atomic_write_json, atomic_write_text  # noqa: E402
 from sspeft import forward as sspeft_forward  # noqa: E402
 from sspeft.config import METHOD_DEFAULTS, METHODS, PATHS  # noqa: E402
@@ -461,13 +462,6 @@ def tensor_bytes(model: nn.Module) -> int:
 
 
 # ---------------------------------------------------------------------------------------------------- 2. timing
-def quartiles(values: list[float]) -> tuple[float, float]:
-    if len(values) < 2:
-        return values[0], values[0]
-    q = statistics.quantiles(values, n=4, method="inclusive")
-    return q[0], q[2]
-
-
 def interleaved(trainees: list, run, rounds: int, deadline, failures: dict[str, str]) -> dict[str, list[float]]:
     """``rounds`` rounds of one ``run(trainee)`` each, order rotated per round; stops early when ``deadline()`` ≤ 0
     (the rounds done so far are kept). A config that raises leaves the rounds, its reason in ``failures``.

@@ -32,7 +32,7 @@ from pathlib import Path
 
 import yaml
 
-from adapter_speed import quartiles  # benchmarks/ is on sys.path when this file runs
+from timing import quartiles  # benchmarks/ is on sys.path when this file runs
 from launch.recipe import load_recipe
 from launch.rundir import atomic_write_text
 

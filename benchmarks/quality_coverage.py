@@ -28,7 +28,7 @@ from pathlib import Path
 import torch
 
 from benchmarks import quality_common as qc
-from launch.rundir import atomic_write_json
+from launch.rundir import atomic_file, atomic_write_json
 
 @dataclass
 class CoverageConfig:
@@ -398,7 +398,7 @@ def run(setup: qc.Setup, cfg: CoverageConfig, results: Path, cache: Path, progre
     first = qc.first_adapted_layer(model, setup)
     all_names = qc.target_names(model, setup)
     top_names = qc.target_names(model, setup, first)
-    grad, train_stems = _gradient(model, splits, all_names, first, setup, cfg, cache, settings, progress)
+    grad, train_stems = cached_gradient(model, splits, all_names, first, setup, cfg, cache, settings, progress)
     tree = skeleton(model, all_names)
     r1 = lora_r1_budget(tree, all_names)
     plan = [(mult, v, seed) for mult in sorted(cfg.budget_multiples, key=lambda m: (m != 1.0, m))
@@ -469,10 +469,8 @@ def _cached(path: Path, make):
     if path.is_file():
         return torch.load(path)
     value = make()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(".tmp")
-    torch.save(value, tmp)
-    tmp.replace(path)
+    with atomic_file(path) as tmp:
+        torch.save(value, tmp)
     return value
 
 
@@ -480,7 +478,7 @@ def _digest(*parts) -> str:
     return hashlib.sha256(json.dumps(parts).encode()).hexdigest()[:16]
 
 
-def _gradient(model, splits, all_names, first, setup, cfg, cache: Path, settings: dict, progress) -> tuple:
+def cached_gradient(model, splits, all_names, first, setup, cfg, cache: Path, settings: dict, progress) -> tuple:
     """(G over all layers, the stems of the gradient records at the first adapted layer), cached under `cache`."""
     def make():
         t0 = time.time()

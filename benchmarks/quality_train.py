@@ -21,8 +21,10 @@ from pathlib import Path
 
 import torch
 
+import sspeft
 from benchmarks import quality_common as qc
-from launch.rundir import atomic_write_json
+from launch.rundir import atomic_file, atomic_write_json
+from sspeft.model import is_adapter_layer
 
 RANK_TOL = 1e-3
 """ΔW numerical rank counts singular values above RANK_TOL·σmax."""
@@ -189,10 +191,9 @@ def delta_ranks(model) -> list[int]:
     out = []
     with torch.no_grad():
         for module in lm_of(model).modules():
-            getter = getattr(module, "delta_weight", None) if hasattr(module, "sspeft_config") else None
-            if getter is not None:
-                d = getter()
-            elif hasattr(module, "get_delta_weight") and hasattr(module, "base_layer") and module.active_adapters:
+            if isinstance(module, sspeft.SpectralLinear):
+                d = module.delta_weight()
+            elif is_adapter_layer(module) and module.active_adapters:  # a PEFT tuner layer (LoRA & co.)
                 d = module.get_delta_weight(module.active_adapters[0])
             else:
                 continue
@@ -298,10 +299,8 @@ def _stems(model, splits: dict, first: int, cache: Path, settings: dict) -> dict
     if path.is_file():
         return torch.load(path)
     stems = {s: qc.compute_stems(model, splits[s], first) for s in ("train", "val", "test")}
-    cache.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(".tmp")
-    torch.save(stems, tmp)
-    tmp.replace(path)
+    with atomic_file(path) as tmp:
+        torch.save(stems, tmp)
     return stems
 
 

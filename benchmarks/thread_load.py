@@ -127,7 +127,7 @@ def _save(args, result: dict) -> None:
 
 def summarise(samples: dict) -> dict:
     """Per setting and block: median of the per-process median step times (min–max); slowdown; after/before."""
-    from adapter_speed import quartiles  # benchmarks/ is on sys.path when this file runs; it imports torch
+    from timing import quartiles  # benchmarks/ is on sys.path when this file runs
 
     med = {b: {n: [statistics.median(s["step_s"]) for s in runs] for n, runs in by.items()}
            for b, by in samples.items()}

@@ -7,11 +7,12 @@ import hashlib
 import json
 import re
 import signal
-import threading
 from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
 
+from launch import process
+from launch.process import Terminated
 from launch.rundir import atomic_write_json, atomic_write_text
 
 __all__ = ["EvalError", "Terminated", "terminate_on_signals", "read_jsonl", "read_jsonl_lines", "write_jsonl",
@@ -22,36 +23,12 @@ class EvalError(ValueError):
     """Bad input or a failed precondition; the message names the file/field, the value and what was expected."""
 
 
-class Terminated(KeyboardInterrupt):
-    """SIGTERM or SIGHUP (timeout, kill, scancel, a closed terminal) raised in the main thread, so every `finally`
-    and context manager runs: servers we started stop, stored results stay. A KeyboardInterrupt, so the paths that
-    handle Ctrl-C handle these too."""
-
-    def __init__(self, signum: int) -> None:
-        super().__init__(signal.Signals(signum).name)
-        self.signum = signum
-
-    @property
-    def exit_status(self) -> int:
-        return 128 + self.signum
-
-
 @contextlib.contextmanager
 def terminate_on_signals():
-    """Turn SIGTERM and SIGHUP into `Terminated` for the length of the block (main thread only)."""
-    if threading.current_thread() is not threading.main_thread():
+    """Turn SIGTERM and SIGHUP into `Terminated` for the length of the block (main thread only); Ctrl-C stays a
+    plain KeyboardInterrupt."""
+    with process.terminate_on_signals((signal.SIGTERM, signal.SIGHUP)):
         yield
-        return
-
-    def handler(signum, _frame):
-        raise Terminated(signum)
-
-    previous = {s: signal.signal(s, handler) for s in (signal.SIGTERM, signal.SIGHUP)}
-    try:
-        yield
-    finally:
-        for s, h in previous.items():
-            signal.signal(s, h)
 
 
 def read_jsonl(path: Path, what: str) -> list[tuple[int, dict[str, Any]]]:

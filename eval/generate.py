@@ -17,14 +17,13 @@ trained ΔW is refused unless --allow-lossy. Exit status 0 on success, 2 for bad
 from __future__ import annotations
 
 import argparse
-import hashlib
 import math
 import sys
 from pathlib import Path
 from typing import Optional
 
 from eval.answers.answering import answer_questions, pending_answers, save_answers
-from eval.answers.chat_template import load_tokenizer
+from eval.answers.chat_template import load_tokenizer, template_sha256
 from eval.answers.generators import make_generator, pick_backend
 from eval.common import EvalError, atomic_write_json
 from eval.questions import DEFAULT_QUESTIONS, load_questions
@@ -108,7 +107,7 @@ def _run(args: argparse.Namespace) -> int:
     generator = make_generator(backend, model_dir, args.dtype, args.max_model_len, seed)
     meta = {"model_id": target.model_id, "model": str(model_dir), "backend": backend, "dtype": args.dtype,
             "questions": str(questions_path.resolve()), "template": str(target.template) if target.template else
-            "tokenizer's own", "template_sha256": hashlib.sha256((tokenizer.chat_template or "").encode()).hexdigest(),
+            "tokenizer's own", "template_sha256": template_sha256(tokenizer),
             "max_new_tokens": max_new, "temperature": args.temperature, "seed": seed,
             "max_model_len": generator.max_model_len}
     batch = args.batch or (64 if backend == "vllm" else 4)

@@ -17,7 +17,7 @@ from pathlib import Path
 from transformers import TrainerCallback
 
 from launch import distributed
-from launch.rundir import COMPLETE_MARKER, RunDir, apply_umask, atomic_write_json
+from launch.rundir import COMPLETE_MARKER, RunDir, apply_umask, atomic_write_json, checkpoint_step
 
 PROGRESS_FILE = "train_progress.json"
 """Written into each checkpoint before its marker: the step times and logs of every attempt up to that step."""
@@ -48,20 +48,13 @@ def rotate_checkpoints(run: RunDir, keep: int | None) -> list[Path]:
     complete = run.complete_checkpoints()
     if not complete:
         return []
-    newest = _step(complete[-1])
+    newest = checkpoint_step(complete[-1])
     doomed = complete[:-keep] if keep and keep > 0 else []
     doomed += [p for p in run.checkpoints.glob("checkpoint-*")
-               if p.is_dir() and p not in complete and _step(p) < newest]
-    for path in sorted(doomed, key=_step):
+               if p.is_dir() and p not in complete and checkpoint_step(p) < newest]
+    for path in sorted(doomed, key=checkpoint_step):
         shutil.rmtree(path, ignore_errors=True)
     return doomed
-
-
-def _step(path: Path) -> int:
-    try:
-        return int(path.name.rsplit("-", 1)[1])
-    except (IndexError, ValueError):
-        return -1
 
 
 class PreemptionStop(TrainerCallback):

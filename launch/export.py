@@ -69,16 +69,13 @@ def base_fingerprint(model: torch.nn.Module, quantize: str) -> str:
 def layer_fingerprints(model: torch.nn.Module, dtype: torch.dtype | None = None) -> dict[str, str]:
     """{module name as in the base checkpoint: fingerprint of its dense weight} for every base linear layer, the
     weight first rounded to `dtype` when given (as a checkpoint written in that dtype holds it)."""
-    from sspeft.layer import SpectralLinear
-    from sspeft.weights import dense_weight, fingerprint, is_supported_base
+    import sspeft
+    from sspeft.weights import dense_weight, fingerprint
 
     out = {}
-    for name, module in model.named_modules():
-        if isinstance(module, SpectralLinear) or not is_supported_base(module):
-            continue
-        clean = name.replace(".base_layer", "").removeprefix("base_model.model.")
+    for name, module in sspeft.base_linears(model).items():
         weight = dense_weight(module)
-        out[clean] = fingerprint(weight.to(dtype).float() if dtype is not None else weight)
+        out[name] = fingerprint(weight.to(dtype).float() if dtype is not None else weight)
     return out
 
 

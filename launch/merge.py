@@ -43,6 +43,7 @@ import torch
 from torch import nn
 
 import sspeft
+from sspeft.model import is_adapter_layer
 from launch.models import ModelSpecError, load_causal_lm, logical_numel, resolve_model_path, torch_dtype
 from launch.process import Terminated, terminate_on_signals
 from launch.recipe import RecipeError, load_resolved
@@ -123,47 +124,35 @@ def _finite(x: float) -> float | None:
 
 def check_finite_adapter(name: str, module: nn.Module) -> None:
     """Refuse non-finite trained values (coefficients, LoRA factors) before anything is computed from them."""
+    base = {id(p) for p in module.get_base_layer().parameters()}
     for pname, param in module.named_parameters():
-        if pname.startswith("base_layer.") or not param.is_floating_point():
+        if id(param) in base or not param.is_floating_point():
             continue
         if not bool(torch.isfinite(param.detach()).all()):
             raise MergeError(f"adapter parameter {name}.{pname} holds non-finite values (NaN/inf); the adapter is "
                              f"broken (training diverged?) and cannot be merged")
 
 
-def adapted_delta(module: nn.Module) -> tuple[nn.Module, torch.Tensor] | None:
-    """(base layer, ΔW fp32) for an sspeft or PEFT LoRA layer; None for any other module."""
+def adapted_delta(name: str, module: nn.Module) -> torch.Tensor:
+    """ΔW fp32 of the adapted layer `module` (an sspeft or PEFT LoRA layer, see `sspeft.model.is_adapter_layer`);
+    raises MergeError naming the layer for any other adapter type."""
     from peft.tuners.lora import LoraLayer
 
-    import sspeft
-
     if isinstance(module, sspeft.SpectralLinear):
-        return module.base_layer, module.delta_weight().detach().float()
+        return module.delta_weight().detach().float()
     if isinstance(module, LoraLayer):
-        deltas = [module.get_delta_weight(a).detach().float() for a in module.active_adapters if a in module.lora_A]
-        return module.get_base_layer(), sum(deltas)
-    return None
+        return sum(module.get_delta_weight(a).detach().float() for a in module.active_adapters if a in module.lora_A)
+    raise MergeError(f"layer {name!r} carries a {type(module).__name__} adapter; launch.merge merges sspeft and "
+                     f"LoRA adapters only")
 
 
 def adapted_layers(model: nn.Module):
     """(name, base layer, W0 fp32, ΔW fp32) per adapted layer, computed one layer at a time."""
     for name, module in model.named_modules():
-        if _is_adapted(module):
+        if is_adapter_layer(module):
             check_finite_adapter(name, module)
-            base, delta = adapted_delta(module)  # type: ignore[misc]
-            yield name, base, dense(base), delta
-
-
-def _is_adapted(module: nn.Module) -> bool:
-    from peft.tuners.lora import LoraLayer
-
-    import sspeft
-
-    return isinstance(module, (sspeft.SpectralLinear, LoraLayer))
-
-
-def _base_of(module: nn.Module) -> nn.Module:
-    return module.base_layer if hasattr(module, "base_layer") else module.get_base_layer()
+            base = module.get_base_layer()
+            yield name, base, dense(base), adapted_delta(name, module)
 
 
 def measure(model: nn.Module) -> DeltaSurvival:
@@ -230,21 +219,22 @@ def stream_weights(model: nn.Module, writer: ShardWriter, dtype: torch.dtype, ap
     from sspeft.weights import is_linear4bit
 
     seen: set[int] = set()
-    skip_prefixes: list[str] = []
+    covered: set[int] = set()  # submodules of a layer already written whole (its base, its adapters)
     written = 0
     for name, module in model.named_modules():
-        if any(name.startswith(p) for p in skip_prefixes):
+        if id(module) in covered:
             continue
         prefix = f"{name}." if name else ""
-        if _is_adapted(module) or is_linear4bit(module):
-            base = _base_of(module) if _is_adapted(module) else module
+        adapted = is_adapter_layer(module)
+        if adapted or is_linear4bit(module):
+            base = module.get_base_layer() if adapted else module
             w = dense(base)
-            if apply_delta and _is_adapted(module):
-                w = w + adapted_delta(module)[1]  # type: ignore[index]
+            if apply_delta and adapted:
+                w = w + adapted_delta(name, module)
             writer.add(prefix + "weight", w.to(dtype))
             if getattr(base, "bias", None) is not None:
                 writer.add(prefix + "bias", base.bias.detach().to(dtype).clone())
-            skip_prefixes.append(prefix)
+            covered.update(id(sub) for sub in module.modules())
             written += 1
             continue
         for pname, tensor in list(module.named_parameters(recurse=False)) + list(module.named_buffers(recurse=False)):
@@ -481,8 +471,8 @@ def probe(run: RunDir, recipe, base_dir: Path, model: nn.Module, out: Path, dtyp
     inner = model.get_base_model()
     dtype = torch_dtype(dtype_name)
     for name, module in inner.named_modules():  # the loaded model becomes the baseline checkpoint, layer by layer
-        if _is_adapted(module):
-            loaded.get_submodule(name).weight.data.copy_(dense(_base_of(module)).to(dtype))
+        if is_adapter_layer(module):
+            loaded.get_submodule(name).weight.data.copy_(dense(module.get_base_layer()).to(dtype))
     baseline = _logits(loaded, batches)
     del loaded
     return result | shift_agreement(written, baseline, tuned, base), heldout

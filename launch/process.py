@@ -21,8 +21,9 @@ def free_port() -> int:
 
 
 class Terminated(KeyboardInterrupt):
-    """SIGTERM, SIGHUP or SIGINT raised in the main thread, so every `finally` and context manager runs (temporary
-    outputs are removed). A KeyboardInterrupt, so nothing that catches Exception swallows it."""
+    """SIGTERM, SIGHUP or SIGINT (timeout, kill, scancel, a closed terminal) raised in the main thread, so every
+    `finally` and context manager runs: temporary outputs are removed, servers we started stop, stored results stay.
+    A KeyboardInterrupt, so nothing that catches Exception swallows it and the paths that handle Ctrl-C handle it."""
 
     def __init__(self, signum: int) -> None:
         super().__init__(signal.Signals(signum).name)
@@ -33,9 +34,13 @@ class Terminated(KeyboardInterrupt):
         return 128 + self.signum
 
 
+TERMINATING_SIGNALS = (signal.SIGTERM, signal.SIGHUP, signal.SIGINT)
+"""The signals `terminate_on_signals` turns into `Terminated` unless told otherwise."""
+
+
 @contextlib.contextmanager
-def terminate_on_signals():
-    """Turn SIGTERM, SIGHUP and SIGINT into `Terminated` for the length of the block (main thread only)."""
+def terminate_on_signals(signals: tuple[signal.Signals, ...] = TERMINATING_SIGNALS):
+    """Turn `signals` into `Terminated` for the length of the block (main thread only)."""
     if threading.current_thread() is not threading.main_thread():
         yield
         return
@@ -43,7 +48,7 @@ def terminate_on_signals():
     def handler(signum, _frame):
         raise Terminated(signum)
 
-    previous = {s: signal.signal(s, handler) for s in (signal.SIGTERM, signal.SIGHUP, signal.SIGINT)}
+    previous = {s: signal.signal(s, handler) for s in signals}
     try:
         yield
     finally:

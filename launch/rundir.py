@@ -181,7 +181,7 @@ class RunDir:
         if not self.checkpoints.is_dir():
             return []
         found = [p for p in self.checkpoints.glob("checkpoint-*") if (p / COMPLETE_MARKER).is_file()]
-        return sorted(found, key=_step_of)
+        return sorted(found, key=checkpoint_step)
 
     def resumable_checkpoint(self) -> tuple[Path | None, list[str]]:
         """The newest complete checkpoint that passes `checkpoint_problem`, and a line per newer one passed over
@@ -299,7 +299,8 @@ def safetensors_problem(file: Path) -> str | None:
     return None
 
 
-def _step_of(path: Path) -> int:
+def checkpoint_step(path: Path) -> int:
+    """The training step a checkpoint directory (`checkpoint-<step>`) holds; -1 for a name without one."""
     try:
         return int(path.name.rsplit("-", 1)[1])
     except (IndexError, ValueError):
@@ -346,21 +347,30 @@ def atomic_write_text(path: str | os.PathLike[str], text: str) -> Path:
 
 def atomic_write_bytes(path: str | os.PathLike[str], data: bytes) -> Path:
     """Write data to path via a temporary file in the same directory and a rename."""
+    with atomic_file(path) as tmp:
+        tmp.write_bytes(data)
+    return Path(path)
+
+
+@contextlib.contextmanager
+def atomic_file(path: str | os.PathLike[str]) -> Iterator[Path]:
+    """Yield an empty temporary file beside `path` (named `.<name>.<random>.tmp`, so a writer that picks a format
+    from the suffix must be told it) for a writer that takes a path (torch.save, savefig); on success it is synced
+    and replaces `path`, on error it is removed. Its mode is what the umask allows, as for any new file."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     try:
         os.fchmod(fd, 0o666 & ~current_umask())  # mkstemp creates 0600 whatever the umask says
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-            f.flush()
+        os.close(fd)
+        yield Path(tmp)
+        with open(tmp, "rb") as f:
             os.fsync(f.fileno())
         os.replace(tmp, path)
     except BaseException:
         with contextlib.suppress(FileNotFoundError):
             os.unlink(tmp)
         raise
-    return path
 
 
 def atomic_write_json(path: str | os.PathLike[str], obj: Any) -> Path:

@@ -15,7 +15,7 @@ import functools
 import typing
 from typing import Any
 
-from launch.recipe import DataSection, RecipeError, TrainSection, shown
+from launch.schema import DataSection, RecipeError, TrainSection, shown, unknown_key
 
 RENAMED = {
     "epochs": "num_train_epochs",
@@ -81,8 +81,6 @@ def allowed_keys() -> list[str]:
 
 def check_key(key: str, source: str) -> None:
     """Refuse an earlier recipe key, a pipeline-owned key or an unknown one, naming where to go instead."""
-    from launch.recipe import _unknown
-
     if key in RENAMED:
         extra = (" (transformers 5 reads a warmup_steps value in [0, 1) as a fraction of the steps)"
                  if key == "warmup_ratio" else "")
@@ -90,9 +88,9 @@ def check_key(key: str, source: str) -> None:
     if key in OWNED:
         raise RecipeError(f"{source}: train.{key} is set by the pipeline, not the recipe; it lives in {OWNED[key]}")
     if key not in allowed_keys():
-        raise RecipeError(_unknown(source, "key in section 'train'", key, allowed_keys(), prefix="train")
-                          .split(" Valid keys:")[0]
-                          + " Valid keys: resume and the fields of trl.SFTConfig (transformers.TrainingArguments)")
+        raise RecipeError(unknown_key(source, "key in section 'train'", key, allowed_keys(), prefix="train",
+                                      valid_text="resume and the fields of trl.SFTConfig "
+                                                 "(transformers.TrainingArguments)"))
 
 
 def check_report_to(value: Any, source: str) -> None:

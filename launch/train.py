@@ -32,7 +32,7 @@ from launch.preflight import (TrainError, adopt_launcher_deepspeed, check_agains
 from launch.process import PREEMPTED_EXIT_CODE
 from launch.recipe import Recipe, RecipeError, load_recipe, shown
 from launch.rundir import (COMPLETE_MARKER, Attempt, RunDir, RunDirError, RunDirLock, atomic_directory,
-                           atomic_write_json, atomic_write_text)
+                           atomic_write_json, atomic_write_text, checkpoint_step)
 from launch.threads import configure_threads
 
 log = logging.getLogger("launch.train")
@@ -352,16 +352,13 @@ def write_run_files(plan: Plan, dist: distributed.Dist, template: str) -> None:
         atomic_write_text(run.template, template)
         # a damaged checkpoint newer than the resume point is about to be rewritten by the trainer: without its
         # marker it is dropped now, so the marker never vouches for a half-rewritten directory
-        newer = [p for p in run.complete_checkpoints() if plan.resume_from and _step(p) > _step(plan.resume_from)]
+        newer = [p for p in run.complete_checkpoints()
+                 if plan.resume_from and checkpoint_step(p) > checkpoint_step(plan.resume_from)]
         for path in newer:
             (path / COMPLETE_MARKER).unlink()
         for path in drop_incomplete_checkpoints(run):
             log.warning("removed incomplete checkpoint %s (killed while saving)", path)
     distributed.barrier()
-
-
-def _step(checkpoint: Path) -> int:
-    return int(checkpoint.name.rsplit("-", 1)[1])
 
 
 def build_trainer(plan: Plan, dist: distributed.Dist, model, tokenizer, dataset, eval_dataset, callbacks: list):
@@ -396,27 +393,28 @@ def check_ranks_agree(model, timer, zero3: bool) -> None:
 
 
 def positions_digests(model) -> list[str]:
-    """A digest of every adapter's positions on each rank, in rank order (identical ranks → identical digests)."""
-    import hashlib
+    """A digest of every adapter's positions on each rank, in rank order (identical ranks → identical digests);
+    the positions are those the sspeft layers hold (`sspeft.adapter_positions`; LoRA has none)."""
+    import sspeft
 
-    digest = hashlib.sha256()
-    for name, buffer in sorted(model.named_buffers()):
-        if "positions" in name:  # sspeft_positions buffers; LoRA has none
-            digest.update(name.encode())
-            digest.update(buffer.detach().cpu().long().numpy().tobytes())
-    return _all_ranks(digest.hexdigest()[:16])
+    return _all_ranks(_digest(sspeft.adapter_positions(model).items(), lambda t: t.long()))
 
 
 def trainable_digests(model) -> list[str]:
     """A digest of every trainable parameter's values on each rank, in rank order (data parallel → identical)."""
+    trainable = ((name, p) for name, p in model.named_parameters() if p.requires_grad)
+    return _all_ranks(_digest(trainable, lambda t: t.float().contiguous()))
+
+
+def _digest(named_tensors, as_stored) -> str:
+    """A 16-hex-digit digest of (name, tensor) pairs, in name order, each tensor first mapped by `as_stored`."""
     import hashlib
 
     digest = hashlib.sha256()
-    for name, param in sorted(model.named_parameters()):
-        if param.requires_grad:
-            digest.update(name.encode())
-            digest.update(param.detach().float().cpu().contiguous().numpy().tobytes())
-    return _all_ranks(digest.hexdigest()[:16])
+    for name, tensor in sorted(named_tensors, key=lambda item: item[0]):
+        digest.update(name.encode())
+        digest.update(as_stored(tensor.detach().cpu()).numpy().tobytes())
+    return digest.hexdigest()[:16]
 
 
 def _all_ranks(mine: str) -> list[str]:

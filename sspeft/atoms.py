@@ -166,7 +166,7 @@ class FourierPlan:
         """(U (m, r), V (n, r)) fp32, r = factor_rank: cas matrices for the separable DHT, [cos | sin] otherwise."""
         m, n = self.shape
         if self.cas_scale is not None:
-            return _cas(self.cas_rows.to(device), m), _cas(self.cas_cols.to(device), n)
+            return cas(self.cas_rows.to(device), m), cas(self.cas_cols.to(device), n)
         # ΔW = Re Σ z e^{iα}e^{iβ} = Σ (zr·cos α − zi·sin α)·cos β − (zr·sin α + zi·cos α)·sin β:
         # U = [cos α | sin α], V = [cos β | sin β]; the z-dependent mixing happens between the two products.
         u_angle = _angles(self.k.to(device), m)
@@ -174,14 +174,15 @@ class FourierPlan:
         return torch.cat([u_angle.cos(), u_angle.sin()], 1), torch.cat([v_angle.cos(), v_angle.sin()], 1)
 
 
-def _angles(freq: torch.Tensor, size: int) -> torch.Tensor:
-    """2π·(idx·f mod size)/size (size, A), exact integer reduction before the float angle."""
+def _angles(freq: torch.Tensor, size: int, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+    """2π·(idx·f mod size)/size (size, A) in `dtype`, exact integer reduction before the float angle."""
     idx = torch.arange(size, device=freq.device, dtype=torch.long)
-    return (torch.outer(idx, freq.long()) % size).float() * (2 * math.pi / size)
+    return (torch.outer(idx, freq.long()) % size).to(dtype) * (2 * math.pi / size)
 
 
-def _cas(freq: torch.Tensor, size: int) -> torch.Tensor:
-    a = _angles(freq, size)
+def cas(freq: torch.Tensor, size: int, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+    """cas(2π·idx·f/size) = cos + sin (size, A) of the frequencies `freq` (A,), computed in `dtype`."""
+    a = _angles(freq, size, dtype)
     return a.cos() + a.sin()
 
 

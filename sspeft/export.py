@@ -38,12 +38,11 @@ from torch import nn
 from . import weights
 from .layer import SpectralLinear
 from .model import adapted_layers
-from .atoms import FourierPlan, SparsePlan
+from .atoms import FourierPlan, SparsePlan, cas
+from .io import CONFIG_NAME, WEIGHTS_NAME  # PEFT's file names, shared by both adapter formats
 
 VLLM_LORA_RANKS = (1, 8, 16, 32, 64, 128, 256, 320, 512)
 """The LoRA ranks vLLM's `max_lora_rank` accepts."""
-CONFIG_NAME = "adapter_config.json"
-WEIGHTS_NAME = "adapter_model.safetensors"
 
 
 @dataclass
@@ -244,16 +243,11 @@ def _fourier_factors(plan: FourierPlan, z: torch.Tensor) -> tuple[torch.Tensor, 
     return at.t(), bt.t(), side
 
 
-def _cas(freqs: torch.Tensor, size: int) -> torch.Tensor:
-    angle = (torch.outer(torch.arange(size), freqs) % size).double() * (2 * math.pi / size)
-    return angle.cos() + angle.sin()
-
-
 def _cas_side(k, l, c, m: int, n: int) -> tuple[torch.Tensor, torch.Tensor]:
     """Σ_j c_j·cas(2πk_j p/m)·cas(2πl_j q/n) = B·A grouped by k (cas θ = Re y + Im y of a complex exponential)."""
     freqs, group = torch.unique(k, return_inverse=True)
     y = _spectral_synthesis(group, l, c.to(torch.complex128), n)
-    return _cas(freqs, m), y.real + y.imag
+    return cas(freqs, m, torch.float64), y.real + y.imag
 
 
 def _cas_factors(plan: FourierPlan, coeff: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, str]:

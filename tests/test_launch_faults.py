@@ -21,7 +21,7 @@ import pytest
 from launch import train as train_stage
 from launch.preflight import TrainError, adopt_launcher_deepspeed
 from launch.recipe import load_recipe
-from launch.rundir import RunDir, RunDirLock, atomic_directory, atomic_write_json, atomic_write_text
+from launch.rundir import RunDir, RunDirLock, atomic_directory, atomic_file, atomic_write_json, atomic_write_text
 from launch_helpers import PYTHON, REPO, child_env, write_recipe
 
 
@@ -304,3 +304,14 @@ def test_rotation_keeps_the_newest_complete(tmp_path):
 
 if __name__ == "__main__":
     sys.exit(pytest.main([__file__, "-q"]))
+
+
+def test_atomic_file_replaces_on_success_and_leaves_nothing_on_failure(tmp_path):
+    target = tmp_path / "cache" / "stems.pt"
+    with atomic_file(target) as tmp:
+        assert tmp.parent == target.parent and not target.exists()
+        tmp.write_bytes(b"v1")
+    with pytest.raises(RuntimeError), atomic_file(target) as tmp:
+        tmp.write_bytes(b"partial")
+        raise RuntimeError("boom")
+    assert target.read_bytes() == b"v1" and sorted(p.name for p in target.parent.iterdir()) == ["stems.pt"]

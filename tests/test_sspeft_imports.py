@@ -7,70 +7,17 @@ from __future__ import annotations
 import ast
 from pathlib import Path
 
+from import_helpers import find_cycle, package_modules
+from import_helpers import import_graph as shared_import_graph
+
 import sspeft
 
 PACKAGE = Path(sspeft.__file__).parent
 
 
-def _module_name(path: Path) -> str:
-    return "sspeft" if path.name == "__init__.py" else f"sspeft.{path.stem}"
-
-
-def _target(package_part: str | None, name: str | None, modules: set[str]) -> str:
-    """The sspeft module an import names: the submodule if one exists, else the package itself (its __init__)."""
-    base = "sspeft" if not package_part else f"sspeft.{package_part}"
-    if name is not None and f"{base}.{name}" in modules:
-        return f"{base}.{name}"
-    return base
-
-
-def _imports(source: str, modules: set[str]) -> set[str]:
-    """The sspeft modules that ``source`` (a module of the package) imports, relatively or absolutely."""
-    found = set()
-    for node in ast.walk(ast.parse(source)):
-        if isinstance(node, ast.ImportFrom):
-            if node.level == 1:
-                found |= {_target(node.module, alias.name, modules) for alias in node.names}
-            elif node.level == 0 and node.module and node.module.split(".")[0] == "sspeft":
-                part = node.module.partition(".")[2] or None
-                found |= {_target(part, alias.name, modules) for alias in node.names}
-        elif isinstance(node, ast.Import):
-            found |= {alias.name for alias in node.names if alias.name.split(".")[0] == "sspeft"}
-    return found & modules
-
-
 def import_graph(package: Path = PACKAGE) -> dict[str, set[str]]:
-    """{module: modules of the package it imports} for every .py file directly in ``package``."""
-    files = {_module_name(p): p for p in sorted(package.glob("*.py"))}
-    modules = set(files)
-    return {name: _imports(path.read_text(), modules) - {name} for name, path in files.items()}
-
-
-def find_cycle(graph: dict[str, set[str]]) -> list[str] | None:
-    """One import cycle as [a, b, ..., a], or None when the graph is acyclic (depth-first search)."""
-    state: dict[str, str] = {}
-    stack: list[str] = []
-
-    def visit(node: str) -> list[str] | None:
-        state[node] = "open"
-        stack.append(node)
-        for nxt in sorted(graph[node]):
-            if state.get(nxt) == "open":
-                return stack[stack.index(nxt):] + [nxt]
-            if nxt not in state:
-                cycle = visit(nxt)
-                if cycle:
-                    return cycle
-        stack.pop()
-        state[node] = "done"
-        return None
-
-    for node in sorted(graph):
-        if node not in state:
-            cycle = visit(node)
-            if cycle:
-                return cycle
-    return None
+    """{module: modules of the package it imports} for every module of ``package`` (named as sspeft's)."""
+    return shared_import_graph(package_modules(package, "sspeft"))
 
 
 def test_find_cycle_reports_a_cycle_and_accepts_a_chain():
@@ -100,7 +47,7 @@ def _is_private(name: str) -> bool:
 
 def private_uses(package: Path = PACKAGE) -> list[str]:
     """'module: name' for every private name of another sspeft module that a module imports or reads off it."""
-    modules = {_module_name(p): p for p in sorted(package.glob("*.py"))}
+    modules = package_modules(package, "sspeft")
     found = []
     for name, path in modules.items():
         tree = ast.parse(path.read_text())

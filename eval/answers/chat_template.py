@@ -9,6 +9,7 @@ whichever engine generates; the local judge tokenises its prompts the same way t
 
 from __future__ import annotations
 
+import hashlib
 from pathlib import Path
 from typing import Optional
 
@@ -26,6 +27,12 @@ def load_tokenizer(model_dir: Path, chat_template: Optional[str] = None):
         raise EvalError(f"{model_dir} has no chat template and none was given; evaluation applies one to every "
                         f"conversation (the run directory's template.jinja)")
     return tok
+
+
+def template_sha256(tokenizer) -> str:
+    """The SHA-256 (hex) of the chat template `tokenizer` applies (of "" when it has none), recorded beside answers
+    so that answers made through different templates are told apart."""
+    return hashlib.sha256((tokenizer.chat_template or "").encode()).hexdigest()
 
 
 def tokenize_chat(tokenizer, messages: list[dict[str, str]]) -> list[int]:

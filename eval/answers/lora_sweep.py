@@ -12,13 +12,12 @@ baseline is generated once per distinct chat template and written into each run'
 from __future__ import annotations
 
 import argparse
-import hashlib
 import json
 import time
 from pathlib import Path
 
 from eval.answers.answering import answer_questions, pending_answers, save_answers
-from eval.answers.chat_template import load_tokenizer
+from eval.answers.chat_template import load_tokenizer, template_sha256
 from eval.answers.generators import pick_backend
 from eval.common import EvalError, atomic_write_json
 from eval.questions import DEFAULT_QUESTIONS, load_questions
@@ -120,5 +119,5 @@ def _generate(targets: list[Target], generator, base: Path, questions, settings:
         atomic_write_json(path.with_suffix(".meta.json"), {
             "model_id": t.model_id, "model": meta["base"], **meta,
             "template": str(t.template) if t.template else "tokenizer's own",
-            "template_sha256": hashlib.sha256((tokenizer.chat_template or "").encode()).hexdigest()})
+            "template_sha256": template_sha256(tokenizer)})
         print(f"answers: {path}")
