@@ -45,6 +45,8 @@ def judge_reliability(spec: str | list[str] | None, audit: Optional[dict[str, An
 
 
 def _too_small(spec: str) -> bool:
+    if spec.partition(":")[0] == "openai":
+        return False  # a served API model; its stored spec may hold a redacted URL, which is not parsed again
     return parse_judge_spec(spec).judge_id.lower().startswith(TOO_SMALL_TO_GRADE)
 
 

@@ -167,7 +167,10 @@ def test_sigterm_to_serve_judge_stops_vllm(tmp_path):
             nonlocal port
             for p in psutil.Process(judge.pid).children(recursive=True):
                 seen.setdefault(p.pid, p)
-                cmd = p.cmdline() if p.is_running() else []
+                try:
+                    cmd = p.cmdline()
+                except (psutil.ZombieProcess, psutil.NoSuchProcess):
+                    continue  # a helper process that already exited (vLLM starts and reaps short-lived ones)
                 if "--port" in cmd:
                     port = int(cmd[cmd.index("--port") + 1])
             return judge.poll() is not None or (port is not None and port_open(port))
