@@ -192,6 +192,33 @@ def test_train_part_runs_grids_seeds_and_reports(env):
     assert "unresolved" in page or "supported" in page or "contradicted" in page
 
 
+def test_init_and_half_spectrum_rows_change_one_setting_at_their_reference_lr(env):
+    """FourierFT zero init and LFMA half-spectrum differ from their reference rows in one option only, run at the
+    reference's chosen lr, and build what they say: ΔW = 0 at init, rfft2 half-plane positions, equal scalars."""
+    import copy
+
+    ms = qt.ms_by_label(qt.methods(56, 1))
+    for label, ref, extra in (("FourierFT zero init", "FourierFT", {"init": "zeros"}),
+                              ("LFMA half-spectrum", "LFMA", {"half_spectrum": True})):
+        m, r = ms[label], ms[ref]
+        assert (m.method, m.lr0, m.grid, m.lr_from) == (r.method, r.lr0, False, ref)
+        assert dict(m.options) == {**dict(r.options), **extra}
+    assert qt.Run(ms["FourierFT zero init"], 3.0, 0).name == "fourierft-zero-init_x3_s0"
+    setup = _smoke_setup(env)
+    model, _ = qc.load_model(setup)
+    targets = qt.target_regex(setup, 0, len(model.model.layers))
+    built = {label: qt.attach(copy.deepcopy(model), ms[label], 0, targets)
+             for label in ("FourierFT", "FourierFT zero init", "LFMA", "LFMA half-spectrum")}
+    scalars = {label: sum(p.numel() for p in m.parameters() if p.requires_grad) for label, m in built.items()}
+    assert len(set(scalars.values())) == 1 and scalars["LFMA"] == 4 * 56
+    ranks = {label: qt.delta_ranks(m) for label, m in built.items()}
+    assert ranks["FourierFT zero init"] == [0] * 4 and min(ranks["FourierFT"]) > 0
+    layers = {label: [mod for mod in m.modules() if hasattr(mod, "sspeft_config")] for label, m in built.items()}
+    for full, half in zip(layers["LFMA"], layers["LFMA half-spectrum"]):
+        n_in = full.base_layer.weight.shape[1]
+        assert half.positions[1].max() <= n_in // 2 < full.positions[1].max()
+
+
 def test_stems_and_padding_are_exact(env):
     setup = _smoke_setup(env)
     model, tok = qc.load_model(setup)
