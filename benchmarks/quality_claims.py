@@ -63,11 +63,11 @@ CLAIMS = (
           "WaveFT", "SHiRA", "beats"),
     Claim("sspeft's FourierFT learns like PEFT's at the same α and lr", "this library (fidelity check)", "train",
           "FourierFT", "PEFT FourierFT", "matches"),
-    Claim("FourierFT zero init vs random init (default): coefficients starting at zero learn better than the "
-          "default N(0, 1) at α = 300 (both at the lr chosen for random init)", FOURIERFT_INIT, "train",
+    Claim("FourierFT zero init vs random init (default): zero init learns better (at the lr chosen for random "
+          "init)", FOURIERFT_INIT, "train",
           "FourierFT zero init", "FourierFT", "beats"),
-    Claim("LFMA half-spectrum vs full-spectrum top-k (trained): the rfft2 half-plane, free of conjugate pairs, "
-          "learns at least as well with the same scalars (both at the lr chosen for full-spectrum top-k)",
+    Claim("LFMA half-spectrum vs full-spectrum top-k (trained): half-spectrum, free of conjugate pairs, learns at "
+          "least as well with the same scalars (at the lr chosen for full-spectrum)",
           "LFMA paper §3.2 (top-k over the 2-D spectrum); the library's `half_spectrum=True`", "train",
           "LFMA half-spectrum", "LFMA", "at_least"),
 )

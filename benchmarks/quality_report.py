@@ -470,7 +470,7 @@ def train_section(train: dict | None, plots: Path) -> list[str]:
             f"method's grid centre (`quality_train.GRID_CENTRE`) × {tc['grid_factor']:g}^k, extended past an edge until the best validation loss "
             f"is interior; the chosen lr is rerun with every seed and scored on the test records. "
             f"{len(train['done'])} runs, {complete} of {len(train['chosen'])} methods complete.", "",
-            *train_table(train), "", *lfma_note(train)]
+            *train_table(train), "", *lfma_note(train), *fourierft_init_note(train)]
     curves = {label: c["grid"] for label, c in train["chosen"].items() if len(c["grid"]) > 1}
     made = quality_plots.loss_vs_lr(curves, train["base"]["val"]["loss"], plots / "quality_train_lr.png")
     out += [*([f"![lr grids](plots/{made.name})", ""] if made else [])]
@@ -493,6 +493,17 @@ def lfma_note(train: dict) -> list[str]:
             f"scalars: top-k over the full spectrum of a real W0 picks frequencies in conjugate pairs, which reach "
             f"the same real ΔW, so about half of LFMA's scalars are redundant here. The library's "
             f"`half_spectrum=True` (rfft2 half-plane) avoids the pairs; {halftext}", ""]
+
+
+def fourierft_init_note(train: dict) -> list[str]:
+    """FourierFT's default init beside zero init: the contrast's verdict line, once both rows are complete."""
+    claim = next(c for c in CLAIMS if c.a == "FourierFT zero init")
+    if method_seeds(train, claim.a) is None or method_seeds(train, claim.b) is None:
+        return []
+    v, words, fig = verdict(claim, None, train)
+    return [f"FourierFT's default init draws its coefficients from N(0, 1) at α = 300, so every layer starts away "
+            f"from W0; the row FourierFT zero init starts them at zero (ΔW = 0) and trains at the lr the random "
+            f"init chose: {fig} ({words}; the claim \"{claim.title}\" is {v}).", ""]
 
 
 def grid_test_section(train: dict) -> list[str]:

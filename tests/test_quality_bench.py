@@ -158,7 +158,8 @@ def test_coverage_part_runs_and_its_fractions_match_independent_routes(env, caps
 def test_train_part_runs_grids_seeds_and_reports(env):
     setup = _smoke_setup(env)
     cfg = qt.TrainConfig(**quality.PROFILES["smoke"]["train"])
-    ms = [m for m in qt.methods(56, 1) if m.label in ("SSH δ=0.7", "LoRA r=1", "FourierFT", "PEFT FourierFT")]
+    ms = [m for m in qt.methods(56, 1)
+          if m.label in ("SSH δ=0.7", "LoRA r=1", "FourierFT", "PEFT FourierFT", "FourierFT zero init")]
     out = env["root"] / "results" / "train"
     state = qt.run(setup, cfg, out, env["root"] / "work" / "cache", progress=lambda _: None, ms=ms)
     assert state["complete"]
@@ -181,6 +182,8 @@ def test_train_part_runs_grids_seeds_and_reports(env):
     peft_ft = [r for r in runs if r["label"] == "PEFT FourierFT"]
     ours = [r for r in runs if r["label"] == "FourierFT" and r["seed"] == 1]
     assert peft_ft[0]["lr"] == pytest.approx(ours[0]["lr"])  # equal settings: sspeft FourierFT's chosen lr
+    zero = [r for r in runs if r["label"] == "FourierFT zero init"]
+    assert [r["lr"] for r in zero] == [pytest.approx(ours[0]["lr"])] * 2 and zero[0]["options"]["init"] == "zeros"
 
     # the report: a verdict line for every claim, and the contrasts' intervals
     assert quality.main(_argv(env, "report")) == 0
@@ -190,6 +193,8 @@ def test_train_part_runs_grids_seeds_and_reports(env):
     for claim in quality_report.CLAIMS:
         assert claim.title in page
     assert "unresolved" in page or "supported" in page or "contradicted" in page
+    assert "| FourierFT zero init |" in page and "FourierFT's chosen lr (not searched for this row)" in page
+    assert "test loss FourierFT zero init − FourierFT" in page.split("FourierFT's default init draws")[1]
 
 
 def test_init_and_half_spectrum_rows_change_one_setting_at_their_reference_lr(env):
