@@ -121,17 +121,18 @@ def train_view(results: Path) -> dict | None:
                             if k not in qc.PLANNING_KEYS["train"]})  # the grid's limit is today's, like the runs
     labels = list(dict.fromkeys(r["label"] for r in done.values()))
     chosen: dict[str, dict] = {}
-    gridded_labels = {m.label: m.grid for m in qt.methods(budget=1, r=1)}
+    planned = qt.ms_by_label(qt.methods(budget=1, r=1))
     for label in labels:
         runs = [r for r in done.values() if r["label"] == label]
         seed0 = {r["mult"]: r["val"]["loss"] for r in runs if r["seed"] == cfg.seeds[0]}
         todo, best = qt.grid_state(label, done, cfg)
-        gridded = gridded_labels.get(label, True)
+        gridded = planned[label].grid if label in planned else True
         if not gridded:  # an equal-settings method: its multiplier is fixed by its reference method
             best = runs[0]["mult"] if len({r["mult"] for r in runs}) == 1 else None
         seeds = {r["seed"]: r for r in runs if best is not None and abs(r["mult"] - best) < 1e-12 * max(best, 1)}
         chosen[label] = {"mult": best, "grid": sorted(seed0.items()), "grid_done": not todo or not gridded,
                          "seeds": seeds, "complete": best is not None and set(cfg.seeds) <= set(seeds),
+                         "lr_from": "" if gridded else planned[label].lr_from,
                          "edge": gridded and best is not None and best in (min(seed0), max(seed0))}
     return {"base": base, "done": done, "cfg": cfg, "chosen": chosen}
 
@@ -167,6 +168,8 @@ def train_table(view: dict) -> list[str]:
         lr = f"{any_run['lr']:.3g} (×{c['mult']:.3g})" if c["mult"] is not None else "grid unfinished"
         if c["edge"]:
             lr += ", at the grid's edge"
+        if c["lr_from"]:
+            lr += f", {c['lr_from']}'s chosen lr (not searched for this row)"
         ranks = [r["delta_rank_mean"] for r in seeds.values() if r.get("delta_rank_mean") is not None]
         lines.append(f"| {label} | {any_run['trainable']:,} | {lr} | {grid or '–'} | {test_txt} | "
                      f"{', '.join(str(s) for s in sorted(seeds)) or '–'} | "
@@ -467,7 +470,7 @@ def train_section(train: dict | None, plots: Path) -> list[str]:
             f"method's grid centre (`quality_train.GRID_CENTRE`) × {tc['grid_factor']:g}^k, extended past an edge until the best validation loss "
             f"is interior; the chosen lr is rerun with every seed and scored on the test records. "
             f"{len(train['done'])} runs, {complete} of {len(train['chosen'])} methods complete.", "",
-            *train_table(train), "", *lfma_note(train)]
+            *train_table(train), "", *lfma_note(train), *fourierft_init_note(train)]
     curves = {label: c["grid"] for label, c in train["chosen"].items() if len(c["grid"]) > 1}
     made = quality_plots.loss_vs_lr(curves, train["base"]["val"]["loss"], plots / "quality_train_lr.png")
     out += [*([f"![lr grids](plots/{made.name})", ""] if made else [])]
@@ -481,14 +484,26 @@ def lfma_note(train: dict) -> list[str]:
         ranks = [r["delta_rank_mean"] for r in (c or {}).get("seeds", {}).values() if r.get("delta_rank_mean")]
         return sum(ranks) / len(ranks) if ranks else None
 
-    lfma, fourier = rank("LFMA"), rank("FourierFT")
+    lfma, fourier, half = rank("LFMA"), rank("FourierFT"), rank("LFMA half-spectrum")
     if lfma is None or fourier is None:
         return []
+    halftext = (f"trained as the row LFMA half-spectrum, its ΔW rank is {half:.0f}." if half is not None
+                else "it is measured in part 1 but not trained.")
     return [f"LFMA's ΔW rank ({lfma:.0f}) is about half FourierFT's ({fourier:.0f}) at the same number of real "
             f"scalars: top-k over the full spectrum of a real W0 picks frequencies in conjugate pairs, which reach "
             f"the same real ΔW, so about half of LFMA's scalars are redundant here. The library's "
-            f"`half_spectrum=True` (rfft2 half-plane) avoids the pairs; it is measured in part 1 but not trained.",
-            ""]
+            f"`half_spectrum=True` (rfft2 half-plane) avoids the pairs; {halftext}", ""]
+
+
+def fourierft_init_note(train: dict) -> list[str]:
+    """FourierFT's default init beside zero init: the contrast's verdict line, once both rows are complete."""
+    claim = next(c for c in CLAIMS if c.a == "FourierFT zero init")
+    if method_seeds(train, claim.a) is None or method_seeds(train, claim.b) is None:
+        return []
+    v, words, fig = verdict(claim, None, train)
+    return [f"FourierFT's default init draws its coefficients from N(0, 1) at α = 300, so every layer starts away "
+            f"from W0; the row FourierFT zero init starts them at zero (ΔW = 0) and trains at the lr the random "
+            f"init chose: {fig} ({words}; the claim \"{claim.title}\" is {v}).", ""]
 
 
 def grid_test_section(train: dict) -> list[str]:

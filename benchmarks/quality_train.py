@@ -79,9 +79,16 @@ def methods(budget: int, r: int) -> list[Method]:
         # PEFT's FourierFT at sspeft's α (300) and at sspeft FourierFT's chosen lr: the same settings
         Method("PEFT FourierFT", "peft-fourierft", lr["fourierft"], (("n_frequency", budget), ("scaling", 300.0)),
                grid=False, lr_from="FourierFT"),
+        # the init contrast: coefficients start at zero (ΔW = 0) instead of the paper's N(0, 1); run at the lr
+        # FourierFT's random init chose
+        Method("FourierFT zero init", "fourierft", lr["fourierft"], (("n", budget), ("init", "zeros")),
+               grid=False, lr_from="FourierFT"),
         Method("WaveFT", "waveft", lr["waveft"], (("n", budget),)),
         Method("SHiRA", "shira", lr["shira"], (("n", budget),)),
         Method("LFMA", "lfma", lr["lfma"], (("n", budget // 2),)),
+        # LFMA's positions in the rfft2 half spectrum (no conjugate pairs), at the lr full-spectrum top-k chose
+        Method("LFMA half-spectrum", "lfma", lr["lfma"], (("n", budget // 2), ("half_spectrum", True)),
+               grid=False, lr_from="LFMA"),
         Method("SSH δ=0", "ssh", lr["ssh"], (("n", budget), ("delta", 0.0))),
         Method("SSH δ=1", "ssh", lr["ssh"], (("n", budget), ("delta", 1.0))),
     ]

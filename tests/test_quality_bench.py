@@ -158,7 +158,8 @@ def test_coverage_part_runs_and_its_fractions_match_independent_routes(env, caps
 def test_train_part_runs_grids_seeds_and_reports(env):
     setup = _smoke_setup(env)
     cfg = qt.TrainConfig(**quality.PROFILES["smoke"]["train"])
-    ms = [m for m in qt.methods(56, 1) if m.label in ("SSH δ=0.7", "LoRA r=1", "FourierFT", "PEFT FourierFT")]
+    ms = [m for m in qt.methods(56, 1)
+          if m.label in ("SSH δ=0.7", "LoRA r=1", "FourierFT", "PEFT FourierFT", "FourierFT zero init")]
     out = env["root"] / "results" / "train"
     state = qt.run(setup, cfg, out, env["root"] / "work" / "cache", progress=lambda _: None, ms=ms)
     assert state["complete"]
@@ -181,6 +182,8 @@ def test_train_part_runs_grids_seeds_and_reports(env):
     peft_ft = [r for r in runs if r["label"] == "PEFT FourierFT"]
     ours = [r for r in runs if r["label"] == "FourierFT" and r["seed"] == 1]
     assert peft_ft[0]["lr"] == pytest.approx(ours[0]["lr"])  # equal settings: sspeft FourierFT's chosen lr
+    zero = [r for r in runs if r["label"] == "FourierFT zero init"]
+    assert [r["lr"] for r in zero] == [pytest.approx(ours[0]["lr"])] * 2 and zero[0]["options"]["init"] == "zeros"
 
     # the report: a verdict line for every claim, and the contrasts' intervals
     assert quality.main(_argv(env, "report")) == 0
@@ -190,6 +193,35 @@ def test_train_part_runs_grids_seeds_and_reports(env):
     for claim in quality_report.CLAIMS:
         assert claim.title in page
     assert "unresolved" in page or "supported" in page or "contradicted" in page
+    assert "| FourierFT zero init |" in page and "FourierFT's chosen lr (not searched for this row)" in page
+    assert "test loss FourierFT zero init − FourierFT" in page.split("FourierFT's default init draws")[1]
+
+
+def test_init_and_half_spectrum_rows_change_one_setting_at_their_reference_lr(env):
+    """FourierFT zero init and LFMA half-spectrum differ from their reference rows in one option only, run at the
+    reference's chosen lr, and build what they say: ΔW = 0 at init, rfft2 half-plane positions, equal scalars."""
+    import copy
+
+    ms = qt.ms_by_label(qt.methods(56, 1))
+    for label, ref, extra in (("FourierFT zero init", "FourierFT", {"init": "zeros"}),
+                              ("LFMA half-spectrum", "LFMA", {"half_spectrum": True})):
+        m, r = ms[label], ms[ref]
+        assert (m.method, m.lr0, m.grid, m.lr_from) == (r.method, r.lr0, False, ref)
+        assert dict(m.options) == {**dict(r.options), **extra}
+    assert qt.Run(ms["FourierFT zero init"], 3.0, 0).name == "fourierft-zero-init_x3_s0"
+    setup = _smoke_setup(env)
+    model, _ = qc.load_model(setup)
+    targets = qt.target_regex(setup, 0, len(model.model.layers))
+    built = {label: qt.attach(copy.deepcopy(model), ms[label], 0, targets)
+             for label in ("FourierFT", "FourierFT zero init", "LFMA", "LFMA half-spectrum")}
+    scalars = {label: sum(p.numel() for p in m.parameters() if p.requires_grad) for label, m in built.items()}
+    assert len(set(scalars.values())) == 1 and scalars["LFMA"] == 4 * 56
+    ranks = {label: qt.delta_ranks(m) for label, m in built.items()}
+    assert ranks["FourierFT zero init"] == [0] * 4 and min(ranks["FourierFT"]) > 0
+    layers = {label: [mod for mod in m.modules() if hasattr(mod, "sspeft_config")] for label, m in built.items()}
+    for full, half in zip(layers["LFMA"], layers["LFMA half-spectrum"]):
+        n_in = full.base_layer.weight.shape[1]
+        assert half.positions[1].max() <= n_in // 2 < full.positions[1].max()
 
 
 def test_stems_and_padding_are_exact(env):
