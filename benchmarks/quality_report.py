@@ -242,6 +242,9 @@ def headline(train: dict | None) -> str | None:
     d = qv.interval_sources(sides[best], sides[second])
     s = train["base"]["settings"]
     v, words = qv.judge("beats", d["lo"], d["hi"], best, second)
+    unsearched = [f"{label} runs at {train['chosen'][label]['lr_from']}'s chosen lr, not searched for it"
+                  for label in (best, second) if train["chosen"][label]["lr_from"]]
+    words = "; ".join([words, *unsearched])
     return (f"At an equal budget on this task (SmolLM2-135M-Instruct, Alpaca, q,v of the top "
             f"{s['setup']['top_layers']} layers, {s['train']['steps']} steps), {best} has the lowest test loss: "
             f"{-d['diff']:.4f} nats below the next best, {second} (95 % interval of the lead "
