@@ -33,10 +33,9 @@ from pathlib import Path
 import torch
 
 from launch.filelock import exclusive
-from launch.process import Terminated, terminate_on_signals
 from launch.recipe import RecipeError, load_resolved
 from launch.rundir import (OutputError, RunDir, atomic_directory, atomic_write_json, check_writable,
-                           describe_os_error)
+                           run_writing_stage)
 
 log = logging.getLogger("launch.export")
 REPORT_FILE = "export_report.json"
@@ -275,19 +274,11 @@ def main(argv: list[str] | None = None) -> int:
     import sspeft
     from launch.merge import MergeError
 
-    try:
-        with terminate_on_signals():
-            out = export(args.run_dir, args.to, args.max_rank, args.max_error, args.base_cache)
-    except (ExportError, RecipeError, MergeError, OutputError, sspeft.AdapterFileError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
-    except OSError as e:
-        print(f"error: launch.export could not write its output: {describe_os_error(e)}; nothing was kept",
-              file=sys.stderr)
-        return 2
-    except Terminated as e:
-        print(f"launch.export stopped by {e}; its temporary output was removed, nothing was kept", file=sys.stderr)
-        return e.exit_status
+    status, out = run_writing_stage(
+        "launch.export", lambda: export(args.run_dir, args.to, args.max_rank, args.max_error, args.base_cache),
+        (ExportError, RecipeError, MergeError, OutputError, sspeft.AdapterFileError))
+    if status:
+        return status
     report = json.loads((out / REPORT_FILE).read_text())
     p = report["probe"]
     print(f"wrote a rank-{report['r']} LoRA of {len(report['layers'])} layers into {out} for base {report['base']}; "

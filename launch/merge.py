@@ -45,10 +45,9 @@ from torch import nn
 import sspeft
 from sspeft.model import is_adapter_layer
 from launch.models import ModelSpecError, load_causal_lm, logical_numel, resolve_model_path, torch_dtype
-from launch.process import Terminated, terminate_on_signals
 from launch.recipe import RecipeError, load_resolved
 from launch.rundir import (MERGE_REPORT, OutputError, RunDir, atomic_directory, atomic_write_json, check_free_space,
-                           check_writable, describe_os_error)
+                           check_writable, run_writing_stage)
 from launch.threads import ThreadSettingError, configure_threads
 
 log = logging.getLogger("launch.merge")
@@ -569,21 +568,15 @@ def main(argv: list[str] | None = None) -> int:
                         help="write a checkpoint that loses ΔW or fails the logits probe, marked lossy")
     parser.add_argument("--no-adapter", action="store_true", help="write baseline/merged/: the base without ΔW")
     args = parser.parse_args(argv)
-    try:
+    def work() -> Path:
         log.info("CPU threads: %s", configure_threads())
-        with terminate_on_signals():
-            out = merge(args.run_dir, args.dtype, with_adapter=not args.no_adapter,
-                        max_delta_loss=args.max_delta_loss, allow_lossy=args.allow_lossy)
-    except (MergeError, RecipeError, OutputError, sspeft.AdapterFileError, ThreadSettingError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
-    except OSError as e:
-        print(f"error: launch.merge could not write its output: {describe_os_error(e)}; nothing was kept",
-              file=sys.stderr)
-        return 2
-    except Terminated as e:
-        print(f"launch.merge stopped by {e}; its temporary output was removed, nothing was kept", file=sys.stderr)
-        return e.exit_status
+        return merge(args.run_dir, args.dtype, with_adapter=not args.no_adapter, max_delta_loss=args.max_delta_loss,
+                     allow_lossy=args.allow_lossy)
+
+    status, out = run_writing_stage(
+        "launch.merge", work, (MergeError, RecipeError, OutputError, sspeft.AdapterFileError, ThreadSettingError))
+    if status:
+        return status
     print(summary_line(json.loads((out / REPORT_FILE).read_text()), out))
     return 0
 

@@ -4,6 +4,7 @@ so the Slurm renderer and eval import it without torch."""
 from __future__ import annotations
 
 import contextlib
+import os
 import signal
 import socket
 import threading
@@ -54,3 +55,14 @@ def terminate_on_signals(signals: tuple[signal.Signals, ...] = TERMINATING_SIGNA
     finally:
         for s, h in previous.items():
             signal.signal(s, h)
+
+
+def pid_alive(pid: int) -> bool:
+    """A process `pid` exists on this host (signal 0 reaches it, or it belongs to another user)."""
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True  # another user's live process
+    return True

@@ -44,9 +44,11 @@ import socket
 import sys
 import tempfile
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any, Literal
+
+from launch.process import Terminated, pid_alive, terminate_on_signals
 
 log = logging.getLogger("launch.rundir")
 JudgmentKind = Literal["single", "pair"]
@@ -414,20 +416,12 @@ def clear_stale_temporaries(path: Path) -> list[Path]:
     host = socket.gethostname()
     for candidate in path.parent.glob(f".{path.name}.{host}-*.tmp"):
         pid = candidate.name[len(f".{path.name}.{host}-"):].split(".", 1)[0]
-        if candidate.is_dir() and pid.isdigit() and not _alive(int(pid)):
+        if candidate.is_dir() and pid.isdigit() and not pid_alive(int(pid)):
             shutil.rmtree(candidate, ignore_errors=True)
             removed.append(candidate)
     return removed
 
 
-def _alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True  # another user's live process
-    return True
 
 
 def check_writable(directory: Path, what: str) -> None:
@@ -538,3 +532,22 @@ class RunDirLock:
 
     def __exit__(self, *exc) -> None:
         self.release()
+
+
+def run_writing_stage(stage: str, work: Callable[[], Any],
+                      errors: tuple[type[BaseException], ...]) -> tuple[int, Any]:
+    """Run a stage that writes one output atomically, mapping how it ended to (exit status, result): 0 and the work's
+    result; 2 for `errors` (the message is the error's) and for OS errors (ENOSPC, EROFS, … described); 128+N when
+    a signal stopped it (its temporary output is removed by the atomic writer). Messages go to stderr."""
+    try:
+        with terminate_on_signals():
+            return 0, work()
+    except errors as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2, None
+    except OSError as e:
+        print(f"error: {stage} could not write its output: {describe_os_error(e)}; nothing was kept", file=sys.stderr)
+        return 2, None
+    except Terminated as e:
+        print(f"{stage} stopped by {e}; its temporary output was removed, nothing was kept", file=sys.stderr)
+        return e.exit_status, None

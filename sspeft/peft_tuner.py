@@ -242,7 +242,7 @@ def _check_loaded_state(tuner, state_dict, prefix, *_args) -> None:
     """load_state_dict pre-hook: the sspeft tensors of every adapter being loaded pass `check_adapter` (all present,
     recorded shapes, valid positions, finite coefficients) before PEFT copies any of them into the model.
 
-    Not checked: an adapter whose coefficients are ZeRO-3 partitions and arrive as DeepSpeed's empty placeholders
+    Not checked: an adapter whose coefficients are ZeRO-3 partitions and arrive as DeepSpeed's empty (numel 0) tensors
     (a ZeRO-3 checkpoint's module state holds no partitioned values; DeepSpeed restores them from its own
     per-rank partition files, which this hook never sees)."""
     names = ("sspeft_coefficients", "sspeft_positions")
@@ -252,7 +252,7 @@ def _check_loaded_state(tuner, state_dict, prefix, *_args) -> None:
         cfg = tuner.peft_config[adapter].spectral(resolve=False)
         layers = {name: m for name, m in tuner.model.named_modules()
                   if isinstance(m, SpectralLinear) and adapter in m.sspeft_coefficients}
-        if _zero3_placeholders(state_dict, adapter, layers.values()):
+        if _zero3_empty_partitions(state_dict, adapter, layers.values()):
             continue
         cfg.layers = {name: {"shape": [m.out_features, m.in_features],
                              "n": int(m.sspeft_positions[adapter].shape[1])} for name, m in layers.items()}
@@ -265,7 +265,7 @@ def _check_loaded_state(tuner, state_dict, prefix, *_args) -> None:
         check_adapter(cfg, tensors, f"adapter weights of {adapter!r}")
 
 
-def _zero3_placeholders(state_dict, adapter: str, layers) -> bool:
+def _zero3_empty_partitions(state_dict, adapter: str, layers) -> bool:
     """The adapter's coefficients are ZeRO-3 partitions here and every loaded coefficient tensor is empty."""
     partitioned = any(hasattr(m.sspeft_coefficients[adapter], "ds_id") for m in layers)
     loaded = [v for k, v in state_dict.items() if k.endswith(f".sspeft_coefficients.{adapter}")]

@@ -7,6 +7,8 @@ import signal
 import time
 from pathlib import Path
 
+from launch.process import pid_alive as alive
+
 
 def read_pid(path: Path) -> int | None:
     """The pid in a daemon's pid file, or None when the file is missing or unreadable."""
@@ -32,13 +34,5 @@ def terminate(pid: int, timeout_s: float) -> None:
             pass
 
 
-def alive(pid: int) -> bool:
-    """`pid` exists (signal 0 reaches it)."""
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
     # A zombie child of ours still answers kill(0); the daemons are not our children (they double-fork).
     return True
